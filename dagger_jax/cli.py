@@ -1,0 +1,148 @@
+"""`dagger-jax <verb> [--config FILE[:arg]] [--config.key=value ...] [verb options]`.
+
+Thin on purpose: it parses flags, loads and validates the config, and calls the verb's library
+function `fn(args, config) -> int`. Tests call the same functions. Verb modules are imported
+lazily, so `--help` is instant and a verb's heavy imports (JAX, docker) cost only that verb.
+
+A verb is registered below as `"module:function"`; the module may also define
+`function_args(parser)` to add its own argparse options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from dagger_jax import configlib
+
+# (words) -> ("module:function", one-line help)
+VERBS: dict[tuple[str, ...], tuple[str, str]] = {
+    ("demo",): ("dagger_jax.dagger.demo:demo",
+                "Run the complete small DAgger experiment on CPU (what `make demo` runs)."),
+    ("dagger",): ("dagger_jax.dagger.loop:run_dagger",
+                  "Run DAgger rounds: collect -> aggregate -> train -> sync weights -> evaluate."),
+    ("train",): ("dagger_jax.train.trainer:train_cli",
+                 "Train the student by SFT on one or more shard directories."),
+    ("import-hf",): ("dagger_jax.model.hf:import_hf_cli",
+                     "Convert a HF Qwen3 checkpoint directory into an Orbax checkpoint."),
+    ("export-hf",): ("dagger_jax.model.hf:export_hf_cli",
+                     "Export an Orbax checkpoint to a HF directory (safetensors + config.json)."),
+    ("generate",): ("dagger_jax.model.sampler:generate_cli",
+                    "Sample from a checkpoint with the in-process JAX KV-cache sampler."),
+    ("shards", "build"): ("dagger_jax.data.cli:shards_build",
+                          "Render trajectories (JSONL) into numpy token shards."),
+    ("shards", "inspect"): ("dagger_jax.data.cli:shards_inspect",
+                            "Print a shard's manifest figures and one decoded row."),
+    ("tasks", "generate"): ("dagger_jax.envs.cli:tasks_generate",
+                            "Generate SWE tasks (toy repos, or bugs injected into a PyPI library)."),
+    ("tasks", "validate"): ("dagger_jax.envs.cli:tasks_validate",
+                            "Check that each gold patch resolves its task and the empty patch does not."),
+    ("env", "exec"): ("dagger_jax.envs.cli:env_exec",
+                      "Run one command in a fresh sandbox of a task; print the agent's observation."),
+}
+
+CONFIG_HELP = (
+    "--config FILE[:arg]     ml-collections config file (default: configs/demo.py)\n"
+    "--config.a.b=value      override one config value (e.g. --config.train.lr=3e-4)")
+
+
+def _usage() -> str:
+  lines = ["usage: dagger-jax <verb> [--config FILE[:arg]] [--config.key=value ...] [options]",
+           "", "verbs:"]
+  for words, (_, help_) in VERBS.items():
+    lines.append(f"  {' '.join(words):<18} {help_}")
+  lines += ["", "every verb takes:", *("  " + l for l in CONFIG_HELP.splitlines()),
+            "", "`dagger-jax <verb> --help` lists that verb's options."]
+  return "\n".join(lines)
+
+
+def _split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+  """Separates --config / --config.* flags (for absl) from the verb's own options."""
+  config_args, rest = [], []
+  i = 0
+  while i < len(argv):
+    a = argv[i]
+    if a == "--config" or (a.startswith("--config.") and "=" not in a):
+      if i + 1 >= len(argv):
+        raise SystemExit(f"dagger-jax: {a} needs a value")
+      config_args += [a, argv[i + 1]]
+      i += 2
+      continue
+    if a.startswith("--config=") or a.startswith("--config."):
+      config_args.append(a)
+    else:
+      rest.append(a)
+    i += 1
+  return config_args, rest
+
+
+def load_config(config_args: Sequence[str]):
+  """Parses --config / overrides with ml_collections.config_flags; validates; returns the config."""
+  from absl import flags
+  from ml_collections import config_flags
+
+  values = flags.FlagValues()
+  spec = next((a.split("=", 1)[1] for a in config_args if a.startswith("--config=")), None)
+  if spec is None and "--config" in config_args:
+    spec = config_args[config_args.index("--config") + 1]
+  path = (spec or configlib.DEFAULT_CONFIG).split(":")[0]
+  if not os.path.isfile(path):
+    raise SystemExit(f"dagger-jax: config file not found: {path}")
+  configlib._ensure_configs_importable(path)
+  try:
+    # sys_argv tells config_flags which `--config.a.b` overrides to define as flags.
+    config_flags.DEFINE_config_file("config", default=configlib.DEFAULT_CONFIG,
+                                    flag_values=values, lock_config=True,
+                                    sys_argv=["dagger-jax", *config_args])
+    values(["dagger-jax", *config_args])
+    config = values.config
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    message = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split()).strip("'\"")
+    raise SystemExit(f"dagger-jax: bad config ({' '.join(config_args) or 'defaults'}): "
+                     f"{type(e).__name__}: {message}") from None
+  try:
+    configlib.validate(config)
+  except configlib.ConfigError as e:
+    raise SystemExit(f"dagger-jax: bad config: {e}") from None
+  return config
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help", "help"):
+    print(_usage())
+    return 0
+  words = None
+  for n in (2, 1):
+    if tuple(argv[:n]) in VERBS:
+      words = tuple(argv[:n])
+      break
+  if words is None:
+    groups = sorted({w[0] for w in VERBS if len(w) > 1})
+    if argv[0] in groups:
+      subs = [w[1] for w in VERBS if w[0] == argv[0]]
+      print(f"dagger-jax {argv[0]}: choose one of: {', '.join(subs)}", file=sys.stderr)
+    else:
+      print(f"dagger-jax: unknown verb {argv[0]!r}\n\n{_usage()}", file=sys.stderr)
+    return 2
+  target, help_ = VERBS[words]
+  module_name, fn_name = target.split(":")
+  module = importlib.import_module(module_name)
+  fn = getattr(module, fn_name)
+  parser = argparse.ArgumentParser(
+      prog="dagger-jax " + " ".join(words), description=help_,
+      epilog="config flags:\n" + CONFIG_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+  add_args = getattr(module, fn_name + "_args", None)
+  if add_args is not None:
+    add_args(parser)
+  config_args, rest = _split_config_args(argv[len(words):])
+  args = parser.parse_args(rest)  # handles --help / bad options before any work
+  config = load_config(config_args)
+  return int(fn(args, config) or 0)
+
+
+if __name__ == "__main__":
+  sys.exit(main())
