@@ -1,0 +1,297 @@
+"""The student: a Qwen3 decoder in Flax NNX.
+
+Architecture (as `transformers`' Qwen3): token embedding -> N x [RMSNorm -> grouped-query
+attention with per-head q/k RMSNorm and RoPE -> residual -> RMSNorm -> SwiGLU MLP -> residual]
+-> RMSNorm -> unembedding (tied to the embedding or a separate `lm_head`).
+
+Shapes in names: b batch, t query length, s key length, d model dim, n query heads,
+k kv heads, g queries per kv head (n = k * g), h head dim, f MLP dim, v vocabulary.
+
+Every parameter carries `logical_axes` metadata (see `sharding.py`), its storage dtype is
+`param_dtype`, and matmuls run in `dtype` (float32 or bfloat16). Logits are always float32.
+
+Packed rows with label branches (DESIGN.md, "Token row"): token i attends to j iff j <= i in row
+order, `segment_ids[i] == segment_ids[j]`, and `branch_ids[j] in (0, branch_ids[i])`.
+
+    model = Qwen3(Qwen3Config(...), rngs=nnx.Rngs(0))
+    logits_btv = model(tokens_bt)                       # defaults: positions 0..T-1, no packing
+    hidden_btd = model(tokens_bt, positions_bt, segment_ids_bt, branch_ids_bt, return_hidden=True)
+
+Decoding with a KV cache (used by `sampler.py`) goes through `Qwen3.decode`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dagger_jax.model.sharding import constrain
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen3Config:
+  vocab_size: int = 2048
+  hidden_size: int = 256
+  intermediate_size: int = 768
+  num_layers: int = 4
+  num_heads: int = 4
+  num_kv_heads: int = 2
+  head_dim: int = 64
+  rope_theta: float = 1_000_000.0
+  rms_norm_eps: float = 1e-6
+  tie_word_embeddings: bool = True
+  max_position_embeddings: int = 4096
+  param_dtype: str = "float32"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"num_heads={self.num_heads} is not a multiple of "
+                       f"num_kv_heads={self.num_kv_heads}")
+    for field in ("param_dtype", "dtype"):
+      if getattr(self, field) not in _DTYPES:
+        raise ValueError(f"{field}={getattr(self, field)!r}: must be one of {tuple(_DTYPES)}")
+
+  @classmethod
+  def from_config(cls, model_config: Any) -> "Qwen3Config":
+    """From `config.model` (ml-collections); keys that are not architecture are ignored."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in dict(model_config).items() if k in names})
+
+  @property
+  def jnp_dtype(self):
+    return _DTYPES[self.dtype]
+
+  @property
+  def jnp_param_dtype(self):
+    return _DTYPES[self.param_dtype]
+
+  def num_params(self) -> int:
+    d, f, v, h = self.hidden_size, self.intermediate_size, self.vocab_size, self.head_dim
+    attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads) + 2 * h
+    layer = attn + 3 * d * f + 2 * d
+    return self.num_layers * layer + v * d * (1 if self.tie_word_embeddings else 2) + d
+
+
+def _param(rngs: nnx.Rngs, shape, logical_axes, dtype, std: float = 0.02) -> nnx.Param:
+  value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
+  return nnx.Param(value.astype(dtype), logical_axes=logical_axes)
+
+
+class RMSNorm(nnx.Module):
+  """x / rms(x) * scale, computed in float32 (as transformers' Qwen3RMSNorm)."""
+
+  def __init__(self, dim: int, eps: float, logical_axis: str, param_dtype):
+    self.scale = nnx.Param(jnp.ones((dim,), param_dtype), logical_axes=(logical_axis,))
+    self.eps = eps
+
+  def __call__(self, x):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (self.scale.get_value().astype(jnp.float32) * y.astype(x.dtype)).astype(x.dtype)
+
+
+def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float) -> jax.Array:
+  """Rotary embedding, half-split layout (`rotate_half`), as Qwen3."""
+  h = x_btnh.shape[-1]
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, h, 2, dtype=jnp.float32) / h))
+  angles_bth = positions_bt[..., None].astype(jnp.float32) * inv_freq
+  cos = jnp.cos(angles_bth)[:, :, None, :]
+  sin = jnp.sin(angles_bth)[:, :, None, :]
+  x1, x2 = jnp.split(x_btnh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x_btnh.dtype)
+
+
+def attention_mask(segment_ids_bt: jax.Array, branch_ids_bt: jax.Array) -> jax.Array:
+  """[b, 1, t, t] bool: causal, same segment, and key branch 0 or the query's own branch."""
+  t = segment_ids_bt.shape[1]
+  causal_tt = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
+  same_segment = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
+  key_branch = branch_ids_bt[:, None, :]
+  branch_ok = (key_branch == 0) | (key_branch == branch_ids_bt[:, :, None])
+  return (causal_tt[None] & same_segment & branch_ok)[:, None]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Keys/values of every layer for `s` slots, shared write index (prompts are left-padded).
+
+  k, v: [layers, b, s, k, h]; valid: [b, s] slot holds a real token; index: next slot to write.
+  """
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, config: Qwen3Config, batch: int, slots: int) -> "KVCache":
+    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
+    return cls(k=jnp.zeros(shape, config.jnp_dtype), v=jnp.zeros(shape, config.jnp_dtype),
+               valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, c: Qwen3Config, rngs: nnx.Rngs):
+    pd = c.jnp_param_dtype
+    d, n, k, h = c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim
+    self.q_proj = _param(rngs, (d, n, h), ("embed", "heads", "head_dim"), pd)
+    self.k_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.v_proj = _param(rngs, (d, k, h), ("embed", "kv_heads", "head_dim"), pd)
+    self.o_proj = _param(rngs, (n, h, d), ("heads", "head_dim", "embed"), pd)
+    self.q_norm = RMSNorm(h, c.rms_norm_eps, "head_dim", pd)
+    self.k_norm = RMSNorm(h, c.rms_norm_eps, "head_dim", pd)
+    self.config = c
+
+  def project_qkv(self, x_btd, positions_bt):
+    c, dt = self.config, self.config.jnp_dtype
+    q_btnh = jnp.einsum("btd,dnh->btnh", x_btd, self.q_proj.get_value().astype(dt))
+    k_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.k_proj.get_value().astype(dt))
+    v_btkh = jnp.einsum("btd,dkh->btkh", x_btd, self.v_proj.get_value().astype(dt))
+    q_btnh = rope(self.q_norm(q_btnh), positions_bt, c.rope_theta)
+    k_btkh = rope(self.k_norm(k_btkh), positions_bt, c.rope_theta)
+    return q_btnh, k_btkh, v_btkh
+
+  def attend(self, q_btnh, k_bskh, v_bskh, mask_b1ts):
+    """Grouped-query softmax attention; scores and softmax in float32."""
+    b, t, n, h = q_btnh.shape
+    kv = k_bskh.shape[2]
+    q_btkgh = q_btnh.reshape(b, t, kv, n // kv, h)
+    scores = jnp.einsum("btkgh,bskh->bkgts", q_btkgh, k_bskh,
+                        preferred_element_type=jnp.float32) * (h ** -0.5)
+    scores = jnp.where(mask_b1ts[:, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
+    out_btkgh = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
+    return out_btkgh.reshape(b, t, n, h)
+
+  def output(self, out_btnh):
+    o = self.o_proj.get_value().astype(self.config.jnp_dtype)
+    return jnp.einsum("btnh,nhd->btd", out_btnh, o)
+
+  def __call__(self, x_btd, positions_bt, mask_b1tt):
+    q, k, v = self.project_qkv(x_btd, positions_bt)
+    return self.output(self.attend(q, k, v, mask_b1tt))
+
+  def decode(self, x_btd, positions_bt, mask_b1ts, k_cache, v_cache, index):
+    """Writes this step's keys/values at slot `index` and attends over the whole cache."""
+    q, k, v = self.project_qkv(x_btd, positions_bt)
+    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
+    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
+    return self.output(self.attend(q, k_cache, v_cache, mask_b1ts)), k_cache, v_cache
+
+
+class MLP(nnx.Module):
+  """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+  def __init__(self, c: Qwen3Config, rngs: nnx.Rngs):
+    pd = c.jnp_param_dtype
+    self.gate_proj = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
+    self.up_proj = _param(rngs, (c.hidden_size, c.intermediate_size), ("embed", "mlp"), pd)
+    self.down_proj = _param(rngs, (c.intermediate_size, c.hidden_size), ("mlp", "embed"), pd)
+    self.dtype = c.jnp_dtype
+
+  def __call__(self, x_btd):
+    dt = self.dtype
+    gate_btf = x_btd @ self.gate_proj.get_value().astype(dt)
+    up_btf = x_btd @ self.up_proj.get_value().astype(dt)
+    h_btf = constrain(jax.nn.silu(gate_btf) * up_btf, ("batch", "length", "mlp"))
+    return h_btf @ self.down_proj.get_value().astype(dt)
+
+
+class Block(nnx.Module):
+
+  def __init__(self, c: Qwen3Config, rngs: nnx.Rngs):
+    pd = c.jnp_param_dtype
+    self.input_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pd)
+    self.attn = Attention(c, rngs)
+    self.post_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pd)
+    self.mlp = MLP(c, rngs)
+
+  def __call__(self, x_btd, positions_bt, mask_b1tt):
+    x_btd = x_btd + self.attn(self.input_norm(x_btd), positions_bt, mask_b1tt)
+    x_btd = x_btd + self.mlp(self.post_attention_norm(x_btd))
+    return constrain(x_btd, ("batch", "length", "embed"))
+
+  def decode(self, x_btd, positions_bt, mask_b1ts, k_cache, v_cache, index):
+    a, k_cache, v_cache = self.attn.decode(self.input_norm(x_btd), positions_bt, mask_b1ts,
+                                           k_cache, v_cache, index)
+    x_btd = x_btd + a
+    x_btd = x_btd + self.mlp(self.post_attention_norm(x_btd))
+    return x_btd, k_cache, v_cache
+
+
+class Qwen3(nnx.Module):
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+    c, pd = config, config.jnp_param_dtype
+    self.config = c
+    self.embedding = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd)
+    self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
+    self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pd)
+    if not c.tie_word_embeddings:
+      self.lm_head = _param(rngs, (c.hidden_size, c.vocab_size), ("embed", "vocab"), pd)
+
+  def embed(self, tokens_bt: jax.Array) -> jax.Array:
+    x_btd = jnp.take(self.embedding.get_value(), tokens_bt, axis=0).astype(self.config.jnp_dtype)
+    return constrain(x_btd, ("batch", "length", "embed"))
+
+  def unembedding(self) -> jax.Array:
+    """The [d, v] unembedding matrix (the embedding's transpose when tied)."""
+    if self.config.tie_word_embeddings:
+      return self.embedding.get_value().T
+    return self.lm_head.get_value()
+
+  def unembed(self, hidden_btd: jax.Array) -> jax.Array:
+    """Final hidden states (after the final norm) -> float32 logits [b, t, v]."""
+    w_dv = self.unembedding().astype(self.config.jnp_dtype)
+    return jnp.einsum("btd,dv->btv", hidden_btd, w_dv, preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens_bt: jax.Array, positions_bt: jax.Array | None = None,
+               segment_ids_bt: jax.Array | None = None, branch_ids_bt: jax.Array | None = None,
+               *, return_hidden: bool = False) -> jax.Array:
+    b, t = tokens_bt.shape
+    if positions_bt is None:
+      positions_bt = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    if segment_ids_bt is None:
+      segment_ids_bt = jnp.ones((b, t), jnp.int32)
+    if branch_ids_bt is None:
+      branch_ids_bt = jnp.zeros((b, t), jnp.int32)
+    mask_b1tt = attention_mask(segment_ids_bt, branch_ids_bt)
+    x_btd = self.embed(tokens_bt)
+    for layer in self.layers:
+      x_btd = layer(x_btd, positions_bt, mask_b1tt)
+    hidden_btd = self.final_norm(x_btd)
+    return hidden_btd if return_hidden else self.unembed(hidden_btd)
+
+  def decode(self, tokens_bt: jax.Array, positions_bt: jax.Array, valid_bt: jax.Array,
+             cache: KVCache) -> tuple[jax.Array, KVCache]:
+    """Runs `t` new tokens (prefill: the whole left-padded prompt; decode: t = 1).
+
+    Tokens are written to slots `cache.index .. cache.index + t - 1`; `valid_bt` is False for
+    left padding. A query sees every valid slot up to its own. Returns logits [b, t, v] (float32)
+    and the updated cache.
+    """
+    b, t = tokens_bt.shape
+    s = cache.valid.shape[1]
+    valid_bs = jax.lax.dynamic_update_slice_in_dim(cache.valid, valid_bt, cache.index, 1)
+    query_slot_t = cache.index + jnp.arange(t)
+    mask_b1ts = (valid_bs[:, None, :] & (jnp.arange(s)[None, None, :] <= query_slot_t[None, :, None]))
+    mask_b1ts = mask_b1ts[:, None]
+    x_btd = self.embed(tokens_bt)
+    ks, vs = [], []
+    for i, layer in enumerate(self.layers):
+      x_btd, k_i, v_i = layer.decode(x_btd, positions_bt, mask_b1ts, cache.k[i], cache.v[i],
+                                     cache.index)
+      ks.append(k_i)
+      vs.append(v_i)
+    logits_btv = self.unembed(self.final_norm(x_btd))
+    new_cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid_bs, index=cache.index + t)
+    return logits_btv, new_cache
