@@ -141,6 +141,9 @@ def main(argv: Sequence[str] | None = None) -> int:
   config_args, rest = _split_config_args(argv[len(words):])
   args = parser.parse_args(rest)  # handles --help / bad options before any work
   config = load_config(config_args)
+  if os.environ.get("DAGGER_JAX_MULTIHOST") == "1":  # set by launch/tpu.sh and launch/gpu.sh
+    import jax
+    jax.distributed.initialize()
   return int(fn(args, config) or 0)
 
 
