@@ -1,0 +1,313 @@
+"""Trajectory -> token rows with the teacher's labels as branches.
+
+A row is seven aligned int arrays (DESIGN.md, "Token row"):
+
+    tokens       the token at each row slot
+    targets      the token the prediction made at this slot is trained toward
+    positions    RoPE positions (a branch continues its prefix; the tokens after it restart there)
+    segment_ids  1 for the trajectory (packing renumbers 1, 2, ...; 0 = padding)
+    branch_ids   0 on the main line, k > 0 on the k-th label branch
+    loss_mask    1 where the prediction is trained (uint8)
+    label_ids    for trained slots, 1 + the turn whose label the slot learns; 0 elsewhere (per-label
+                 losses, `train.normalize = "turn"`)
+
+Attention: slot i sees slot j iff j <= i, same segment, and branch_ids[j] in (0, branch_ids[i]).
+
+Rendering. The chat template renders the messages; its text between assistant contents (the
+"glue": system / user turns, then the assistant header) is tokenised, the assistant contents are
+the token ids from the record, and each content is followed by the end-of-turn token `<|im_end|>`:
+
+- teacher-acted turn: content + end-of-turn are trained in place;
+- student-acted turn whose label agrees (same ids): the same, the student's tokens are trained;
+- student-acted turn whose label differs: the label + end-of-turn are inserted as a branch right
+  after the header, trained; then the student's exact ids + end-of-turn follow, untrained, at the
+  same positions as the branch;
+- student-acted turn without a label: context only.
+
+Worked example (header `H1 H2`, label `L1 L2`, student `S1`, end-of-turn `E`, next header `N`):
+
+    slot        ..  H1  H2 | L1  L2  E  | S1  E   N ..
+    positions   ..  7   8  | 9   10  11 | 9   10  11
+    branch_ids  ..  0   0  | 1   1   1  | 0   0   0
+    targets     ..  H2  L1 | L2  E   -  | E   N   ..
+    loss_mask   ..  0   1  | 1   1   0  | 0   0   0
+
+`H2` predicts the label's first token; `E` of the branch predicts nothing; `S1` sees `H1 H2` but
+not the branch. Each label's loss is exactly that of the separate sequence `prefix + label`
+(`per_label_sequences`), at linear instead of quadratic token cost.
+
+Too long (`> max_len` slots): `too_long="drop"` drops the trajectory; `"split"` groups consecutive
+trained turns into rows greedily, each row re-rendering the whole prefix up to its last turn
+(earlier turns as untrained context, without their branches); a single turn that does not fit even
+alone is dropped. Rows without a trained slot are dropped. Every drop is counted in the stats.
+
+Limitation: contents are placed verbatim. The Qwen3 template's stripping of `<think>` reasoning
+from earlier assistant turns is not applied (the row keeps what the model produced).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+from typing import Sequence
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from dagger_jax.data.trajectory import Action, Trajectory
+
+FIELDS = ("tokens", "targets", "positions", "segment_ids", "branch_ids", "loss_mask", "label_ids")
+DTYPES = {f: (np.uint8 if f == "loss_mask" else np.int32) for f in FIELDS}
+_SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a template
+_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+
+
+class RenderError(ValueError):
+  """A trajectory cannot be rendered with this tokenizer / template; names the trajectory."""
+
+
+@dataclasses.dataclass
+class Row:
+  """One rendered row (unpadded); the arrays are aligned, see the module docstring."""
+  tokens: np.ndarray
+  targets: np.ndarray
+  positions: np.ndarray
+  segment_ids: np.ndarray
+  branch_ids: np.ndarray
+  loss_mask: np.ndarray
+  label_ids: np.ndarray
+  source: str = ""  # the trajectory id
+
+  def __len__(self) -> int:
+    return len(self.tokens)
+
+  @property
+  def trained_tokens(self) -> int:
+    return int(self.loss_mask.sum())
+
+  def arrays(self) -> dict[str, np.ndarray]:
+    return {f: getattr(self, f) for f in FIELDS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Pieces:
+  """A trajectory cut at the assistant contents: glue[k] precedes turn k's content."""
+  glue: list[list[int]]  # n_turns + 1 token lists; glue[-1] is what follows the last turn
+  eot: list[int]  # the end-of-turn token(s)
+  executed: list[list[int]]  # per turn: the executed content ids
+  labels: list[list[int] | None]  # per turn: the trained content ids (None: nothing to train)
+  in_place: list[bool]  # per turn: the label is the executed content (trained in the main line)
+
+  def header_end(self) -> list[int]:
+    """Main-line length up to (excluding) each turn's content."""
+    out, n = [], 0
+    for k in range(len(self.executed)):
+      n += len(self.glue[k])
+      out.append(n)
+      n += len(self.executed[k]) + len(self.eot)
+    return out
+
+  def branch_len(self, k: int) -> int:
+    if self.labels[k] is None or self.in_place[k]:
+      return 0
+    return len(self.labels[k]) + len(self.eot)
+
+
+class _Builder:
+  """Appends main-line and branch tokens; fills targets and the mask as it goes."""
+
+  def __init__(self):
+    self.cols = {f: [] for f in ("tokens", "targets", "positions", "branch_ids", "loss_mask",
+                                 "label_ids")}
+    self.last_main = -1
+    self.next_pos = 0
+    self.branches = 0
+
+  def _predict(self, prev: int, token: int, learned: bool, label: int) -> None:
+    if prev < 0 or self.cols["targets"][prev] >= 0:  # no predecessor, or a branch took it
+      return
+    self.cols["targets"][prev] = token
+    self.cols["loss_mask"][prev] = int(learned)
+    self.cols["label_ids"][prev] = label if learned else 0
+
+  def _push(self, token: int, position: int, branch: int) -> int:
+    for f, v in (("tokens", token), ("targets", -1), ("positions", position),
+                 ("branch_ids", branch), ("loss_mask", 0), ("label_ids", 0)):
+      self.cols[f].append(v)
+    return len(self.cols["tokens"]) - 1
+
+  def main(self, ids: Sequence[int], learned: bool = False, label: int = 0) -> None:
+    for t in ids:
+      self._predict(self.last_main, t, learned, label)
+      self.last_main = self._push(t, self.next_pos, 0)
+      self.next_pos += 1
+
+  def branch(self, ids: Sequence[int], label: int) -> None:
+    """A trained branch after the current main-line end; the main line resumes at its start."""
+    self.branches += 1
+    prev, pos = self.last_main, self.next_pos
+    for t in ids:
+      self._predict(prev, t, True, label)
+      prev = self._push(t, pos, self.branches)
+      pos += 1
+
+  def row(self, pad_id: int, source: str) -> Row:
+    cols = {f: np.asarray(v, DTYPES[f]) for f, v in self.cols.items()}
+    cols["targets"][cols["targets"] < 0] = pad_id
+    return Row(segment_ids=np.ones(len(cols["tokens"]), np.int32), source=source, **cols)
+
+
+def _encode(tokenizer: PreTrainedTokenizerBase, text: str) -> list[int]:
+  return list(tokenizer.encode(text, add_special_tokens=False)) if text else []
+
+
+def _content_ids(action: Action, tokenizer: PreTrainedTokenizerBase, eos_id: int) -> list[int]:
+  ids = list(action.ids) if action.ids is not None else _encode(tokenizer, action.text)
+  return ids[:-1] if ids and ids[-1] == eos_id else ids
+
+
+def pieces(traj: Trajectory, tokenizer: PreTrainedTokenizerBase,
+           enable_thinking: bool = False) -> Pieces:
+  """Cuts the template rendering of `traj` at its assistant contents (see the module docstring)."""
+  messages, k = [], 0
+  for m in traj.messages:
+    if m["role"] == "assistant":
+      messages.append({"role": "assistant", "content": _SENTINEL.format(k)})
+      k += 1
+    else:
+      messages.append(dict(m))
+  text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=enable_thinking)
+  parts = _SENTINEL_RE.split(text)  # glue0, "0", glue1, "1", ...
+  found = [int(p) for p in parts[1::2]]
+  if found != list(range(len(traj.turns))):
+    raise RenderError(f"trajectory {traj.id}: the chat template did not render each assistant "
+                      f"message exactly once in order (found {found})")
+  eos = tokenizer.eos_token
+  glue_texts = parts[0::2]
+  for j, g in enumerate(glue_texts[1:]):
+    if not g.startswith(eos):
+      raise RenderError(f"trajectory {traj.id}: the chat template does not end assistant turn {j} "
+                        f"with the eos token {eos!r} (got {g[:20]!r})")
+  glue = [_encode(tokenizer, glue_texts[0])] + [_encode(tokenizer, g[len(eos):])
+                                                for g in glue_texts[1:]]
+  eos_id = tokenizer.eos_token_id
+  executed, labels, in_place = [], [], []
+  for turn in traj.turns:
+    ids = _content_ids(turn.action, tokenizer, eos_id)
+    executed.append(ids)
+    if turn.actor == "teacher":
+      labels.append(ids)
+      in_place.append(True)
+    elif turn.label is None:
+      labels.append(None)
+      in_place.append(False)
+    else:
+      label = _content_ids(turn.label, tokenizer, eos_id)
+      labels.append(label)
+      in_place.append(label == ids)
+  return Pieces(glue, [eos_id], executed, labels, in_place)
+
+
+def _build(p: Pieces, trained: set[int], last_turn: int, with_tail: bool, pad_id: int,
+           source: str) -> Row:
+  """Main line through `last_turn` (and the trailing glue if asked); `trained` turns learn."""
+  b = _Builder()
+  b.main(p.glue[0])
+  for k in range(last_turn + 1):
+    learn = k in trained
+    if learn and not p.in_place[k]:
+      b.branch(p.labels[k] + p.eot, label=k + 1)
+    b.main(p.executed[k] + p.eot, learned=learn and p.in_place[k], label=k + 1)
+    if k < last_turn or with_tail:
+      b.main(p.glue[k + 1])
+  return b.row(pad_id, source)
+
+
+def render(traj: Trajectory, tokenizer: PreTrainedTokenizerBase, max_len: int,
+           too_long: str = "split", enable_thinking: bool = False
+           ) -> tuple[list[Row], collections.Counter]:
+  """Renders one trajectory into rows of at most `max_len` slots; returns (rows, stats).
+
+  stats counts: trajectories, rows, trained_turns, branches, split_trajectories,
+  dropped_too_long_trajectories, dropped_too_long_turns, dropped_untrained_rows.
+  """
+  if too_long not in ("split", "drop"):
+    raise ValueError(f"too_long={too_long!r}: must be 'split' or 'drop'")
+  stats = collections.Counter(trajectories=1)
+  p = pieces(traj, tokenizer, enable_thinking)
+  pad_id = tokenizer.pad_token_id
+  n = len(p.executed)
+  trainable = [k for k in range(n) if p.labels[k] is not None]
+  if not trainable:
+    stats["dropped_untrained_rows"] += 1
+    return [], stats
+  total = sum(map(len, p.glue)) + sum(len(e) + len(p.eot) for e in p.executed) + sum(
+      p.branch_len(k) for k in range(n))
+  if total <= max_len:
+    groups = [(trainable, n - 1, True)]
+  elif too_long == "drop":
+    stats["dropped_too_long_trajectories"] += 1
+    return [], stats
+  else:
+    stats["split_trajectories"] += 1
+    header_end = p.header_end()
+    groups, current, branches = [], [], 0
+
+    def length(last: int, extra_branches: int) -> int:
+      return header_end[last] + len(p.executed[last]) + len(p.eot) + extra_branches
+
+    for k in trainable:
+      if current and length(k, branches + p.branch_len(k)) <= max_len:
+        current.append(k)
+        branches += p.branch_len(k)
+        continue
+      if current:
+        groups.append((current, current[-1], False))
+      if length(k, p.branch_len(k)) > max_len:
+        stats["dropped_too_long_turns"] += 1
+        current, branches = [], 0
+      else:
+        current, branches = [k], p.branch_len(k)
+    if current:
+      groups.append((current, current[-1], False))
+  rows = []
+  for turns, last, tail in groups:
+    row = _build(p, set(turns), last, tail, pad_id, traj.id)
+    if row.trained_tokens == 0:
+      stats["dropped_untrained_rows"] += 1
+      continue
+    rows.append(row)
+    stats["trained_turns"] += len(turns)
+    stats["branches"] += int(row.branch_ids.max(initial=0))
+  stats["rows"] += len(rows)
+  return rows, stats
+
+
+def render_with_config(traj: Trajectory, tokenizer: PreTrainedTokenizerBase, data_config
+                       ) -> tuple[list[Row], collections.Counter]:
+  """`render` with `config.data` (max_len, too_long, enable_thinking)."""
+  return render(traj, tokenizer, data_config.max_len, data_config.too_long,
+                data_config.enable_thinking)
+
+
+def per_label_sequences(traj: Trajectory, tokenizer: PreTrainedTokenizerBase,
+                        enable_thinking: bool = False) -> list[Row]:
+  """The naive alternative to branches: one row `prefix + label + end-of-turn` per trained label.
+
+  The prefix is the main line as executed; only the label is trained (label_ids = turn + 1). The
+  exactness test and the branch-packing benchmark compare against these.
+  """
+  p = pieces(traj, tokenizer, enable_thinking)
+  out = []
+  for k in range(len(p.executed)):
+    if p.labels[k] is None:
+      continue
+    b = _Builder()
+    b.main(p.glue[0])
+    for j in range(k):
+      b.main(p.executed[j] + p.eot)
+      b.main(p.glue[j + 1])
+    b.main(p.labels[k] + p.eot, learned=True, label=k + 1)
+    out.append(b.row(tokenizer.pad_token_id, traj.id))
+  return out

@@ -1,0 +1,397 @@
+"""Token shards: fixed-length numpy rows per DAgger round, and the reader over rounds 0..r.
+
+A shard is a directory (one per round, e.g. `<workdir>/shards/round_002`):
+
+    tokens.npy targets.npy positions.npy segment_ids.npy branch_ids.npy label_ids.npy  int32 [N, T]
+    loss_mask.npy                                                                      uint8 [N, T]
+    manifest.json   round, rows, row_len, tokens, trained_tokens, source trajectory ids, render
+                    stats, config_hash (+ the data config it hashes), per-file sha256 checksums
+
+(fields as in `dagger_jax.data.render`; padding slots have segment_id 0 and loss_mask 0). A shard is
+written into a temporary directory and renamed into place, so a crash never leaves half a shard.
+
+Writing:
+
+    rows, stats = render.render_with_config(traj, tokenizer, config.data)   # for each trajectory
+    manifest = write_shard(out_dir, rows, round=r, data_config=config.data, pad_id=..., stats=...)
+
+or all at once with `build_shards(trajectories, tokenizer, config.data, out_dir)`. With
+`config.data.pack`, short rows are packed first-fit (longest first) into `max_len` rows; each one
+gets its own `segment_ids` value (1, 2, ...) and its `label_ids` are offset to stay unique.
+
+Reading (the trainer's API):
+
+    reader = ShardReader([dir_round0, dir_round1], batch_size=8, seed=0,
+                         process_index=jax.process_index(), process_count=jax.process_count(),
+                         weights=None, data_config=config.data)
+    batch = reader.next_batch()      # {"tokens": int32 [8 // process_count, T], ... 7 fields}
+    cursor = reader.state()          # a small JSON-able dict: save it with the checkpoint
+    reader.restore(cursor)           # the next batch is exactly the one that would have come
+
+`batch_size` is global: every process walks the same shuffled stream and takes its own contiguous
+slice of each global batch. The stream is an endless sequence of epochs; epoch e is a permutation
+drawn from `(seed, e)` of every row of every shard. `weights[i]` (per shard, e.g. the per-round
+`config.data.round_weights`) multiplies how often shard i's rows appear per epoch: 1 = once,
+2 = twice, 0.5 = a random half (redrawn each epoch), 0 = never. `ShardReader.from_config` takes the
+batch size, seed and round weights from the config.
+
+Bad input raises `ShardError` naming the file: a missing or corrupt `.npy`, a checksum mismatch, a
+manifest written under another data config (the differing keys are listed).
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+
+from dagger_jax.data.render import DTYPES, FIELDS, Row
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+# The data-config keys that change what a shard contains; their hash is stored in the manifest.
+HASHED_KEYS = ("tokenizer", "enable_thinking", "max_len", "too_long", "pack")
+
+
+class ShardError(ValueError):
+  """A shard is missing, corrupt or incompatible; the message names the file."""
+
+
+def shard_dir(workdir: str, round_: int) -> str:
+  """The conventional directory of round `round_`'s shard under a run's workdir."""
+  return os.path.join(workdir, "shards", f"round_{round_:03d}")
+
+
+def hashed_config(data_config) -> dict[str, Any]:
+  return {k: data_config[k] for k in HASHED_KEYS if k in data_config}
+
+
+def config_hash(data_config) -> str:
+  """A short hash of the shard-relevant data config (`HASHED_KEYS`)."""
+  blob = json.dumps(hashed_config(data_config), sort_keys=True, default=str)
+  return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _sha256(path: str) -> str:
+  h = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      h.update(block)
+  return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------- packing
+
+
+def pack_rows(rows: Sequence[Row], max_len: int, pad_id: int, pack: bool = True
+              ) -> dict[str, np.ndarray]:
+  """Places rows into [N, max_len] arrays: first-fit, longest first (or one row each if not pack).
+
+  Example: rows of lengths 5, 3, 2 and max_len 6 give two rows, [5-row | pad] and [3-row, 2-row,
+  pad], with segment_ids [1 1 1 1 1 0] and [1 1 1 2 2 0]. Deterministic for the same input.
+  """
+  lengths = np.array([len(r) for r in rows], np.int64)
+  if (lengths > max_len).any():
+    raise ValueError(f"a row of {lengths.max()} slots exceeds max_len={max_len}")
+  bins: list[list[int]] = []
+  if pack:
+    free = np.zeros(0, np.int64)
+    for i in np.argsort(-lengths, kind="stable"):
+      fits = np.flatnonzero(free >= lengths[i])
+      if fits.size:
+        b = int(fits[0])
+      else:
+        b = len(bins)
+        bins.append([])
+        free = np.append(free, max_len)
+      bins[b].append(int(i))
+      free[b] -= lengths[i]
+  else:
+    bins = [[i] for i in range(len(rows))]
+  out = {f: np.zeros((len(bins), max_len), DTYPES[f]) for f in FIELDS}
+  out["tokens"][:] = pad_id
+  out["targets"][:] = pad_id
+  for b, members in enumerate(bins):
+    start, label_offset = 0, 0
+    for segment, i in enumerate(members, start=1):
+      r, end = rows[i], start + len(rows[i])
+      for f in FIELDS:
+        out[f][b, start:end] = getattr(r, f)
+      out["segment_ids"][b, start:end] = segment
+      labels = out["label_ids"][b, start:end]
+      labels[labels > 0] += label_offset
+      label_offset = max(label_offset, int(labels.max(initial=0)))
+      start = end
+  return out
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def write_shard(out_dir: str, rows: Sequence[Row], *, round: int, data_config, pad_id: int,
+                stats: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None,
+                overwrite: bool = False) -> dict[str, Any]:
+  """Packs `rows` and writes the shard atomically (temp directory, then rename). Returns the manifest.
+
+  Raises FileExistsError if `out_dir` exists and not `overwrite`, ValueError if no row was given.
+  """
+  if not rows:
+    raise ValueError(f"no rows to write to {out_dir} (every trajectory was dropped: see stats "
+                     f"{dict(stats or {})})")
+  if os.path.exists(out_dir) and not overwrite:
+    raise FileExistsError(f"shard directory {out_dir} exists (pass overwrite=True to replace it)")
+  arrays = pack_rows(rows, data_config.max_len, pad_id, pack=data_config.pack)
+  parent = os.path.dirname(os.path.abspath(out_dir))
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  try:
+    files = {}
+    for f in FIELDS:
+      path = os.path.join(tmp, f"{f}.npy")
+      np.save(path, arrays[f])
+      files[f] = {"file": f"{f}.npy", "dtype": str(arrays[f].dtype),
+                  "shape": list(arrays[f].shape), "sha256": _sha256(path)}
+    segment = arrays["segment_ids"]
+    manifest = {
+        "format": FORMAT,
+        "round": int(round),
+        "rows": int(segment.shape[0]),
+        "row_len": int(segment.shape[1]),
+        "tokens": int((segment > 0).sum()),
+        "trained_tokens": int(arrays["loss_mask"].sum()),
+        "pad_fraction": float((segment == 0).mean()),
+        "max_token_id": int(arrays["tokens"].max(initial=0)),
+        "source_rows": len(rows),
+        "source_trajectories": sorted({r.source for r in rows}),
+        "stats": {k: int(v) for k, v in sorted((stats or {}).items())},
+        "config_hash": config_hash(data_config),
+        "data_config": hashed_config(data_config),
+        "pad_id": int(pad_id),
+        "fields": files,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **dict(extra or {}),
+    }
+    with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
+      json.dump(manifest, fh, indent=1)
+      fh.flush()
+      os.fsync(fh.fileno())
+    if os.path.exists(out_dir):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old-", dir=parent)
+      os.rename(out_dir, os.path.join(old, "shard"))
+      os.rename(tmp, out_dir)
+      shutil.rmtree(old)
+    else:
+      os.rename(tmp, out_dir)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return manifest
+
+
+def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
+                 round: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+  """Renders trajectories (all of one round unless `round` is given) and writes one shard."""
+  from dagger_jax.data import render
+
+  rows: list[Row] = []
+  stats: collections.Counter = collections.Counter()
+  rounds = set()
+  for traj in trajectories:
+    rounds.add(traj.round)
+    r, s = render.render_with_config(traj, tokenizer, data_config)
+    rows += r
+    stats.update(s)
+  if round is None:
+    if len(rounds) != 1:
+      raise ValueError(f"trajectories come from rounds {sorted(rounds)}: pass round= explicitly")
+    round = rounds.pop()
+  fingerprint = hashlib.sha256(
+      json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
+  return write_shard(out_dir, rows, round=round, data_config=data_config,
+                     pad_id=tokenizer.pad_token_id, stats=stats, overwrite=overwrite,
+                     extra={"tokenizer_fingerprint": fingerprint})
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+class Shard:
+  """An opened shard: its manifest and memory-mapped fields (validated on open)."""
+
+  def __init__(self, path: str, data_config=None, verify: bool = True):
+    self.path = path
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+      raise ShardError(f"{manifest_path}: no manifest (not a shard directory, or not finished)")
+    try:
+      with open(manifest_path, encoding="utf-8") as f:
+        self.manifest = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise ShardError(f"{manifest_path}: corrupt manifest: {e}") from None
+    m = self.manifest
+    if m.get("format") != FORMAT:
+      raise ShardError(f"{manifest_path}: format {m.get('format')!r}, this code reads {FORMAT}")
+    if data_config is not None and m.get("config_hash") != config_hash(data_config):
+      ours = hashed_config(data_config)
+      theirs = m.get("data_config", {})
+      diff = [f"data.{k}: shard {theirs.get(k)!r} vs config {ours.get(k)!r}"
+              for k in sorted(set(ours) | set(theirs)) if ours.get(k) != theirs.get(k)]
+      raise ShardError(f"{manifest_path}: written under another data config "
+                       f"({'; '.join(diff) or 'hash ' + str(m.get('config_hash'))})")
+    self.arrays: dict[str, np.ndarray] = {}
+    for f in FIELDS:
+      spec = m.get("fields", {}).get(f)
+      if spec is None:
+        raise ShardError(f"{manifest_path}: field {f!r} missing from the manifest")
+      file = os.path.join(path, spec["file"])
+      if not os.path.isfile(file):
+        raise ShardError(f"{file}: missing")
+      if verify and _sha256(file) != spec["sha256"]:
+        raise ShardError(f"{file}: checksum mismatch (the file changed after it was written)")
+      try:
+        a = np.load(file, mmap_mode="r", allow_pickle=False)
+      except (ValueError, OSError, EOFError) as e:
+        raise ShardError(f"{file}: not a readable .npy file: {e}") from None
+      if list(a.shape) != spec["shape"] or str(a.dtype) != spec["dtype"]:
+        raise ShardError(f"{file}: {a.dtype}{list(a.shape)} but the manifest says "
+                         f"{spec['dtype']}{spec['shape']}")
+      self.arrays[f] = a
+
+  @property
+  def rows(self) -> int:
+    return self.manifest["rows"]
+
+  @property
+  def row_len(self) -> int:
+    return self.manifest["row_len"]
+
+  @property
+  def round(self) -> int:
+    return self.manifest["round"]
+
+  def row(self, i: int) -> dict[str, np.ndarray]:
+    return {f: np.asarray(a[i]) for f, a in self.arrays.items()}
+
+
+class ShardReader:
+  """Deterministic, resumable batches over shards (see the module docstring for the contract)."""
+
+  def __init__(self, shards: Sequence[str | Shard], batch_size: int, seed: int = 0,
+               process_index: int = 0, process_count: int = 1,
+               weights: Sequence[float] | None = None, data_config=None, verify: bool = True):
+    self.shards = [s if isinstance(s, Shard) else Shard(s, data_config, verify) for s in shards]
+    if not self.shards:
+      raise ValueError("ShardReader needs at least one shard")
+    lens = {s.row_len for s in self.shards}
+    if len(lens) != 1:
+      raise ShardError(f"shards have different row lengths {sorted(lens)}: "
+                       + ", ".join(f"{s.path}: {s.row_len}" for s in self.shards))
+    if batch_size % process_count:
+      raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+    if not 0 <= process_index < process_count:
+      raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+    self.weights = [1.0] * len(self.shards) if weights is None else [float(w) for w in weights]
+    if len(self.weights) != len(self.shards) or any(w < 0 for w in self.weights):
+      raise ValueError(f"weights {list(self.weights)}: need one weight >= 0 per shard "
+                       f"({len(self.shards)} shards)")
+    self.row_len = lens.pop()
+    self.batch_size = batch_size
+    self.local_batch = batch_size // process_count
+    self.process_index = process_index
+    self.seed = seed
+    self._counts = [int(w) * s.rows + int(round((w - int(w)) * s.rows))
+                    for w, s in zip(self.weights, self.shards)]
+    self.epoch_len = sum(self._counts)
+    if self.epoch_len == 0:
+      raise ValueError("the weighted epoch is empty (all weights 0 or all shards empty)")
+    self.fingerprint = hashlib.sha256(json.dumps(
+        [[s.manifest["fields"]["tokens"]["sha256"] for s in self.shards], self.weights, seed]
+    ).encode()).hexdigest()[:16]
+    self.epoch, self.offset = 0, 0
+    self._plan_epoch = -1
+    self._plan = np.zeros((0, 2), np.int64)
+
+  @classmethod
+  def from_config(cls, shard_dirs: Sequence[str], config, process_index: int = 0,
+                  process_count: int = 1) -> "ShardReader":
+    """Batch size, seed and per-round weights (by each manifest's round) from the config."""
+    shards = [Shard(d, config.data) for d in shard_dirs]
+    weights = None
+    if len(config.data.round_weights):
+      rw = tuple(config.data.round_weights)
+      missing = [s.path for s in shards if s.round >= len(rw)]
+      if missing:
+        raise ValueError(f"config.data.round_weights={rw} has no weight for the rounds of "
+                         f"{missing}")
+      weights = [rw[s.round] for s in shards]
+    return cls(shards, config.train.batch_size, config.seed, process_index, process_count,
+               weights)
+
+  @property
+  def steps_per_epoch(self) -> float:
+    return self.epoch_len / self.batch_size
+
+  def _epoch_plan(self, epoch: int) -> np.ndarray:
+    """[epoch_len, 2] (shard, row) pairs of epoch `epoch`, in order."""
+    if epoch != self._plan_epoch:
+      rng = np.random.default_rng([self.seed, epoch])
+      parts = []
+      for d, (w, s) in enumerate(zip(self.weights, self.shards)):
+        idx = [np.tile(np.arange(s.rows), int(w))]
+        extra = int(round((w - int(w)) * s.rows))
+        idx.append(np.sort(rng.choice(s.rows, extra, replace=False)))
+        rows = np.concatenate(idx).astype(np.int64)
+        parts.append(np.stack([np.full_like(rows, d), rows], axis=1))
+      plan = np.concatenate(parts)
+      self._plan = plan[rng.permutation(len(plan))]
+      self._plan_epoch = epoch
+    return self._plan
+
+  def _take(self, n: int) -> np.ndarray:
+    out = []
+    while n:
+      plan = self._epoch_plan(self.epoch)
+      k = min(n, self.epoch_len - self.offset)
+      out.append(plan[self.offset:self.offset + k])
+      self.offset += k
+      n -= k
+      if self.offset == self.epoch_len:
+        self.epoch, self.offset = self.epoch + 1, 0
+    return np.concatenate(out)
+
+  def next_batch(self) -> dict[str, np.ndarray]:
+    """This process's slice of the next global batch: 7 fields of shape [local_batch, row_len]."""
+    picks = self._take(self.batch_size)
+    mine = picks[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
+    batch = {f: np.empty((self.local_batch, self.row_len), DTYPES[f]) for f in FIELDS}
+    for d in np.unique(mine[:, 0]):
+      where = np.flatnonzero(mine[:, 0] == d)
+      rows = mine[where, 1]
+      order = np.argsort(rows)  # increasing row order reads the memmap sequentially
+      for f in FIELDS:
+        batch[f][where[order]] = self.shards[d].arrays[f][rows[order]]
+    return batch
+
+  def __iter__(self):
+    while True:
+      yield self.next_batch()
+
+  def state(self) -> dict[str, Any]:
+    """The cursor (JSON-able): restore it to continue with exactly the next batch."""
+    return {"epoch": self.epoch, "offset": self.offset, "fingerprint": self.fingerprint}
+
+  def restore(self, state: Mapping[str, Any]) -> None:
+    if state.get("fingerprint") != self.fingerprint:
+      raise ValueError(f"data cursor {dict(state)} was saved for other shards / weights / seed "
+                       f"(fingerprint {state.get('fingerprint')!r}, these: {self.fingerprint!r})")
+    epoch, offset = int(state["epoch"]), int(state["offset"])
+    if epoch < 0 or not 0 <= offset < self.epoch_len:
+      raise ValueError(f"data cursor {dict(state)} is out of range (epoch_len={self.epoch_len})")
+    self.epoch, self.offset = epoch, offset
