@@ -16,10 +16,8 @@ trained token (or turn) alike.
 
 Normalisation (`config.train.normalize`):
   token  each trained token weighs 1; count = number of trained tokens.
-  turn   each teacher turn weighs 1, spread evenly over its tokens; count = number of turns.
-         A turn is a maximal run of consecutive trained positions within one segment (the header
-         token that predicts a branch label's first token belongs to that label's run; untrained
-         tokens always separate two turns).
+  turn   each teacher label weighs 1, spread evenly over its trained slots (`label_ids`, which
+         the shards number uniquely within a row); count = number of labels.
 
 Two forms with equal value and gradient: `plain` materialises [B, T, V] float32 logits; the
 chunked form (`chunk_size` > 0) walks the length axis in chunks of `chunk_size` positions and
@@ -36,12 +34,16 @@ import jax
 import jax.numpy as jnp
 
 
-def token_weights(loss_mask_bt: jax.Array, segment_ids_bt: jax.Array,
+def token_weights(loss_mask_bt: jax.Array, label_ids_bt: jax.Array,
                   normalize: str = "token") -> jax.Array:
   """Float32 [B, T] weights of each position's loss; their sum is the loss's `count`.
 
-  >>> token_weights(jnp.array([[0, 1, 1, 0, 1, 1, 1, 1]]), jnp.ones((1, 8), int), "turn")
-  [[0, .5, .5, 0, .25, .25, .25, .25]]     # two turns -> count 2
+  `label_ids` (from the shards) number the teacher label each trained slot learns, unique within
+  a row. Per turn, each label's slots share a weight of 1:
+
+  >>> token_weights(jnp.array([[0, 1, 1, 0, 1, 1, 1, 1]]),
+  ...               jnp.array([[0, 1, 1, 0, 2, 2, 2, 2]]), "turn")
+  [[0, .5, .5, 0, .25, .25, .25, .25]]     # two labels -> count 2
   """
   mask_bt = loss_mask_bt.astype(jnp.float32)
   if normalize == "token":
@@ -49,13 +51,15 @@ def token_weights(loss_mask_bt: jax.Array, segment_ids_bt: jax.Array,
   if normalize != "turn":
     raise ValueError(f"normalize={normalize!r}: must be 'token' or 'turn'")
   trained_bt = loss_mask_bt > 0
-  continues_bt = trained_bt[:, 1:] & trained_bt[:, :-1] & (
-      segment_ids_bt[:, 1:] == segment_ids_bt[:, :-1])
-  starts_bt = trained_bt & ~jnp.pad(continues_bt, ((0, 0), (1, 0)))
-  run_bt = jnp.where(trained_bt, jnp.cumsum(starts_bt, axis=1), 0)  # 1.. per run, 0 untrained
-  t = loss_mask_bt.shape[1]
-  run_length_bt = jax.vmap(lambda r, m: jnp.zeros(t + 1).at[r].add(m)[r])(run_bt, mask_bt)
-  return jnp.where(trained_bt, mask_bt / jnp.maximum(run_length_bt, 1.0), 0.0)
+  labels_bt = jnp.where(trained_bt, label_ids_bt, -1)
+
+  def label_sizes(labels_t):  # for each slot, how many trained slots share its label
+    sorted_t = jnp.sort(labels_t)
+    return (jnp.searchsorted(sorted_t, labels_t, side="right")
+            - jnp.searchsorted(sorted_t, labels_t, side="left"))
+
+  sizes_bt = jax.vmap(label_sizes)(labels_bt).astype(jnp.float32)
+  return jnp.where(trained_bt, mask_bt / jnp.maximum(sizes_bt, 1.0), 0.0)
 
 
 def _nll(logits_btv: jax.Array, targets_bt: jax.Array, z_loss: float):
@@ -150,7 +154,7 @@ def chunked_loss_sum(hidden_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Arr
 
 
 def loss_sum_and_count(hidden_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.Array,
-                       loss_mask_bt: jax.Array, segment_ids_bt: jax.Array, *,
+                       loss_mask_bt: jax.Array, label_ids_bt: jax.Array, *,
                        normalize: str = "token", z_loss: float = 0.0,
                        chunk_size: int = 0) -> tuple[jax.Array, jax.Array]:
   """(sum of weighted per-position losses, sum of weights) for one (micro-)batch.
@@ -158,7 +162,7 @@ def loss_sum_and_count(hidden_btd: jax.Array, w_dv: jax.Array, targets_bt: jax.A
   `hidden_btd` are final-normed hidden states, `w_dv` the unembedding in the compute dtype;
   `chunk_size` > 0 selects the chunked form. Divide the global sums once: loss = sum / count.
   """
-  weights_bt = token_weights(loss_mask_bt, segment_ids_bt, normalize)
+  weights_bt = token_weights(loss_mask_bt, label_ids_bt, normalize)
   if chunk_size > 0:
     total = chunked_loss_sum(hidden_btd, w_dv, targets_bt, weights_bt, z_loss, chunk_size)
   else:
