@@ -1,1 +1,251 @@
+"""SWE tasks: SWE-bench-format records, how to load them, and how to rebuild their repository.
 
+A task is a plain dict with the SWE-bench fields
+
+  instance_id, repo, base_commit, problem_statement, patch, test_patch,
+  FAIL_TO_PASS, PASS_TO_PASS                 (lists of test ids; JSON strings are accepted)
+
+plus where the repository comes from, one of:
+
+  image       a docker image whose /testbed holds the repository at base_commit (SWE-bench style);
+  repo_files  {relative path: text} embedded in the record (toy tasks: the record is self-contained);
+  repo_dir    a directory, written in the file relative to the tasks file (pypi tasks write a
+              `repos/NAME-VERSION/` folder beside the JSONL, shared by all tasks of that library).
+              It is either a plain snapshot of the tree or a git clone that contains base_commit.
+
+and optionally `test_cmd` (the test command run from the repository root after `test_patch` is
+applied; our generators set it), `log_parser` (a swebench parser name; default: the repo's own
+swebench parser, else `parse_log_pytest`), `split`, and swebench's `version` / `eval_script` /
+`eval_type` (kept as-is for `python -m swebench.harness.run_evaluation`).
+
+Portability. A snapshot (`repo_files`, or a `repo_dir` without `.git`) becomes a git repository
+with one commit made with a fixed author, date and message, so its hash is a function of the file
+contents only: `base_commit` is that hash, and `materialize` checks it. A tasks file plus its
+`repos/` folder can be copied to any machine and rebuilds the same commit there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from typing import Any, Iterable
+
+REQUIRED_FIELDS = ("instance_id", "repo", "base_commit", "problem_statement", "patch",
+                   "test_patch", "FAIL_TO_PASS", "PASS_TO_PASS")
+_LIST_FIELDS = ("FAIL_TO_PASS", "PASS_TO_PASS")
+_SOURCES = ("image", "repo_files", "repo_dir")
+
+# Everything that goes into a snapshot commit's hash besides the files.
+_GIT_ENV = {
+    "GIT_AUTHOR_NAME": "dagger-jax", "GIT_AUTHOR_EMAIL": "tasks@dagger-jax",
+    "GIT_COMMITTER_NAME": "dagger-jax", "GIT_COMMITTER_EMAIL": "tasks@dagger-jax",
+    "GIT_AUTHOR_DATE": "2000-01-01T00:00:00+0000", "GIT_COMMITTER_DATE": "2000-01-01T00:00:00+0000",
+    "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1",
+}
+SNAPSHOT_MESSAGE = "base"
+
+
+class TaskError(ValueError):
+  """A task record or tasks file is malformed; the message names the file, line and field."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Loading and saving
+
+
+def _check(task: Any, where: str) -> dict:
+  """Validates one record and normalises JSON-string test lists to lists."""
+  if not isinstance(task, dict):
+    raise TaskError(f"{where}: a task must be a JSON object, got {type(task).__name__}")
+  task = dict(task)
+  iid = task.get("instance_id", "?")
+  for field in REQUIRED_FIELDS:
+    if field not in task or task[field] is None:
+      raise TaskError(f"{where} (instance {iid}): missing field {field!r}")
+  for field in REQUIRED_FIELDS:
+    if field not in _LIST_FIELDS and not isinstance(task[field], str):
+      raise TaskError(f"{where} (instance {iid}): field {field!r} must be a string, "
+                      f"got {type(task[field]).__name__}")
+  for field in _LIST_FIELDS:
+    value = task[field]
+    if isinstance(value, str):
+      try:
+        value = json.loads(value)
+      except json.JSONDecodeError as e:
+        raise TaskError(f"{where} (instance {iid}): field {field!r} is a string but not a JSON "
+                        f"list: {e}") from None
+    if not isinstance(value, list) or not all(isinstance(t, str) for t in value):
+      raise TaskError(f"{where} (instance {iid}): field {field!r} must be a list of test ids")
+    task[field] = list(value)
+  if not any(task.get(s) for s in _SOURCES):
+    raise TaskError(f"{where} (instance {iid}): no repository source; set one of {_SOURCES}")
+  if "repo_files" in task and not (isinstance(task["repo_files"], dict) and all(
+      isinstance(k, str) and isinstance(v, str) for k, v in task["repo_files"].items())):
+    raise TaskError(f"{where} (instance {iid}): field 'repo_files' must map paths to texts")
+  return task
+
+
+def load_tasks(path: str) -> list[dict]:
+  """Loads tasks from .jsonl, .json (a list, or {id: task}) or .parquet (swebench's loader).
+
+  `repo_dir` entries are resolved against the tasks file's folder (absolute in the result).
+  Duplicate instance ids are an error.
+  """
+  if not os.path.isfile(path):
+    raise TaskError(f"{path}: no such tasks file")
+  base = os.path.dirname(os.path.abspath(path))
+  tasks: list[dict] = []
+  if path.endswith(".jsonl"):
+    with open(path, encoding="utf-8") as f:
+      for n, line in enumerate(f, 1):
+        if not line.strip():
+          continue
+        try:
+          record = json.loads(line)
+        except json.JSONDecodeError as e:
+          raise TaskError(f"{path}:{n}: not valid JSON: {e}") from None
+        tasks.append(_check(record, f"{path}:{n}"))
+  elif path.endswith(".json"):
+    with open(path, encoding="utf-8") as f:
+      try:
+        data = json.load(f)
+      except json.JSONDecodeError as e:
+        raise TaskError(f"{path}: not valid JSON: {e}") from None
+    records = list(data.values()) if isinstance(data, dict) else data
+    if not isinstance(records, list):
+      raise TaskError(f"{path}: expected a list of tasks or an {{instance_id: task}} object")
+    tasks = [_check(r, f"{path}[{i}]") for i, r in enumerate(records)]
+  elif path.endswith(".parquet"):
+    from swebench.harness.utils import load_swebench_dataset
+    tasks = [_check(dict(r), f"{path}[{i}]")
+             for i, r in enumerate(load_swebench_dataset(path, split="train"))]
+  else:
+    raise TaskError(f"{path}: unknown tasks file type (use .jsonl, .json or .parquet)")
+  seen: set[str] = set()
+  for task in tasks:
+    if task["instance_id"] in seen:
+      raise TaskError(f"{path}: duplicate instance_id {task['instance_id']!r}")
+    seen.add(task["instance_id"])
+    if task.get("repo_dir") and not os.path.isabs(task["repo_dir"]):
+      task["repo_dir"] = os.path.normpath(os.path.join(base, task["repo_dir"]))
+  return tasks
+
+
+def save_tasks(path: str, tasks: Iterable[dict]) -> None:
+  """Writes tasks as JSONL (atomically); `repo_dir` is written relative to the file's folder."""
+  base = os.path.dirname(os.path.abspath(path))
+  os.makedirs(base, exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    for task in tasks:
+      record = dict(task)
+      if record.get("repo_dir"):
+        record["repo_dir"] = os.path.relpath(os.path.abspath(record["repo_dir"]), base)
+      f.write(json.dumps(record, sort_keys=False) + "\n")
+  os.replace(tmp, path)
+
+
+def get_task(tasks: list[dict], instance_id: str) -> dict:
+  for task in tasks:
+    if task["instance_id"] == instance_id:
+      return task
+  known = ", ".join(t["instance_id"] for t in tasks[:5])
+  raise TaskError(f"no task with instance_id {instance_id!r} (first ids: {known}, ...)")
+
+
+# ----------------------------------------------------------------------------------------------
+# Repositories
+
+
+def git(cwd: str, *args: str, stdin: str | None = None, check: bool = True) -> str:
+  """Runs git with the fixed identity/date of snapshots; returns stdout."""
+  out = subprocess.run(["git", *args], cwd=cwd, input=stdin, capture_output=True, text=True,
+                       env={**os.environ, **_GIT_ENV})
+  if check and out.returncode != 0:
+    raise RuntimeError(f"git {' '.join(args)} failed in {cwd}: {out.stderr.strip()}")
+  return out.stdout
+
+
+def write_files(dest_dir: str, files: dict[str, str]) -> None:
+  for rel, text in files.items():
+    path = os.path.join(dest_dir, rel)
+    if os.path.isabs(rel) or os.path.normpath(rel).startswith(".."):
+      raise TaskError(f"repo file path {rel!r} leaves the repository")
+    os.makedirs(os.path.dirname(path) or dest_dir, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="") as f:
+      f.write(text)
+
+
+def snapshot_commit(dest_dir: str) -> str:
+  """Makes dest_dir a git repository with one deterministic commit of all its files."""
+  git(dest_dir, "init", "-q", "-b", "main")
+  git(dest_dir, "add", "-A", "--force")
+  git(dest_dir, "commit", "-q", "--no-verify", "-m", SNAPSHOT_MESSAGE)
+  return git(dest_dir, "rev-parse", "HEAD").strip()
+
+
+def snapshot_files(files: dict[str, str]) -> str:
+  """The base_commit hash a snapshot of `files` gets (made in a temporary directory)."""
+  import tempfile
+  with tempfile.TemporaryDirectory(prefix="dagger_jax_snap_") as tmp:
+    write_files(tmp, files)
+    return snapshot_commit(tmp)
+
+
+def _copy_tree(src: str, dest: str) -> None:
+  for root, dirs, files in os.walk(src):
+    dirs[:] = sorted(d for d in dirs if d != ".git")
+    rel = os.path.relpath(root, src)
+    os.makedirs(os.path.join(dest, rel), exist_ok=True)
+    for name in files:
+      s = os.path.join(root, name)
+      if os.path.isfile(s):
+        shutil.copyfile(s, os.path.join(dest, rel, name))
+
+
+def materialize(task: dict, dest_dir: str) -> None:
+  """Creates the task's git repository at base_commit in dest_dir (empty or absent).
+
+  Raises TaskError when the task has only a docker image, or when the rebuilt commit is not
+  base_commit (the source was edited, or the record does not belong to it).
+  """
+  iid = task["instance_id"]
+  os.makedirs(dest_dir, exist_ok=True)
+  if os.listdir(dest_dir):
+    raise TaskError(f"materialize({iid}): destination {dest_dir} is not empty")
+  if task.get("repo_files"):
+    write_files(dest_dir, task["repo_files"])
+    head = snapshot_commit(dest_dir)
+  elif task.get("repo_dir"):
+    src = task["repo_dir"]
+    if not os.path.isdir(src):
+      raise TaskError(f"materialize({iid}): repo_dir {src} does not exist (copy the repos folder "
+                      "that sits beside the tasks file along with it)")
+    if os.path.isdir(os.path.join(src, ".git")):
+      os.rmdir(dest_dir)
+      git(os.path.dirname(os.path.abspath(dest_dir)), "clone", "-q", "--no-checkout", src, dest_dir)
+      git(dest_dir, "checkout", "-q", task["base_commit"])
+      head = git(dest_dir, "rev-parse", "HEAD").strip()
+    else:
+      _copy_tree(src, dest_dir)
+      head = snapshot_commit(dest_dir)
+  else:
+    raise TaskError(f"materialize({iid}): the task has only a docker image ({task.get('image')}); "
+                    "its repository lives in the image's /testbed")
+  if head != task["base_commit"]:
+    raise TaskError(f"materialize({iid}): rebuilt commit {head} is not base_commit "
+                    f"{task['base_commit']}: the repository source does not match the record")
+
+
+def patch_files(patch: str) -> list[str]:
+  """Paths a unified git diff touches (b/ side; a/ side for deletions), in order."""
+  paths: list[str] = []
+  for line in patch.splitlines():
+    if line.startswith("diff --git "):
+      a, _, b = line[len("diff --git "):].partition(" b/")
+      path = b or a[2:]
+      if path not in paths:
+        paths.append(path)
+  return paths

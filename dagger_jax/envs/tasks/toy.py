@@ -1,0 +1,256 @@
+"""`toy` tasks: small generated Python repositories with a one-line bug, sized for a CPU student.
+
+Each repository holds one module of 3-5 two-argument functions (randomised module, function and
+argument names, flat or package layout), a distractor module, a README and pytest tests. One line
+of one function carries a bug of one of `BUG_KINDS`; every bug is fixed by a one-line
+`sed -i 'Ns/old/new/' FILE` (given as `bug.fix_cmd`). The visible tests fail on the bug; the
+`test_patch` adds more assertions (the grader's hidden checks). FAIL_TO_PASS is the buggy
+function's test, PASS_TO_PASS every other test.
+
+Worked example (one generated module, bug kind `operator`, line 5):
+
+  def merge(p, q):          # tests/test_ledger.py::test_merge  -> PASS_TO_PASS
+      return p + q
+                            # `old`: "return s * t"   `new`: "return s - t"
+  def shift(s, t):          # fix_cmd: sed -i '5s/return s \\* t/return s - t/' ledger.py
+      return s * t          # tests/test_ledger.py::test_shift  -> FAIL_TO_PASS
+
+Splits. A task's split is a function of its content (a hash of the buggy repository), so `train`
+and `test` files generated with any seeds never share a task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+import re
+import tempfile
+
+from dagger_jax.envs.tasks import git, snapshot_commit, write_files
+
+BUG_KINDS = ("operator", "comparison", "constant", "swapped_args", "off_by_one")
+TEST_CMD = "python3 -m pytest -rA -q -p no:cacheprovider tests"
+HELD_OUT_FRACTION = 4  # one task in this many (by content hash) belongs to the `test` split
+
+_MODULES = ("ledger", "geometry", "scoring", "metrics", "pricing", "inventory", "timing",
+            "physics", "grades", "budget", "weather", "routes", "energy", "census", "stocks",
+            "recipes", "orbits", "traffic", "tallies", "signals")
+_PACKAGES = ("core", "lib", "app", "tools", "calc")
+_VERBS = ("merge", "shift", "blend", "scale", "clamp", "combine", "spread", "offset", "pick",
+          "weigh", "span", "mix", "stack", "trim", "gap", "boost", "fold", "join", "split_sum",
+          "lift", "drop", "tally", "rate", "score", "bound", "step", "pair_sum", "cross", "reach")
+_ARGS = (("a", "b"), ("x", "y"), ("m", "n"), ("p", "q"), ("s", "t"), ("u", "v"), ("i", "j"),
+         ("lo", "hi"), ("left", "right"), ("first", "second"))
+
+# Correct expressions over A, B and a constant K.
+_EXPRS = ("A + B", "A - B", "A * B", "A * B + K", "(A + B) * K", "A - B - K", "A * K + B",
+          "A if A > B else B", "A if A < B else B", "sum(range(A, B + 1))", "A * A + B",
+          "abs(A - B)", "(A - B) * K", "max(A - B, 0)", "min(A + K, B)")
+
+_STATEMENTS = (
+    "`{f}({x}, {y})` returns {got}, but it should return {want}.",
+    "Bug: {f}({x}, {y}) gives {got} instead of {want}.",
+    "The tests for `{f}` fail: for example {f}({x}, {y}) should be {want}, not {got}.",
+    "{f} is broken. Calling {f}({x}, {y}) returned {got}; the expected result is {want}.",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fn:
+  name: str
+  args: tuple[str, str]
+  expr: str  # with the real argument names and constant
+  two_lines: bool  # `r = expr; return r` instead of `return expr`
+
+  def lines(self, expr: str | None = None) -> list[str]:
+    e = self.expr if expr is None else expr
+    a, b = self.args
+    body = [f"    r = {e}", "    return r"] if self.two_lines else [f"    return {e}"]
+    return [f"def {self.name}({a}, {b}):", *body]
+
+  def call(self, x: int, y: int, expr: str | None = None) -> object:
+    a, b = self.args
+    return eval(self.expr if expr is None else expr, {"__builtins__": {
+        "sum": sum, "range": range, "abs": abs, "max": max, "min": min}}, {a: x, b: y})
+
+
+def _mutations(fn: _Fn) -> list[tuple[str, str]]:
+  """(kind, buggy expression) candidates for one function."""
+  e, (a, b) = fn.expr, fn.args
+  out: list[tuple[str, str]] = []
+  for op, subs in ((" + ", (" - ", " * ")), (" - ", (" + ",)), (" * ", (" + ", " - "))):
+    for m in re.finditer(re.escape(op), e):
+      for s in subs:
+        out.append(("operator", e[:m.start()] + s + e[m.end():]))
+  for op, s in ((" > ", " < "), (" < ", " > ")):
+    if op in e:
+      out.append(("comparison", e.replace(op, s, 1)))
+  for m in re.finditer(r"\b(\d+)\b", e):
+    k = int(m.group(1))
+    for s in (k + 1, k - 1):
+      out.append(("constant", e[:m.start()] + str(s) + e[m.end():]))
+  swapped = re.sub(rf"\b({a}|{b})\b", lambda m: b if m.group(1) == a else a, e)
+  if swapped != e:
+    out.append(("swapped_args", swapped))
+  if f"{b} + 1" in e:
+    out.append(("off_by_one", e.replace(f"{b} + 1", b, 1)))
+  elif "range(" not in e and " if " not in e:
+    out.append(("off_by_one", f"{e} + 1" if not e.startswith("(") else f"{e} - 1"))
+  return [(k, m) for k, m in out if m != e]
+
+
+def _sed_escape(text: str, replacement: bool = False) -> str:
+  chars = "\\/&" if replacement else "\\/.*[]^$"
+  return "".join("\\" + c if c in chars else c for c in text)
+
+
+def _inputs(rng: random.Random, fn: _Fn, buggy: str, n: int) -> list[tuple[int, int]] | None:
+  """n distinct input pairs on which the buggy expression differs from the correct one."""
+  pairs: list[tuple[int, int]] = []
+  for _ in range(200):
+    x, y = rng.randint(1, 9), rng.randint(1, 9)
+    if x != y and (x, y) not in pairs and fn.call(x, y) != fn.call(x, y, buggy):
+      pairs.append((x, y))
+      if len(pairs) == n:
+        return pairs
+  return None
+
+
+def _test_lines(fn: _Fn, pairs: list[tuple[int, int]]) -> list[str]:
+  return [f"    assert {fn.name}({x}, {y}) == {fn.call(x, y)!r}" for x, y in pairs]
+
+
+def _test_file(import_line: str, fns: list[_Fn], asserts: dict[str, list[str]]) -> str:
+  out = [import_line, ""]
+  for fn in fns:
+    out += ["", f"def test_{fn.name}():", *asserts[fn.name], ""]
+  return "\n".join(out).rstrip() + "\n"
+
+
+def _module_text(fns: list[_Fn], exprs: dict[str, str]) -> tuple[str, dict[str, int]]:
+  """Module source and the 1-based line of each function's expression."""
+  lines: list[str] = []
+  where: dict[str, int] = {}
+  for fn in fns:
+    if lines:
+      lines += ["", ""]
+    start = len(lines)
+    lines += fn.lines(exprs.get(fn.name))
+    where[fn.name] = start + 2
+  return "\n".join(lines) + "\n", where
+
+
+def _draw_fns(rng: random.Random, k: int, names: list[str]) -> list[_Fn]:
+  fns = []
+  for name in names[:k]:
+    a, b = rng.choice(_ARGS)
+    expr = rng.choice(_EXPRS).replace("A", "\0").replace("B", b).replace("\0", a)
+    expr = expr.replace("K", str(rng.randint(2, 5)))
+    fns.append(_Fn(name, (a, b), expr, rng.random() < 0.3))
+  return fns
+
+
+def _commit_and_diffs(files: dict[str, str], *changes: dict[str, str]) -> tuple[str, ...]:
+  """base_commit of `files`, then `git diff` of each change (files to overwrite) against it."""
+  with tempfile.TemporaryDirectory(prefix="dagger_jax_toy_") as tmp:
+    write_files(tmp, files)
+    out = [snapshot_commit(tmp)]
+    for change in changes:
+      write_files(tmp, change)
+      out.append(git(tmp, "diff"))
+      git(tmp, "checkout", "-q", "--", ".")
+    return tuple(out)
+
+
+def _one_task(rng: random.Random, split: str) -> dict | None:
+  """Draws one task; None when it has no detectable bug or is of the other split."""
+  mod, other = rng.sample(_MODULES, 2)
+  names = rng.sample(_VERBS, 7)
+  fns = _draw_fns(rng, rng.randint(3, 5), names)
+  distractors = _draw_fns(rng, 2, names[5:])
+  # Bug kind first (uniform over the kinds this module allows), then a function and a mutation.
+  options: dict[str, list[tuple[_Fn, str]]] = {}
+  for fn in fns:
+    for kind, buggy in _mutations(fn):
+      options.setdefault(kind, []).append((fn, buggy))
+  kind = rng.choice(sorted(options))
+  target, buggy = rng.choice(options[kind])
+  pairs = _inputs(rng, target, buggy, 4)
+  if pairs is None:
+    return None
+  grid = [(i, j) for i in range(1, 10) for j in range(1, 10) if i != j]
+  fixed_pairs = {f.name: rng.sample(grid, 4) for f in fns + distractors}
+  fixed_pairs[target.name] = pairs
+
+  pkg = rng.choice(_PACKAGES) if rng.random() < 0.5 else ""
+  mod_path = f"{pkg}/{mod}.py" if pkg else f"{mod}.py"
+  other_path = f"{pkg}/{other}.py" if pkg else f"{other}.py"
+  dotted = lambda m: f"{pkg}.{m}" if pkg else m  # noqa: E731
+  imp = lambda m, fs: f"from {dotted(m)} import {', '.join(f.name for f in fs)}"  # noqa: E731
+
+  good_src, where = _module_text(fns, {})
+  bad_src, _ = _module_text(fns, {target.name: buggy})
+  line = where[target.name]
+  old_line, new_line = bad_src.splitlines()[line - 1].strip(), good_src.splitlines()[line - 1].strip()
+  test_mod, test_other = f"tests/test_{mod}.py", f"tests/test_{other}.py"
+  visible = {f.name: _test_lines(f, fixed_pairs[f.name][:2]) for f in fns + distractors}
+  hidden = {f.name: _test_lines(f, fixed_pairs[f.name]) for f in fns + distractors}
+  other_src, _ = _module_text(distractors, {})
+  files = {
+      ".gitignore": "__pycache__/\n.pytest_cache/\n",
+      "README.md": f"# {mod}\n\nSmall helpers for {mod}. Run the tests with `{TEST_CMD}`.\n",
+      mod_path: bad_src,
+      other_path: other_src,
+      test_mod: _test_file(imp(mod, fns), fns, visible),
+      test_other: _test_file(imp(other, distractors), distractors, visible),
+  }
+  if pkg:
+    files[f"{pkg}/__init__.py"] = ""
+  files = dict(sorted(files.items()))
+  digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
+  if ("test" if int(digest[:8], 16) % HELD_OUT_FRACTION == 0 else "train") != split:
+    return None
+  x, y = pairs[0]
+  statement = rng.choice(_STATEMENTS).format(f=target.name, x=x, y=y,
+                                             got=repr(target.call(x, y, buggy)),
+                                             want=repr(target.call(x, y)))
+  base_commit, patch, test_patch = _commit_and_diffs(
+      files, {mod_path: good_src},
+      {test_mod: _test_file(imp(mod, fns), fns, hidden),
+       test_other: _test_file(imp(other, distractors), distractors, hidden)})
+  return {
+      "instance_id": f"toy__{mod}-{digest[:10]}",
+      "repo": f"toy/{mod}",
+      "base_commit": base_commit,
+      "problem_statement": statement,
+      "patch": patch,
+      "test_patch": test_patch,
+      "FAIL_TO_PASS": [f"{test_mod}::test_{target.name}"],
+      "PASS_TO_PASS": sorted([f"{test_mod}::test_{f.name}" for f in fns if f is not target] +
+                             [f"{test_other}::test_{f.name}" for f in distractors]),
+      "version": "0",
+      "test_cmd": TEST_CMD,
+      "split": split,
+      "repo_files": files,
+      "bug": {"kind": kind, "file": mod_path, "line": line, "old": old_line, "new": new_line,
+              "fix_cmd": f"sed -i '{line}s/{_sed_escape(old_line)}/"
+                         f"{_sed_escape(new_line, replacement=True)}/' {mod_path}"},
+  }
+
+
+def generate(n: int, seed: int, split: str = "train") -> list[dict]:
+  """n distinct toy tasks of one split ("train" | "test"), deterministic in (n, seed, split)."""
+  if split not in ("train", "test"):
+    raise ValueError(f"toy split must be 'train' or 'test', got {split!r}")
+  rng = random.Random(f"toy:{seed}:{split}")
+  tasks: dict[str, dict] = {}
+  for _ in range(200 * n + 100):
+    if len(tasks) == n:
+      break
+    task = _one_task(rng, split)
+    if task is not None:
+      tasks.setdefault(task["instance_id"], task)
+  if len(tasks) < n:
+    raise RuntimeError(f"toy: drew only {len(tasks)} distinct {split} tasks of {n}")
+  return list(tasks.values())
