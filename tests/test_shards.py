@@ -241,3 +241,50 @@ def test_round_weights(two_rounds, config):
 def test_reader_refuses_other_config(two_rounds, config):
   with pytest.raises(shards.ShardError, match="data.pack"):
     shards.ShardReader(two_rounds, batch_size=2, data_config=config.data)
+
+
+def _cli(*args):
+  import subprocess
+  import sys
+  return subprocess.run([sys.executable, "-m", "dagger_jax.cli", *args], capture_output=True,
+                        text=True, timeout=120)
+
+
+def test_cli_build_and_inspect(tok, config, tmp_path):
+  from dagger_jax.data.trajectory import write_jsonl
+  trajs = _trajectories(tok, 6, round_=1)
+  write_jsonl(tmp_path / "t.jsonl", trajs)
+  flags = ["--config", "configs/demo.py", f"--config.workdir={config.workdir}",
+           "--config.data.max_len=512"]
+  out = str(tmp_path / "shard")
+  built = _cli("shards", "build", "--trajectories", str(tmp_path / "t.jsonl"), "--out", out, *flags)
+  assert built.returncode == 0, built.stderr
+  manifest = shards.Shard(out).manifest
+  assert f"{manifest['rows']} rows x 512" in built.stdout and manifest["round"] == 1
+  shown = _cli("shards", "inspect", out, *flags)
+  assert shown.returncode == 0, shown.stderr
+  assert f"{manifest['trained_tokens']} trained" in shown.stdout
+  assert "--- segment 1:" in shown.stdout and "[[" in shown.stdout
+  assert "<|im_start|>system" in shown.stdout
+  # Bad input is named: the trajectory line, a corrupt shard file.
+  lines = (tmp_path / "t.jsonl").read_text().splitlines()
+  (tmp_path / "bad.jsonl").write_text("\n".join(lines[:2] + ['{"version": 1}']) + "\n")
+  bad = _cli("shards", "build", "--trajectories", str(tmp_path / "bad.jsonl"), "--out",
+             str(tmp_path / "x"), *flags)
+  assert bad.returncode == 2 and "bad.jsonl:3: id:" in bad.stderr
+  assert not os.path.exists(tmp_path / "x")
+  with open(os.path.join(out, "tokens.npy"), "r+b") as f:
+    f.write(b"junk")
+  broken = _cli("shards", "inspect", out, *flags)
+  assert broken.returncode == 2 and "tokens.npy: checksum mismatch" in broken.stderr
+
+
+def test_format_row_marks_learned_and_branches():
+  from dagger_jax.data.cli import format_row
+  # slots: H1 H2 | L1 E(branch 1) | S1 E  -- as in render's worked example
+  row = {"tokens": np.array([1, 2, 7, 9, 5, 9]), "targets": np.array([2, 7, 9, 0, 9, 0]),
+         "positions": np.array([0, 1, 2, 3, 2, 3]), "segment_ids": np.ones(6, int),
+         "branch_ids": np.array([0, 0, 1, 1, 0, 0]), "loss_mask": np.array([0, 1, 1, 0, 0, 0]),
+         "label_ids": np.array([0, 1, 1, 0, 0, 0])}
+  text = format_row(row, lambda ids: "".join(f"<{i}>" for i in ids))
+  assert text.endswith("<1><2>{{branch 1: <7><9>}}<5><9>")

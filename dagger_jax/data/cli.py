@@ -1,0 +1,124 @@
+"""`dagger-jax shards build` and `dagger-jax shards inspect`.
+
+    dagger-jax shards build --trajectories runs/demo/round_001.jsonl --out runs/demo/shards/round_001 \
+        --config configs/demo.py
+    dagger-jax shards inspect runs/demo/shards/round_001 --config configs/demo.py [--row 3]
+
+`inspect` prints the manifest figures and one decoded row, segment by segment, with what is learned
+marked: `[[...]]` tokens trained in place, `{{branch N: ...}}` a teacher label inserted as a branch
+(trained), plain text = context only (prompts, observations, the student's own untrained actions).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import numpy as np
+
+from dagger_jax.data import shards, tokenizer as tokenizer_lib
+from dagger_jax.data.trajectory import TrajectoryError, iter_jsonl
+
+
+def _fail(verb: str, message: str) -> int:
+  print(f"dagger-jax shards {verb}: {message}", file=sys.stderr)
+  return 2
+
+
+def shards_build_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--trajectories", required=True, nargs="+", metavar="FILE.jsonl",
+                      help="trajectory JSON Lines file(s)")
+  parser.add_argument("--out", required=True, metavar="DIR", help="shard directory to create")
+  parser.add_argument("--round", type=int, default=None,
+                      help="the round to record (default: the trajectories' own, which must agree)")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing shard")
+
+
+def shards_build(args: argparse.Namespace, config) -> int:
+  try:
+    tok = tokenizer_lib.load_tokenizer(config.data, workdir=config.workdir)
+    trajectories = [t for path in args.trajectories for t in iter_jsonl(path)]
+    m = shards.build_shards(trajectories, tok, config.data, args.out, round=args.round,
+                            overwrite=args.overwrite)
+  except (TrajectoryError, tokenizer_lib.TokenizerError, FileExistsError, FileNotFoundError,
+          ValueError) as e:
+    return _fail("build", str(e))
+  print(f"wrote {args.out}: round {m['round']}, {m['rows']} rows x {m['row_len']}, "
+        f"{m['tokens']} tokens ({m['trained_tokens']} trained), pad {m['pad_fraction']:.1%}, "
+        f"{len(m['source_trajectories'])} trajectories")
+  print("render: " + ", ".join(f"{k}={v}" for k, v in m["stats"].items()))
+  return 0
+
+
+def shards_inspect_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("dir", metavar="DIR", help="a shard directory")
+  parser.add_argument("--row", type=int, default=0, help="which row to decode (default 0)")
+  parser.add_argument("--tokenizer", default=None,
+                      help="HF tokenizer directory for decoding (default: config.data.tokenizer)")
+
+
+def learned_slots(row: dict[str, np.ndarray]) -> np.ndarray:
+  """bool [T]: slot i holds a token that is learned (the trained target of the slot before it)."""
+  learned = np.zeros(len(row["tokens"]), bool)
+  prev = row["loss_mask"][:-1].astype(bool)
+  same = row["segment_ids"][1:] == row["segment_ids"][:-1]
+  learned[1:] = prev & same & (row["targets"][:-1] == row["tokens"][1:])
+  return learned
+
+
+def format_row(row: dict[str, np.ndarray], decode) -> str:
+  """The row as text, segment by segment, learned spans and branches marked (module docstring)."""
+  learned = learned_slots(row)
+  out = []
+  for s in np.unique(row["segment_ids"]):
+    if s == 0:
+      continue
+    where = np.flatnonzero(row["segment_ids"] == s)
+    branches = len(np.unique(row["branch_ids"][where])) - 1
+    out.append(f"\n--- segment {s}: {len(where)} slots, {int(row['loss_mask'][where].sum())} "
+               f"trained, {branches} branches ---\n")
+    start = where[0]
+    for i in list(where[1:]) + [None]:
+      key = lambda j: (row["branch_ids"][j], learned[j])  # noqa: E731
+      if i is not None and key(i) == key(start):
+        continue
+      end = where[-1] + 1 if i is None else i
+      branch, is_learned = key(start)
+      text = decode(row["tokens"][start:end].tolist())
+      if branch:
+        out.append(f"{{{{branch {branch}: {text}}}}}" if is_learned else
+                   f"{{{{branch {branch} (context): {text}}}}}")
+      else:
+        out.append(f"[[{text}]]" if is_learned else text)
+      start = i
+  return "".join(out)
+
+
+def shards_inspect(args: argparse.Namespace, config) -> int:
+  try:
+    shard = shards.Shard(args.dir)
+  except shards.ShardError as e:
+    return _fail("inspect", str(e))
+  m = shard.manifest
+  print(f"shard {args.dir}")
+  print(f"  round {m['round']}: {m['rows']} rows x {m['row_len']} slots, {m['tokens']} tokens, "
+        f"{m['trained_tokens']} trained ({m['trained_tokens'] / max(m['tokens'], 1):.1%}), "
+        f"pad {m['pad_fraction']:.1%}")
+  print(f"  from {len(m['source_trajectories'])} trajectories -> {m['source_rows']} rendered rows")
+  print("  render: " + ", ".join(f"{k}={v}" for k, v in m["stats"].items()))
+  same = m["config_hash"] == shards.config_hash(config.data)
+  print(f"  config {m['config_hash']} {m['data_config']}"
+        + ("" if same else f"  (differs from the given config: {shards.config_hash(config.data)})"))
+  if not 0 <= args.row < shard.rows:
+    return _fail("inspect", f"--row {args.row}: the shard has rows 0..{shard.rows - 1}")
+  try:
+    tok = (tokenizer_lib._load_dir(args.tokenizer) if args.tokenizer else
+           tokenizer_lib.load_tokenizer(config.data, workdir=config.workdir))
+    decode = lambda ids: tok.decode(ids)  # noqa: E731
+  except tokenizer_lib.TokenizerError as e:
+    print(f"  (cannot load the tokenizer, showing token ids: {e})")
+    decode = lambda ids: " ".join(map(str, ids)) + " "  # noqa: E731
+  print(f"\nrow {args.row}: [[learned in place]]  {{{{branch N: teacher label, learned}}}}  "
+        f"plain = context only")
+  print(format_row(shard.row(args.row), decode))
+  return 0
