@@ -584,7 +584,7 @@ def _tar_directory(host_dir: str) -> bytes:
 # PID 1 of a sandbox container: reaps orphans (bash reaps any child on SIGCHLD), survives
 # `kill -9 -1`, and exits, removing the container, after `lifetime` seconds whatever happens.
 _DOCKER_INIT = ("end=$((SECONDS + {lifetime})); "
-                "while [ $SECONDS -lt $end ]; do sleep 10 & wait $!; done")
+                "while [ $SECONDS -lt $end ]; do sleep {tick} & wait $!; done")
 # One command: stderr into stdout (one ordered stream), then, as the bwrap PID namespace does,
 # kill what the command left running so the exec's stream closes when the command ends.
 _DOCKER_EXEC = 'bash -lc "$1" 2>&1; rc=$?; kill -9 -1 2>/dev/null; exit $rc'
@@ -618,7 +618,8 @@ class DockerSandbox(Sandbox):
                          "build the base one with dagger_jax.envs.images.ensure_base_image)") from None
     mem = f"{self.limits.memory_mb}m"
     container = self._client.containers.create(
-        image, command=["bash", "-c", _DOCKER_INIT.format(lifetime=int(max_lifetime_s))],
+        image, command=["bash", "-c", _DOCKER_INIT.format(
+            lifetime=int(max_lifetime_s), tick=min(10, int(max_lifetime_s)))],
         working_dir=self.workdir,
         network_mode="none", mem_limit=mem, memswap_limit=mem,
         nano_cpus=int(self.limits.cpus * 1e9), pids_limit=self.limits.pids, auto_remove=True,

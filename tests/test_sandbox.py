@@ -1,0 +1,234 @@
+"""The bubblewrap sandbox, for real (bwrap from the system), and the unsafe local one."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from configs import base
+from dagger_jax.envs import sandbox as sbx
+from dagger_jax.envs.sandbox import BwrapSandbox, ExecResult, SandboxError, SandboxLimits
+
+pytestmark = pytest.mark.skipif(
+    not os.path.exists("/usr/bin/bwrap") and sbx.shutil.which("bwrap") is None,
+    reason="bubblewrap is not installed (`make sysdeps`)")
+
+
+def _host_pids_running(marker: str) -> list[int]:
+  """PIDs of host processes whose command line contains `marker`."""
+  pids = []
+  for entry in os.listdir("/proc"):
+    if entry.isdigit():
+      try:
+        with open(f"/proc/{entry}/cmdline", "rb") as f:
+          if marker.encode() in f.read():
+            pids.append(int(entry))
+      except OSError:
+        pass
+  return pids
+
+
+def _wait_gone(marker: str, seconds: float = 5.0) -> list[int]:
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    left = _host_pids_running(marker)
+    if not left:
+      return []
+    time.sleep(0.05)
+  return _host_pids_running(marker)
+
+
+@pytest.fixture
+def repo(tmp_path):
+  d = tmp_path / "repo"
+  d.mkdir()
+  (d / "hello.py").write_text("print('hello')\n")
+  return d
+
+
+@pytest.fixture(params=[True, False], ids=["cgroups", "rlimits"])
+def sb(request, repo):
+  with BwrapSandbox(str(repo), SandboxLimits(command_timeout=10, memory_mb=256, pids=64),
+                    use_cgroups=request.param) as s:
+    yield s
+
+
+def test_runs_bash_in_the_workdir(sb):
+  r = sb.run("pwd; python3 hello.py; echo err >&2; echo out; exit 3")
+  assert r == ExecResult(3, "/testbed\nhello\nerr\nout\n", False, r.duration_s)
+  assert sb.run("shopt -q login_shell && echo login").output == "login\n"  # bash -lc
+
+
+def test_root_is_read_only_and_host_is_hidden(sb, repo):
+  r = sb.run("touch /usr/x /etc/x; ls /work /root /home 2>&1 | head -3; echo new > made.txt")
+  assert "Read-only file system" in r.output
+  assert "No such file or directory" in r.output
+  assert (repo / "made.txt").read_text() == "new\n"  # the task tree is writable
+  assert not os.path.exists("/usr/x")
+
+
+def test_private_tmp_persists_within_one_sandbox_only(sb, repo):
+  marker = f"dagger-jax-test-{os.getpid()}-{time.monotonic_ns()}"
+  sb.run(f"echo kept > /tmp/{marker}")
+  assert sb.run(f"cat /tmp/{marker}").output == "kept\n"
+  assert not os.path.exists(f"/tmp/{marker}")  # not the host's /tmp
+  with BwrapSandbox(str(repo)) as other:
+    assert other.run(f"cat /tmp/{marker}").returncode != 0
+
+
+def test_no_network(sb):
+  r = sb.run("python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=3)\"")
+  assert r.returncode != 0 and "Network is unreachable" in r.output
+  assert sb.run("ls /sys/class/net 2>/dev/null || cat /proc/net/dev").output.count("eth") == 0
+
+
+def test_own_pid_namespace(sb):
+  r = sb.run("ls -d /proc/[0-9]* | wc -l; cat /proc/1/cmdline | tr '\\0' ' '")
+  n, init = r.output.split("\n", 1)
+  assert int(n) < 10 and "bwrap" in init  # bwrap is PID 1; no host process is visible
+
+
+def test_timeout_kills_the_whole_tree(sb):
+  marker = f"{os.getpid() % 1000 + 1000}.{time.monotonic_ns() % 10**6}"
+  t0 = time.monotonic()
+  r = sb.run(f"echo before; sleep {marker} & setsid sleep {marker} & sleep {marker}", timeout=1)
+  assert r.timed_out and r.returncode == -9 and r.output == "before\n"
+  assert time.monotonic() - t0 < 5
+  assert _wait_gone(f"sleep\0{marker}") == []
+
+
+def test_background_processes_end_with_the_command(sb):
+  marker = f"{os.getpid() % 1000 + 2000}.{time.monotonic_ns() % 10**6}"
+  r = sb.run(f"sleep {marker} & echo started")
+  assert r.output == "started\n" and not r.timed_out and r.duration_s < 3
+  assert _wait_gone(f"sleep\0{marker}") == []
+
+
+def test_output_is_capped_head_and_tail(repo):
+  with BwrapSandbox(str(repo), SandboxLimits(max_output_chars=10_000)) as sb:
+    r = sb.run("seq 1 1000000")
+  full = "".join(f"{i}\n" for i in range(1, 1_000_001))
+  assert r.output == full[:5000] + full[-5000:]
+  assert r.elided_chars == len(full) - 10_000
+
+
+def test_invalid_utf8_is_replaced(sb):
+  assert sb.run("printf 'a\\xffb\\n'").output == "a\ufffdb\n"
+
+
+def test_memory_limit(sb):
+  r = sb.run("python3 -c 'x = bytearray(600 * 1024 ** 2); x[::4096] = b\"x\" * len(x[::4096]); "
+             "print(\"alloc\" + \"ated\")'; echo rc=$?")
+  assert "allocated" not in r.output
+  assert "rc=137" in r.output or "MemoryError" in r.output  # OOM-killed (cgroup) / refused (rlimit)
+  assert sb.run("python3 -c 'x = bytearray(50 * 1024 ** 2); print(len(x))'").output == "52428800\n"
+
+
+def test_process_limit(repo):
+  with BwrapSandbox(str(repo), SandboxLimits(pids=20)) as sb:
+    if sb._cgroup is None:
+      pytest.skip("no writable cgroups here; RLIMIT_NPROC does not bind host root")
+    script = textwrap.dedent("""
+        import subprocess
+        procs = []
+        try:
+          for _ in range(100):
+            procs.append(subprocess.Popen(["sleep", "30"]))
+        except OSError as e:
+          print("refused", e.errno)
+        print(len(procs))
+        """)
+    sb.write_file("spawn.py", script.encode())
+    r = sb.run("python3 spawn.py")
+  lines = r.output.split()
+  assert lines[0] == "refused" and int(lines[-1]) < 20
+
+
+def test_cpu_limit(repo):
+  with BwrapSandbox(str(repo), SandboxLimits(cpus=0.25)) as sb:
+    if sb._cgroup is None:
+      pytest.skip("no writable cgroups here")
+    r = sb.run("python3 -c 'import os, time\nt = time.time()\nwhile time.time() - t < 2: pass\n"
+               "c = os.times()\nprint(c.user + c.system)'")
+  cpu_s = float(r.output)
+  assert cpu_s < 0.25 * 2 * 1.3 + 0.1, cpu_s  # a 2 s busy loop got at most a quarter CPU
+
+
+def test_write_file(sb, repo):
+  sb.write_file("pkg/new.py", b"x = 1\n")
+  assert (repo / "pkg" / "new.py").read_bytes() == b"x = 1\n"
+  assert sb.run("cat pkg/new.py").output == "x = 1\n"
+  for bad in ("../escape.py", "/etc/passwd", "pkg/../../escape.py"):
+    with pytest.raises(ValueError, match="write_file"):
+      sb.write_file(bad, b"")
+
+
+def test_close_is_idempotent_and_cleans_up(repo):
+  sb = BwrapSandbox(str(repo))
+  tmp, cgroup_dirs = sb._tmp, list(sb._cgroup.dirs) if sb._cgroup else []
+  sb.run("echo x > /tmp/x")
+  sb.close()
+  sb.close()
+  assert not os.path.exists(tmp)
+  assert not any(os.path.exists(d) for d in cgroup_dirs)
+  with pytest.raises(SandboxError, match="closed"):
+    sb.run("true")
+
+
+def test_sandbox_dies_with_its_parent(repo):
+  """SIGKILL the Python process that owns a sandbox: the sandboxed command dies too."""
+  marker = f"{os.getpid() % 1000 + 3000}.{time.monotonic_ns() % 10**6}"
+  child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+      from dagger_jax.envs.sandbox import BwrapSandbox
+      BwrapSandbox({str(repo)!r}).run("sleep {marker}", timeout=600)
+      """)], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  deadline = time.monotonic() + 30
+  while not _host_pids_running(f"sleep\0{marker}"):
+    assert time.monotonic() < deadline and child.poll() is None, "the sandboxed sleep never started"
+    time.sleep(0.05)
+  child.send_signal(signal.SIGKILL)
+  child.wait()
+  assert _wait_gone(f"sleep\0{marker}") == []
+
+
+def test_missing_bwrap_says_how_to_install():
+  with pytest.raises(SandboxError, match="apt-get install -y bubblewrap"):
+    sbx.check_bwrap("bwrap-not-installed-here")
+  with pytest.raises(SandboxError, match="unsafe_local"):
+    BwrapSandbox("/tmp", executable="bwrap-not-installed-here")
+
+
+def test_make_sandbox_from_config(repo):
+  env = base.get_config().env
+  with sbx.make_sandbox(env, str(repo)) as sb:
+    assert isinstance(sb, BwrapSandbox)
+    assert sb.limits.command_timeout == env.command_timeout and sb.limits.pids == env.pids
+    assert sb.limits.max_output_chars >= 4 * env.output_limit
+  env.sandbox = "unsafe_local"
+  with pytest.warns(RuntimeWarning, match="UNSAFE"):
+    with sbx.make_sandbox(env, str(repo)) as sb:
+      assert sb.run("pwd").output == f"{repo}\n"
+
+
+def test_unsafe_local_kills_the_group_on_timeout(repo):
+  marker = f"{os.getpid() % 1000 + 4000}.{time.monotonic_ns() % 10**6}"
+  with pytest.warns(RuntimeWarning):
+    sb = sbx.UnsafeLocalSandbox(str(repo), SandboxLimits(command_timeout=1))
+  with sb:
+    r = sb.run(f"sleep {marker} & sleep {marker}")
+    assert r.timed_out
+    r = sb.run(f"sleep {marker} & echo bg")
+    assert r.output == "bg\n" and not r.timed_out
+  assert _wait_gone(f"sleep\0{marker}") == []
+
+
+def test_output_cap_keeps_head_and_tail_of_multibyte_text():
+  cap = sbx._OutputCap(limit=7)
+  text = "αβγδεζηθικλμνξοπ"  # 2 bytes per character, fed one byte at a time
+  for b in text.encode():
+    cap.feed(bytes([b]))
+  assert cap.result() == (text[:4] + text[-3:], len(text) - 7)
