@@ -1,0 +1,169 @@
+"""The docker sandbox against the real engine, on the offline-built base image."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from dagger_jax.envs import sandbox as sbx
+from dagger_jax.envs.sandbox import DockerSandbox, ExecResult, SandboxLimits
+
+pytestmark = pytest.mark.docker
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def image():
+  from dagger_jax.envs import images
+  return images.ensure_base_image()  # built once (about a minute), then cached by tag
+
+
+@pytest.fixture(scope="module")
+def client():
+  return sbx._docker_client()
+
+
+def _exists(client, container_id) -> bool:
+  import docker
+  try:
+    client.api.inspect_container(container_id)
+    return True
+  except docker.errors.NotFound:
+    return False
+
+
+def _wait_removed(client, container_id, seconds=30.0) -> bool:
+  deadline = time.monotonic() + seconds
+  while time.monotonic() < deadline:
+    if not _exists(client, container_id):
+      return True
+    time.sleep(0.2)
+  return False
+
+
+@pytest.fixture
+def repo(tmp_path):
+  d = tmp_path / "repo"
+  d.mkdir()
+  (d / "hello.py").write_text("print('hello')\n")
+  return d
+
+
+def test_base_image_has_the_toolchain(image, repo):
+  with DockerSandbox(image, "/testbed", host_workdir_to_copy_in=str(repo)) as sb:
+    r = sb.run("git --version && python3 --version && python3 -m pytest --version && patch -v")
+  assert r.returncode == 0, r.output
+  for tool in ("git version", "Python 3.11", "pytest", "GNU patch"):
+    assert tool in r.output
+
+
+def test_exec_in_container(image, repo):
+  with DockerSandbox(image, "/testbed", SandboxLimits(command_timeout=20),
+                     host_workdir_to_copy_in=str(repo)) as sb:
+    r = sb.run("pwd; python3 hello.py; echo err >&2; echo out; exit 3")
+    assert r == ExecResult(3, "/testbed\nhello\nerr\nout\n", False, r.duration_s)
+    assert sb.run("shopt -q login_shell && echo login").output == "login\n"
+    sb.run("echo kept > /tmp/state")
+    assert sb.run("cat /tmp/state").output == "kept\n"  # one container for the whole episode
+    sb.write_file("pkg/new.py", b"x = 1\n")
+    assert sb.run("cat pkg/new.py").output == "x = 1\n"
+    assert sb.run("printf 'a\\xffb'").output == "a\ufffdb"
+
+
+def test_container_limits_and_no_network(image, client):
+  limits = SandboxLimits(memory_mb=300, cpus=0.5, pids=40)
+  with DockerSandbox(image, "/testbed", limits) as sb:
+    host = client.api.inspect_container(sb.container_id)["HostConfig"]
+    assert host["NetworkMode"] == "none"
+    assert host["Memory"] == 300 * 2**20 and host["MemorySwap"] == 300 * 2**20
+    assert host["NanoCpus"] == 5 * 10**8 and host["PidsLimit"] == 40
+    r = sb.run("python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=3)\"")
+    assert r.returncode != 0 and "Network is unreachable" in r.output
+    r = sb.run("python3 -c 'x = bytearray(600 * 1024 ** 2); x[::4096] = b\"x\" * len(x[::4096])';"
+               " echo rc=$?")
+    assert "rc=137" in r.output  # OOM-killed at the memory limit
+    r = sb.run("python3 -c 'import subprocess\nps = []\ntry:\n  for _ in range(100): "
+               "ps.append(subprocess.Popen([\"sleep\", \"30\"]))\nexcept OSError: print(\"refused\")\n"
+               "print(len(ps))'")
+    assert r.output.startswith("refused") and int(r.output.split()[-1]) < 40
+
+
+def test_timeout_kills_every_command_process(image):
+  with DockerSandbox(image, "/testbed", SandboxLimits(command_timeout=1)) as sb:
+    t0 = time.monotonic()
+    r = sb.run("echo before; sleep 300 & setsid sleep 301 & sleep 302")
+    assert r.timed_out and r.returncode == -9 and r.output == "before\n"
+    assert time.monotonic() - t0 < 10
+    r = sb.run("sleep 303 & echo bg")  # leftovers of a finished command are killed too
+    assert r.output == "bg\n" and r.duration_s < 3
+    left = sb.run("ps -eo args | grep -c '^sleep 30[0-3]'").output
+    assert left.strip() == "0"
+
+
+def test_output_cap(image):
+  with DockerSandbox(image, "/testbed", SandboxLimits(max_output_chars=10_000)) as sb:
+    r = sb.run("seq 1 1000000")
+  full = "".join(f"{i}\n" for i in range(1, 1_000_001))
+  assert r.output == full[:5000] + full[-5000:] and r.elided_chars == len(full) - 10_000
+
+
+def test_removed_on_close_and_on_error(image, client):
+  sb = DockerSandbox(image)
+  cid = sb.container_id
+  assert _exists(client, cid)
+  sb.close()
+  sb.close()
+  assert _wait_removed(client, cid)
+  with pytest.raises(RuntimeError, match="boom"):
+    with DockerSandbox(image) as sb:
+      cid = sb.container_id
+      raise RuntimeError("boom")
+  assert _wait_removed(client, cid)
+
+
+def test_removed_on_ctrl_c(image, client):
+  child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+      from dagger_jax.envs.sandbox import DockerSandbox
+      with DockerSandbox("dagger-jax/base:bookworm-py3") as sb:
+        print(sb.container_id, flush=True)
+        sb.run("sleep 600", timeout=900)
+      """)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  cid = child.stdout.readline().strip()
+  assert cid and _exists(client, cid)
+  time.sleep(1.0)
+  child.send_signal(signal.SIGINT)
+  _, err = child.communicate(timeout=60)
+  assert "KeyboardInterrupt" in err
+  assert _wait_removed(client, cid)
+
+
+def test_orphans_of_a_killed_process_are_reaped(image, client):
+  child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+      import time
+      from dagger_jax.envs.sandbox import DockerSandbox
+      sb = DockerSandbox("dagger-jax/base:bookworm-py3")
+      print(sb.container_id, flush=True)
+      time.sleep(600)
+      """)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
+  cid = child.stdout.readline().strip()
+  child.send_signal(signal.SIGKILL)  # no cleanup code runs
+  child.wait()
+  assert _exists(client, cid)
+  assert cid in sbx.reap_orphan_containers(client)
+  assert _wait_removed(client, cid)
+
+
+def test_container_expires_by_itself(image, client):
+  sb = DockerSandbox(image, max_lifetime_s=2)
+  cid = sb.container_id
+  sb._finalizer.detach()  # pretend the owner vanished without cleaning up
+  assert _wait_removed(client, cid, seconds=20)
+
+
+def test_missing_image_is_a_clear_error():
+  with pytest.raises(sbx.SandboxError, match="never pulled"):
+    DockerSandbox("dagger-jax/no-such-image:1")
