@@ -574,10 +574,16 @@ def _remove_container(client, container_id: str) -> None:
       log.warning("could not remove container %s: %s", container_id[:12], e)
 
 
+def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
+  info.uid = info.gid = 0  # commands run as root in the container: no "dubious ownership" for git
+  info.uname = info.gname = "root"
+  return info
+
+
 def _tar_directory(host_dir: str) -> bytes:
   buf = io.BytesIO()
   with tarfile.open(fileobj=buf, mode="w") as tar:
-    tar.add(host_dir, arcname=".")
+    tar.add(host_dir, arcname=".", filter=_root_owned)
   return buf.getvalue()
 
 

@@ -1,0 +1,193 @@
+"""One SWE episode: a task's repository in a sandbox, driven by assistant turns.
+
+    env = SweEnv(task, config.env)
+    messages = [{"role": "system", "content": env.system_prompt},
+                {"role": "user", "content": env.reset()}]       # the problem statement
+    while True:
+      text = policy(messages)
+      step = env.step(text)       # parse one action, run it, format the observation
+      if step.done: break         # submitted, too many format errors in a row, or max_turns
+      messages += [{"role": "assistant", "content": text}, {"role": "user", "content": step.observation}]
+    patch = env.submission()      # `git diff` of the working tree against base_commit
+    result = env.grade()          # swebench-style grading in a fresh sandbox
+    env.close()
+
+The env never knows which sandbox it runs on (`config.env.sandbox`: bwrap, docker, unsafe_local);
+by default it opens `grading.task_sandbox(task, config.env)`, the same repository the grader
+rebuilds. `StepResult.info` says what happened:
+
+  turn           1-based index of this assistant turn
+  format_error   the turn did not hold exactly one action (`n_actions` says how many)
+  command        the command that ran (None on a format error)
+  returncode, timed_out, duration_s   of the command
+  submitted      the command printed the submit sentinel (the episode ends)
+  exit_status    None while the episode goes on; then "submitted", "format_errors" or "max_turns"
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from typing import Any, Callable, ContextManager
+
+from dagger_jax.envs import protocol
+from dagger_jax.envs.sandbox import Sandbox
+
+log = logging.getLogger(__name__)
+
+SandboxContext = Callable[[dict], ContextManager[Sandbox]]
+
+# Build outputs that never belong in a submission (PYTHONDONTWRITEBYTECODE is set in sandboxes,
+# but tests run by the agent may still write them).
+_DIFF_EXCLUDES = (":(exclude,glob)**/__pycache__/**", ":(exclude,glob)**/*.pyc",
+                  ":(exclude,glob)**/.pytest_cache/**")
+_SUBMISSION_INDEX = "/tmp/.dagger_jax_submission_index"
+
+
+class EpisodeError(RuntimeError):
+  """The env was used out of order (step before reset, or after the episode ended)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+  observation: str  # the next user message ("" once the episode has ended by submission)
+  done: bool
+  info: dict
+
+
+def submission_command(base_commit: str) -> str:
+  """Shell command printing the working tree's diff against base_commit (new files included).
+
+  A throw-away index keeps the agent's own index untouched; .gitignore'd and build files are left
+  out; `--binary` so that any binary change still applies.
+  """
+  excludes = " ".join(f"'{p}'" for p in _DIFF_EXCLUDES)
+  return (f"export GIT_INDEX_FILE={_SUBMISSION_INDEX} && rm -f $GIT_INDEX_FILE && "
+          f"git -c safe.directory='*' read-tree {base_commit} && "
+          f"git -c safe.directory='*' add -A -- . {excludes} && "
+          f"git -c safe.directory='*' diff --cached --binary {base_commit}; "
+          "rc=$?; rm -f $GIT_INDEX_FILE; exit $rc")
+
+
+class SweEnv:
+  """A SWE-bench task as a multi-turn bash environment (see the module docstring)."""
+
+  def __init__(self, task: dict, env_config: Any, *, sandbox_context: SandboxContext | None = None):
+    self.task = task
+    self.config = env_config
+    self.system_prompt = protocol.system_prompt()
+    if sandbox_context is None:
+      from dagger_jax.envs import grading
+      sandbox_context = lambda t: grading.task_sandbox(t, env_config)  # noqa: E731
+    self._sandbox_context = sandbox_context
+    self._stack: contextlib.ExitStack | None = None
+    self._sandbox: Sandbox | None = None
+    self._reset_state()
+
+  def _reset_state(self) -> None:
+    self.turn = 0
+    self.consecutive_format_errors = 0
+    self.exit_status: str | None = None
+    self._patch: str | None = None
+
+  @property
+  def sandbox(self) -> Sandbox:
+    if self._sandbox is None:
+      raise EpisodeError(f"{self.task['instance_id']}: call reset() first")
+    return self._sandbox
+
+  @property
+  def done(self) -> bool:
+    return self.exit_status is not None
+
+  def reset(self) -> str:
+    """Opens a fresh sandbox of the task; returns the first user message (the problem statement)."""
+    self.close()
+    self._reset_state()
+    stack = contextlib.ExitStack()
+    try:
+      self._sandbox = stack.enter_context(self._sandbox_context(self.task))
+    except BaseException:
+      stack.close()
+      raise
+    self._stack = stack
+    return protocol.instance_prompt(self.task["problem_statement"], self._sandbox.workdir)
+
+  def step(self, assistant_text: str, finish_reason: str | None = None) -> StepResult:
+    """Parses one action from the assistant turn, runs it, and returns the observation.
+
+    `finish_reason` ("length" when the turn hit the token limit) picks the format-error text.
+    """
+    sandbox = self.sandbox
+    if self.done:
+      raise EpisodeError(f"{self.task['instance_id']}: step() after the episode ended "
+                         f"({self.exit_status})")
+    self.turn += 1
+    parsed = protocol.parse_action(assistant_text)
+    info: dict[str, Any] = {"turn": self.turn, "format_error": not parsed.ok,
+                            "n_actions": parsed.n_actions, "command": parsed.command,
+                            "submitted": False}
+    if not parsed.ok:
+      self.consecutive_format_errors += 1
+      observation = protocol.format_error(parsed.n_actions, finish_reason)
+      if self.consecutive_format_errors >= self.config.max_format_errors:
+        self.exit_status = "format_errors"
+    else:
+      self.consecutive_format_errors = 0
+      timeout = float(self.config.command_timeout)
+      result = sandbox.run(parsed.command, timeout=timeout)
+      info.update(returncode=result.returncode, timed_out=result.timed_out,
+                  duration_s=result.duration_s)
+      if protocol.is_submission(result):
+        info["submitted"] = True
+        self.exit_status = "submitted"
+        self._patch = self._diff()
+        observation = ""
+      else:
+        observation = protocol.format_observation(
+            result, output_limit=self.config.output_limit, command=parsed.command, timeout=timeout)
+    if not self.done and self.turn >= self.config.max_turns:
+      self.exit_status = "max_turns"
+    info["exit_status"] = self.exit_status
+    return StepResult(observation, self.done, info)
+
+  def _diff(self) -> str:
+    result = self.sandbox.run(submission_command(self.task["base_commit"]),
+                              timeout=max(60.0, float(self.config.command_timeout)))
+    if result.returncode != 0 or result.timed_out or result.elided_chars:
+      # The agent may have broken the repository (deleted .git, ...): an empty submission.
+      log.warning("%s: could not diff the working tree (rc=%s, timed_out=%s, elided=%d): %s",
+                  self.task["instance_id"], result.returncode, result.timed_out,
+                  result.elided_chars, result.output[-500:])
+      return ""
+    return result.output
+
+  def submission(self) -> str:
+    """The patch: `git diff` of the working tree against base_commit.
+
+    Taken when the agent submits; before that (e.g. an episode cut at max_turns), the diff of
+    the tree as it is now.
+    """
+    if self._patch is not None:
+      return self._patch
+    if self._sandbox is None:
+      raise EpisodeError(f"{self.task['instance_id']}: no submission was taken before close()")
+    return self._diff()
+
+  def grade(self):
+    """Grades `submission()` on a fresh sandbox of the task (`grading.grade`)."""
+    from dagger_jax.envs import grading
+    return grading.grade(self.task, self.submission(), grading.sandbox_factory(self.config))
+
+  def close(self) -> None:
+    """Closes the sandbox (idempotent). A submitted patch stays available."""
+    stack, self._stack, self._sandbox = self._stack, None, None
+    if stack is not None:
+      stack.close()
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
