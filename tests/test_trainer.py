@@ -1,0 +1,114 @@
+"""The sharded trainer on 8 simulated CPU devices: mesh parity, accumulation, overfitting."""
+
+import glob
+
+import jax
+import numpy as np
+import pytest
+
+import train_data
+from dagger_jax.data.shards import ShardReader
+from dagger_jax.train import optim
+from dagger_jax.train import trainer as T
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("data"))
+  config = train_data.tiny_config(workdir)
+  return config, train_data.build(workdir, config)
+
+
+def _losses(config, shard_dirs, mesh=(1, 1, 1), steps=5, **train_changes):
+  config = config.copy_and_resolve_references()
+  config.train.update(train_changes)
+  config.mesh.data, config.mesh.fsdp, config.mesh.tensor = mesh
+  devices = jax.devices()[:int(np.prod(mesh))]
+  trainer = T.Trainer(config, T.mesh_from_config(config.mesh, devices))
+  reader = ShardReader.from_config(shard_dirs, config)
+  state = trainer.init_state(config.seed)
+  losses = []
+  for _ in range(steps):
+    state, metrics = trainer.step(state, trainer.global_batch(reader.next_batch()))
+    losses.append(float(metrics["loss"]))
+  return np.array(losses), jax.device_get(state.params), trainer
+
+
+@pytest.fixture(scope="module")
+def single_device(data):
+  return _losses(*data)
+
+
+@pytest.mark.parametrize("mesh", [(8, 1, 1), (2, 4, 1), (2, 2, 2)])
+def test_losses_equal_the_single_device_run(data, single_device, mesh):
+  losses, _, trainer = _losses(*data, mesh=mesh)
+  np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
+  assert losses[-1] < losses[0]  # it trains
+  # The parameters really are sharded as the rules say (fsdp over `embed`, tensor over `mlp`).
+  up_spec = trainer.state_shardings.params["layers"][0]["mlp"]["up_proj"].spec
+  assert tuple(up_spec) == ("fsdp", "tensor")
+  assert trainer.mesh.shape == dict(zip(("data", "fsdp", "tensor"), mesh))
+
+
+def test_gradient_accumulation_equals_the_whole_batch(data, single_device):
+  losses, params, _ = _losses(*data, mesh=(2, 2, 1), grad_accum=2)
+  np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), params,
+               single_device[1])  # Adam divides by sqrt(v): 1e-7 in a gradient is 1e-4 here
+
+
+def test_chunked_loss_switch_trains_identically(data, single_device):
+  losses, _, _ = _losses(*data, loss_chunked=True, loss_chunk_size=48)
+  np.testing.assert_allclose(losses, single_device[0], rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_same_seed_same_run_different_seed_different_run(data, single_device):
+  again, params, _ = _losses(*data)
+  np.testing.assert_array_equal(again, single_device[0])
+  jax.tree.map(np.testing.assert_array_equal, params, single_device[1])
+  config = data[0].copy_and_resolve_references()
+  config.seed = 1
+  other, _, _ = _losses(config, data[1])
+  assert not np.allclose(other, single_device[0])
+
+
+def test_bfloat16_compute_stays_close_to_float32(data, single_device):
+  config = data[0].copy_and_resolve_references()
+  config.model.dtype = "bfloat16"
+  losses, params, _ = _losses(config, data[1], steps=2)
+  # bf16 has an 8-bit mantissa: 1e-2 relative is its parity level (STYLE.md).
+  np.testing.assert_allclose(losses, single_device[0][:2], rtol=1e-2)
+  assert all(p.dtype == np.float32 for p in jax.tree.leaves(params))  # fp32 master params
+
+
+def test_learning_rate_warms_up_then_decays_to_the_floor(data):
+  t = data[0].train
+  lr = optim.learning_rate(t)
+  assert float(lr(0)) == 0.0
+  assert float(lr(t.warmup_steps)) == pytest.approx(t.lr)
+  assert float(lr(t.steps)) == pytest.approx(t.lr * t.min_lr_ratio)
+  assert float(lr(t.warmup_steps + 1)) < t.lr
+
+
+def test_weight_decay_skips_embeddings_and_norms(data):
+  params = T.Trainer(data[0], T.mesh_from_config(data[0].mesh)).abstract_state.params
+  mask = optim.decay_mask(params)
+  assert not mask["embedding"] and not mask["final_norm"]["scale"]
+  layer = mask["layers"][0]
+  assert layer["mlp"]["up_proj"] and layer["attn"]["q_proj"]
+  assert not layer["attn"]["q_norm"]["scale"] and not layer["input_norm"]["scale"]
+  assert all(jax.tree.leaves(optim.decay_mask(params, decay_norms_and_embeddings=True)))
+
+
+@pytest.mark.slow
+def test_overfits_a_small_real_dataset(data, tmp_path):
+  config = data[0].copy_and_resolve_references()
+  config.train.update(steps=150, lr=3e-3, warmup_steps=10, log_every=10, checkpoint_every=1000)
+  result = T.train(config, data[1], workdir=str(tmp_path), progress=False, log=lambda _: None)
+  assert result.steps == 150
+  final = result.history[-1]
+  assert final["loss"] < 0.05, result.history
+  assert final["trained_tokens"] == 544 and final["tokens_per_s"] > 0 and 0 < final["mfu"] < 1
+  assert glob.glob(f"{tmp_path}/tensorboard/events.out.tfevents.*")
+  assert (tmp_path / "checkpoints" / "round_000" / "150").is_dir()  # the final save
