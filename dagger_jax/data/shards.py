@@ -90,30 +90,44 @@ def _sha256(path: str) -> str:
 # ----------------------------------------------------------------------------------------- packing
 
 
-def pack_rows(rows: Sequence[Row], max_len: int, pad_id: int, pack: bool = True
-              ) -> dict[str, np.ndarray]:
-  """Places rows into [N, max_len] arrays: first-fit, longest first (or one row each if not pack).
+def first_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
+  """Bins of row indices: longest first, each into the first bin with room (deterministic).
 
-  Example: rows of lengths 5, 3, 2 and max_len 6 give two rows, [5-row | pad] and [3-row, 2-row,
-  pad], with segment_ids [1 1 1 1 1 0] and [1 1 1 2 2 0]. Deterministic for the same input.
+  >>> first_fit([3, 5, 2], 6)
+  [[1], [0, 2]]
   """
-  lengths = np.array([len(r) for r in rows], np.int64)
+  lengths = np.asarray(lengths, np.int64)
   if (lengths > max_len).any():
     raise ValueError(f"a row of {lengths.max()} slots exceeds max_len={max_len}")
   bins: list[list[int]] = []
+  free = np.zeros(0, np.int64)
+  for i in np.argsort(-lengths, kind="stable"):
+    fits = np.flatnonzero(free >= lengths[i])
+    if fits.size:
+      b = int(fits[0])
+    else:
+      b = len(bins)
+      bins.append([])
+      free = np.append(free, max_len)
+    bins[b].append(int(i))
+    free[b] -= lengths[i]
+  return bins
+
+
+def pack_rows(rows: Sequence[Row], max_len: int, pad_id: int, pack: bool = True
+              ) -> dict[str, np.ndarray]:
+  """Places rows into [N, max_len] arrays: `first_fit` bins (or one row each if not `pack`).
+
+  Segment s of a packed row is the s-th row of its bin. Example: rows of lengths 3, 5, 2 and
+  max_len 6 give [5-row | pad] and [3-row, 2-row, pad], with segment_ids [1 1 1 1 1 0] and
+  [1 1 1 2 2 0].
+  """
+  lengths = [len(r) for r in rows]
   if pack:
-    free = np.zeros(0, np.int64)
-    for i in np.argsort(-lengths, kind="stable"):
-      fits = np.flatnonzero(free >= lengths[i])
-      if fits.size:
-        b = int(fits[0])
-      else:
-        b = len(bins)
-        bins.append([])
-        free = np.append(free, max_len)
-      bins[b].append(int(i))
-      free[b] -= lengths[i]
+    bins = first_fit(lengths, max_len)
   else:
+    if max(lengths, default=0) > max_len:
+      raise ValueError(f"a row of {max(lengths)} slots exceeds max_len={max_len}")
     bins = [[i] for i in range(len(rows))]
   out = {f: np.zeros((len(bins), max_len), DTYPES[f]) for f in FIELDS}
   out["tokens"][:] = pad_id
