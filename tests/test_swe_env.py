@@ -1,5 +1,7 @@
 """Full scripted SWE episodes on a real toy task, in bubblewrap and (docker-marked) in docker."""
 
+import subprocess
+
 import pytest
 
 from configs import base
@@ -7,7 +9,14 @@ from dagger_jax.envs import protocol
 from dagger_jax.envs.tasks import toy
 from dagger_jax.envs.swe import EpisodeError, SweEnv
 
-SANDBOXES = ["bwrap", pytest.param("docker", marks=pytest.mark.docker)]
+# bubblewrap runs the host's own /usr/bin/python3 (read-only), so that one needs pytest.
+_HOST_PYTEST = subprocess.run(["/usr/bin/python3", "-c", "import pytest"],
+                              capture_output=True).returncode == 0
+_NEEDS_HOST_PYTEST = pytest.mark.skipif(
+    not _HOST_PYTEST, reason="the host's /usr/bin/python3 has no pytest, which bubblewrap tasks "
+    "run: `sudo apt-get install -y python3-pytest`")
+SANDBOXES = [pytest.param("bwrap", marks=_NEEDS_HOST_PYTEST),
+             pytest.param("docker", marks=pytest.mark.docker)]
 
 
 def _env_config(sandbox="bwrap", **overrides):

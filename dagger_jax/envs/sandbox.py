@@ -192,6 +192,13 @@ class _OutputCap:
     return head[:keep_head] + full_tail, self._total - keep_head - keep_tail
 
 
+def _readable(fd: int, timeout_s: float) -> bool:
+  """Waits until `fd` is readable (or at EOF); poll(), not select(): no 1024-descriptor limit."""
+  poller = select.poll()
+  poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+  return bool(poller.poll(max(0, timeout_s) * 1000))
+
+
 def _run_process(argv: list[str], *, timeout: float, max_output_chars: int,
                  env: dict[str, str] | None = None, cwd: str | None = None,
                  kill: Callable[[subprocess.Popen], None] | None = None) -> ExecResult:
@@ -220,7 +227,7 @@ def _run_process(argv: list[str], *, timeout: float, max_output_chars: int,
         timed_out = True
         kill(proc)
         break
-      ready, _, _ = select.select([fd], [], [], min(remaining, 0.5))
+      ready = _readable(fd, min(remaining, 0.5))
       if ready:
         chunk = os.read(fd, 1 << 16)
         if not chunk:
@@ -231,7 +238,7 @@ def _run_process(argv: list[str], *, timeout: float, max_output_chars: int,
     # Drain what is left after a kill (the pipe closes once every holder is dead).
     drain_deadline = time.monotonic() + 2.0
     while time.monotonic() < drain_deadline:
-      ready, _, _ = select.select([fd], [], [], 0.1)
+      ready = _readable(fd, 0.1)
       if not ready:
         if proc.poll() is not None:
           break
@@ -716,7 +723,7 @@ def _read_docker_stream(sock: socket.socket, cap: _OutputCap, deadline: float) -
     remaining = deadline - time.monotonic()
     if remaining <= 0:
       return False
-    ready, _, _ = select.select([sock], [], [], remaining)
+    ready = _readable(sock.fileno(), remaining)
     if not ready:
       continue
     chunk = sock.recv(1 << 16)
