@@ -107,3 +107,50 @@ def test_predictions_are_read_by_swebench(tmp_path, tasks):
   assert preds[0] == {"instance_id": tasks[0]["instance_id"],
                       "model_name_or_path": "dagger-jax/student", "model_patch": tasks[0]["patch"]}
   assert json.loads(open(path).read().splitlines()[-1])["model_patch"] == ""
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: `tasks generate`, `tasks validate`, `env exec` through the real console entry point
+
+
+def _cli(*args):
+  import sys
+  return subprocess.run([sys.executable, "-m", "dagger_jax.cli", *args, "--config.env.sandbox=bwrap"],
+                        capture_output=True, text=True, timeout=600)
+
+
+def test_cli_generate_validate_and_exec(tmp_path):
+  out = tmp_path / "toy.jsonl"
+  r = _cli("tasks", "generate", "--source", "toy", "--n", "3", "--seed", "5", "--out", str(out))
+  assert r.returncode == 0, r.stderr
+  assert len(out.read_text().splitlines()) == 3
+  r = _cli("tasks", "validate", str(out), "--json")
+  assert r.returncode == 0, r.stdout + r.stderr
+  summary = json.loads(r.stdout.strip().splitlines()[-1])
+  assert summary == {"tasks": 3, "gold_resolved": 3, "empty_resolved": 0, "errors": 0,
+                     "sandbox": "bwrap"}
+  task = json.loads(out.read_text().splitlines()[0])
+  r = _cli("env", "exec", "--tasks", str(out), "--instance", task["instance_id"], "--",
+           "python3 -m pytest -q -p no:cacheprovider tests")
+  assert r.returncode == 0, r.stderr
+  assert r.stdout.startswith("<returncode>1</returncode>\n<output>\n")
+  assert f"FAILED {task['FAIL_TO_PASS'][0]}" in r.stdout
+  r = _cli("env", "exec", "--tasks", str(out), "--instance", task["instance_id"], "--", "pwd")
+  assert r.stdout == "<returncode>0</returncode>\n<output>\n/testbed\n</output>\n"
+
+
+def test_cli_validate_flags_a_broken_task(tmp_path, tasks):
+  broken = {**tasks[0], "patch": ""}  # a "gold" patch that fixes nothing
+  path = tmp_path / "t.jsonl"
+  path.write_text(json.dumps(broken) + "\n")
+  r = _cli("tasks", "validate", str(path), "--json")
+  assert r.returncode == 1
+  assert json.loads(r.stdout.strip().splitlines()[-1])["gold_resolved"] == 0
+  assert "gold fails: " + broken["FAIL_TO_PASS"][0] + "=FAILED" in r.stdout
+
+
+def test_cli_bad_tasks_file(tmp_path):
+  path = tmp_path / "t.jsonl"
+  path.write_text('{"instance_id": "a"}\n')
+  r = _cli("tasks", "validate", str(path))
+  assert r.returncode == 2 and "t.jsonl:1 (instance a): missing field 'repo'" in r.stderr

@@ -11,7 +11,9 @@ plus where the repository comes from, one of:
   repo_files  {relative path: text} embedded in the record (toy tasks: the record is self-contained);
   repo_dir    a directory, written in the file relative to the tasks file (pypi tasks write a
               `repos/NAME-VERSION/` folder beside the JSONL, shared by all tasks of that library).
-              It is either a plain snapshot of the tree or a git clone that contains base_commit.
+              It is either a plain snapshot of the tree (to which the task's optional
+              `setup_patch` is applied: pypi tasks inject their bug that way) or a git clone
+              that contains base_commit.
 
 and optionally `test_cmd` (the test command run from the repository root after `test_patch` is
 applied; our generators set it), `log_parser` (a swebench parser name; default: the repo's own
@@ -205,38 +207,45 @@ def _copy_tree(src: str, dest: str) -> None:
         shutil.copyfile(s, os.path.join(dest, rel, name))
 
 
-def materialize(task: dict, dest_dir: str) -> None:
-  """Creates the task's git repository at base_commit in dest_dir (empty or absent).
-
-  Raises TaskError when the task has only a docker image, or when the rebuilt commit is not
-  base_commit (the source was edited, or the record does not belong to it).
-  """
+def build_repo(task: dict, dest_dir: str) -> str:
+  """Creates the task's repository in dest_dir (empty or absent); returns its HEAD commit."""
   iid = task["instance_id"]
   os.makedirs(dest_dir, exist_ok=True)
   if os.listdir(dest_dir):
     raise TaskError(f"materialize({iid}): destination {dest_dir} is not empty")
   if task.get("repo_files"):
     write_files(dest_dir, task["repo_files"])
-    head = snapshot_commit(dest_dir)
-  elif task.get("repo_dir"):
-    src = task["repo_dir"]
-    if not os.path.isdir(src):
-      raise TaskError(f"materialize({iid}): repo_dir {src} does not exist (copy the repos folder "
-                      "that sits beside the tasks file along with it)")
-    if os.path.isdir(os.path.join(src, ".git")):
-      os.rmdir(dest_dir)
-      git(os.path.dirname(os.path.abspath(dest_dir)), "clone", "-q", "--no-checkout", src, dest_dir)
-      git(dest_dir, "checkout", "-q", task["base_commit"])
-      head = git(dest_dir, "rev-parse", "HEAD").strip()
-    else:
-      _copy_tree(src, dest_dir)
-      head = snapshot_commit(dest_dir)
-  else:
+    return snapshot_commit(dest_dir)
+  if not task.get("repo_dir"):
     raise TaskError(f"materialize({iid}): the task has only a docker image ({task.get('image')}); "
                     "its repository lives in the image's /testbed")
+  src = task["repo_dir"]
+  if not os.path.isdir(src):
+    raise TaskError(f"materialize({iid}): repo_dir {src} does not exist (copy the repos folder "
+                    "that sits beside the tasks file along with it)")
+  if os.path.isdir(os.path.join(src, ".git")):
+    os.rmdir(dest_dir)
+    git(os.path.dirname(os.path.abspath(dest_dir)), "clone", "-q", "--no-checkout", src, dest_dir)
+    git(dest_dir, "checkout", "-q", task["base_commit"])
+    return git(dest_dir, "rev-parse", "HEAD").strip()
+  _copy_tree(src, dest_dir)
+  if task.get("setup_patch"):
+    git(dest_dir, "init", "-q", "-b", "main")
+    git(dest_dir, "apply", "--whitespace=nowarn", "-", stdin=task["setup_patch"])
+  return snapshot_commit(dest_dir)
+
+
+def materialize(task: dict, dest_dir: str) -> None:
+  """Creates the task's git repository at base_commit in dest_dir (empty or absent).
+
+  Raises TaskError when the task has only a docker image, or when the rebuilt commit is not
+  base_commit (the source was edited, or the record does not belong to it).
+  """
+  head = build_repo(task, dest_dir)
   if head != task["base_commit"]:
-    raise TaskError(f"materialize({iid}): rebuilt commit {head} is not base_commit "
-                    f"{task['base_commit']}: the repository source does not match the record")
+    raise TaskError(f"materialize({task['instance_id']}): rebuilt commit {head} is not "
+                    f"base_commit {task['base_commit']}: the repository source does not match "
+                    "the record")
 
 
 def patch_files(patch: str) -> list[str]:
