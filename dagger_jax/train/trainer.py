@@ -212,7 +212,7 @@ def _initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int
     step, rng = jax.device_put((np.int32(meta["step"]), np.asarray(meta["rng"], np.uint32)),
                                trainer.replicated)
     return TrainState(arrays["params"], arrays["opt_state"], step, rng)
-  seed = int(config.seed) + round_index
+  seed = int(config.seed)
   if config.train.continue_from == "last" and round_index > 0:
     previous = checkpoint.Checkpointer(checkpoint_dir(workdir, round_index - 1),
                                        keep=config.train.keep_checkpoints, async_save=False)
