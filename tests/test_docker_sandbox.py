@@ -61,6 +61,14 @@ def test_base_image_has_the_toolchain(image, repo):
     assert tool in r.output
 
 
+def test_base_image_is_cached(image, client):
+  t0 = time.monotonic()
+  from dagger_jax.envs import images
+  assert images.ensure_base_image() == image
+  assert time.monotonic() - t0 < 10  # found by tag, not rebuilt
+  assert client.images.get(image).labels["dagger-jax.image"] == image
+
+
 def test_exec_in_container(image, repo):
   with DockerSandbox(image, "/testbed", SandboxLimits(command_timeout=20),
                      host_workdir_to_copy_in=str(repo)) as sb:

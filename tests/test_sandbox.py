@@ -69,6 +69,7 @@ def test_root_is_read_only_and_host_is_hidden(sb, repo):
   assert "No such file or directory" in r.output
   assert (repo / "made.txt").read_text() == "new\n"  # the task tree is writable
   assert not os.path.exists("/usr/x")
+  assert sb.run("cat /etc/shadow | wc -c").output == "0\n"  # host password hashes are masked
 
 
 def test_private_tmp_persists_within_one_sandbox_only(sb, repo):

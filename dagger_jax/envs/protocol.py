@@ -125,14 +125,16 @@ def format_observation(result: ExecResult, *, output_limit: int = 10_000, comman
                        timeout: float | None = None) -> str:
   """The user message that shows the agent `result` (see the module docstring).
 
-  `command` and `timeout` only appear in the text of a timed-out command. `result.elided_chars`
+  `command` and `timeout` (default: the measured duration) only appear in the text of a
+  timed-out command. `result.elided_chars`
   (dropped by the sandbox's capture cap) count toward the length and the elided count.
   """
   out = result.output
   total = len(out) + result.elided_chars
   parts = []
   if result.timed_out:
-    parts.append(f"<exception>{timeout_message(command, timeout or 0)}</exception>\n")
+    limit = timeout if timeout is not None else round(result.duration_s)
+    parts.append(f"<exception>{timeout_message(command, limit)}</exception>\n")
   parts.append(f"<returncode>{-1 if result.timed_out else result.returncode}</returncode>\n")
   if total < output_limit:
     parts.append(f"<output>\n{out}</output>")

@@ -13,8 +13,8 @@ container but init), and `ExecResult.timed_out` is set. Output is captured up to
 and `ExecResult.elided_chars` says how many were dropped in between (no marker is inserted:
 `protocol.format_observation` writes the note the agent sees).
 
-- `BwrapSandbox`: bubblewrap. Read-only system dirs (/usr, /etc, ...; nothing else of the host:
-  no /home, /root, /work), the task tree bound writable at `workdir` (default /testbed, like the
+- `BwrapSandbox`: bubblewrap. Read-only system dirs (/usr, /etc with /etc/shadow masked, ...;
+  nothing else of the host: no /home, /root, /work, /var, /run), the task tree bound writable at `workdir` (default /testbed, like the
   SWE-bench images), a private /tmp that persists across the episode's commands, no network, own
   PID/IPC/UTS namespaces, killed when the parent dies. Memory/CPU/process limits use a cgroup per
   sandbox when the cgroup tree is writable (root, or a delegated cgroup v2), else rlimits
@@ -37,7 +37,6 @@ import logging
 import math
 import os
 import select
-import shlex
 import shutil
 import signal
 import socket
@@ -444,6 +443,7 @@ def check_bwrap(executable: str = "bwrap") -> str:
 
 # System directories bound read-only into every bubblewrap sandbox (those that exist).
 _BWRAP_RO_DIRS = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")
+_BWRAP_MASKED_FILES = ("/etc/shadow", "/etc/gshadow", "/etc/shadow-", "/etc/gshadow-")
 
 
 class BwrapSandbox(Sandbox):
@@ -465,9 +465,13 @@ class BwrapSandbox(Sandbox):
     self.workdir = workdir
     self.limits = limits or SandboxLimits()
     self._closed = False
-    self._tmp = tempfile.mkdtemp(prefix="dagger-jax-tmp-")  # the sandbox's private /tmp
+    self._state = tempfile.mkdtemp(prefix="dagger-jax-bwrap-")
+    self._tmp = os.path.join(self._state, "tmp")  # the sandbox's private /tmp
+    self._empty = os.path.join(self._state, "empty")  # bound over files the sandbox must not read
+    os.mkdir(self._tmp)
+    open(self._empty, "w").close()
     self._cgroup = _Cgroup.create(self.limits) if use_cgroups else None
-    self._finalizer = weakref.finalize(self, BwrapSandbox._cleanup, self._tmp, self._cgroup)
+    self._finalizer = weakref.finalize(self, BwrapSandbox._cleanup, self._state, self._cgroup)
     self._argv = self._build_argv()
 
   def _build_argv(self) -> list[str]:
@@ -481,6 +485,9 @@ class BwrapSandbox(Sandbox):
         argv += ["--symlink", os.readlink(d), d]
       elif os.path.isdir(d):
         argv += ["--ro-bind", d, d]
+    for secret in _BWRAP_MASKED_FILES:  # readable by the sandbox's (mapped) root otherwise
+      if os.path.exists(secret):
+        argv += ["--ro-bind", self._empty, secret]
     argv += ["--proc", "/proc", "--dev", "/dev", "--bind", self._tmp, "/tmp",
              "--bind", self.host_workdir, self.workdir, "--chdir", self.workdir, "--clearenv"]
     for k, v in SANDBOX_ENV.items():
@@ -519,10 +526,10 @@ class BwrapSandbox(Sandbox):
       self._finalizer()
 
   @staticmethod
-  def _cleanup(tmp: str, cgroup: _Cgroup | None) -> None:
+  def _cleanup(state_dir: str, cgroup: _Cgroup | None) -> None:
     if cgroup is not None:
       cgroup.remove()
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(state_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------
