@@ -11,9 +11,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 import train_data
 from dagger_jax.data.shards import ShardReader
+from dagger_jax.model import hf, params_io
+from dagger_jax.model.qwen3 import Qwen3
 from dagger_jax.train import checkpoint as C
 from dagger_jax.train import trainer as T
 
@@ -72,6 +75,9 @@ def test_rounds_continue_from_last_or_restart_from_base(data, tmp_path):
     state = T._initial_state(trainer, config, workdir, round_index, reader, ckpt, lambda _: None)
     return jax.device_get(state)
 
+  exported = params_io.load_params(T.checkpoint_dir(workdir, 0))  # what the sampler loads
+  _assert_trees_equal(jax.device_get(params_io.pure_params(exported)), final0)
+
   last = start_of(1, "last")
   _assert_trees_equal(last.params, final0)
   _assert_trees_equal(last.opt_state, jax.device_get(round0.state.opt_state))
@@ -80,6 +86,23 @@ def test_rounds_continue_from_last_or_restart_from_base(data, tmp_path):
   _assert_trees_equal(base.params, jax.device_get(trainer.init_state(config.seed).params))
   with pytest.raises(FileNotFoundError, match="round_002.*continue_from=base"):
     start_of(3, "last")
+
+
+@pytest.mark.parametrize("kind", ["params", "hf"])
+def test_base_model_from_init_from(data, tmp_path, kind):
+  config = data[0].copy_and_resolve_references()
+  trainer = T.Trainer(config, T.mesh_from_config(config.mesh))
+  base = Qwen3(trainer.model_config, rngs=nnx.Rngs(7))
+  if kind == "params":
+    config.model.init_from = params_io.save_params(base, str(tmp_path / "base"))
+  else:
+    config.model.init_from = str(tmp_path / "hf")
+    hf.save_pretrained(base, config.model.init_from)
+  reader = ShardReader.from_config(data[1], config)
+  ckpt = C.Checkpointer(T.checkpoint_dir(str(tmp_path), 0))
+  state = T._initial_state(trainer, config, str(tmp_path), 0, reader, ckpt, lambda _: None)
+  _assert_trees_equal(jax.device_get(state.params), jax.device_get(params_io.pure_params(base)))
+  assert state.params["embedding"].sharding == trainer.state_shardings.params["embedding"]
 
 
 def _train_command(shard_dir, workdir, steps):

@@ -226,11 +226,29 @@ def _initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int
     log(f"round {round_index}: continuing from {previous.directory}")
     return trainer.state_from_params(arrays["params"], seed, arrays["opt_state"])
   if config.model.init_from:
-    from dagger_jax.model import hf
     log(f"round {round_index}: base model from {config.model.init_from}")
-    return trainer.state_from_params(hf.load_params(config.model.init_from), seed)
+    return trainer.state_from_params(base_params(trainer, config.model.init_from), seed)
   log(f"round {round_index}: random init from seed {seed}")
   return trainer.init_state(seed)
+
+
+def base_params(trainer: Trainer, init_from: str) -> Any:
+  """Params of the base model, sharded for `trainer`: a HF checkpoint directory (`config.json` +
+  safetensors) or a params checkpoint (`dagger_jax.model.params_io.save_params`, or a trainer
+  checkpoint directory)."""
+  from dagger_jax.model import hf, params_io
+
+  if os.path.isfile(os.path.join(init_from, "config.json")):
+    c = trainer.model_config
+    model = hf.load_pretrained(init_from, param_dtype=c.param_dtype, dtype=c.dtype,
+                               mesh=trainer.mesh)
+    if model.config != c:
+      diff = [f"{f.name}: {getattr(model.config, f.name)!r} vs {getattr(c, f.name)!r}"
+              for f in dataclasses.fields(c) if getattr(model.config, f.name) != getattr(c, f.name)]
+      raise ValueError(f"config.model.init_from={init_from}: the checkpoint's architecture "
+                       f"differs from config.model ({'; '.join(diff)})")
+    return params_io.pure_params(model)
+  return params_io.restore_params(init_from, trainer.abstract_state.params)
 
 
 def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: int = 0,
@@ -248,6 +266,8 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir, round_index), keep=t.keep_checkpoints,
                                  async_save=t.async_checkpoint)
   state = _initial_state(trainer, config, workdir, round_index, reader, ckpt, log)
+  from dagger_jax.model import params_io
+  params_io.write_model_config(trainer.model_config, ckpt.directory)  # loadable by load_params
   start = int(state.step)
   chief = jax.process_index() == 0
   writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if chief else None
