@@ -136,6 +136,20 @@ def test_bf16_checkpoint_loads_exactly(source, tmp_path):
   np.testing.assert_array_equal(np.asarray(ours.layers[1].mlp.up_proj.get_value()), want.T)
 
 
+def test_bf16_forward_error_is_transformers_own(source):
+  """In bfloat16 (params and compute) our logits are as far from the fp32 reference as
+  transformers' own bfloat16 forward is, on the same weights."""
+  model, path = source
+  x = tokens(length=16, seed=3)
+  want = hf_logits(model, x)
+  with torch.no_grad():
+    hf_bf16 = copy.deepcopy(model).to(torch.bfloat16)(torch.from_numpy(x.astype(np.int64)))
+  hf_err = np.abs(hf_bf16.logits.float().numpy() - want).max()
+  ours = hf.load_pretrained(path, param_dtype="bfloat16", dtype="bfloat16")
+  ours_err = np.abs(np.asarray(ours(jnp.asarray(x))) - want).max()
+  assert 0 < ours_err <= 2 * hf_err, (ours_err, hf_err)
+
+
 # ----------------------------------------------------------------------------- Flax -> HF
 
 
