@@ -154,3 +154,13 @@ def test_cli_bad_tasks_file(tmp_path):
   path.write_text('{"instance_id": "a"}\n')
   r = _cli("tasks", "validate", str(path))
   assert r.returncode == 2 and "t.jsonl:1 (instance a): missing field 'repo'" in r.stderr
+
+
+def test_exit_code_cross_check(tasks, factory):
+  """swebench distrusts a log of passes when the test command itself failed; so do we."""
+  task = {**tasks[0], "test_cmd": tasks[0]["test_cmd"] + " && false"}
+  result = grading.grade(task, task["patch"], factory)
+  assert ">>>>> Test Exit Code: 1" in result.log and "PASSED" in result.log
+  assert not result.resolved and result.error == "no test results in the log"
+  script = grading.harness_eval_script(tasks[0], "/testbed")
+  assert script.count("SWEBENCH_TEST_EXIT_CODE=$?") == 1

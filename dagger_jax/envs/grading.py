@@ -118,7 +118,10 @@ def _heredoc(text: str, tag: str) -> tuple[str, str]:
 
 
 def make_eval_script(task: dict, workdir: str) -> str:
-  """The swebench-shaped eval script for a task whose repository is at `workdir`.
+  """The eval script of a swebench dataset row, for a task whose repository is at `workdir`.
+
+  As in swebench's datasets it has no exit-code bookkeeping: the harness's `make_test_spec`
+  adds that (`record_test_exit_code`), and `harness_eval_script` applies the same step for us.
 
   Tasks that carry swebench's own `eval_script` (official instances) use it unchanged; others
   need `test_cmd`. Test files the test_patch touches are reset first (checked out at
@@ -132,18 +135,23 @@ def make_eval_script(task: dict, workdir: str) -> str:
   base = task["base_commit"]
   reset = [f"git checkout -q {base} -- {shlex.quote(f)} 2>/dev/null || rm -f {shlex.quote(f)}"
            for f in patch_files(task["test_patch"])]
-  lines = ["#!/bin/bash", "set -uo pipefail", f"cd {shlex.quote(workdir)}", *reset]
+  lines = ["#!/bin/bash", "set -uxo pipefail", f"cd {shlex.quote(workdir)}", *reset]
   if task["test_patch"].strip():
     tag, body = _heredoc(task["test_patch"], "EOF_DAGGER_JAX_TEST_PATCH")
     lines += [f"git apply --verbose - <<'{tag}' || {{ echo '{C.TESTS_ERROR}: test_patch did not "
               f"apply'; exit 1; }}", body.rstrip("\n"), tag]
-  lines += [f"echo '{C.START_TEST_OUTPUT}'", task["test_cmd"], f"{C.TEST_EXIT_CODE_VAR}=$?",
-            f"echo '{C.END_TEST_OUTPUT}'", f'echo "{C.TEST_EXIT_CODE}: ${C.TEST_EXIT_CODE_VAR}"',
+  lines += [f"echo '{C.START_TEST_OUTPUT}'", task["test_cmd"], f"echo '{C.END_TEST_OUTPUT}'",
             *reset]
   return "\n".join(lines) + "\n"
 
 
-def test_spec(task: dict) -> TestSpec:
+def harness_eval_script(task: dict, workdir: str) -> str:
+  """The script the harness would run: swebench's `make_test_spec(row).eval_script`."""
+  from swebench.harness.utils import make_test_spec
+  return make_test_spec(to_swebench_instance(task, image="", workdir=workdir)).eval_script
+
+
+def _test_spec(task: dict) -> TestSpec:
   return TestSpec(instance_id=task["instance_id"], image=task.get("image", ""),
                   eval_script_list=[], repo=task["repo"], version=str(task.get("version", "0")),
                   FAIL_TO_PASS=task["FAIL_TO_PASS"], PASS_TO_PASS=task["PASS_TO_PASS"],
@@ -153,7 +161,7 @@ def test_spec(task: dict) -> TestSpec:
 
 def score_log(task: dict, log: str) -> tuple[bool, dict[str, str], dict[str, str], bool]:
   """(resolved, f2p statuses, p2p statuses, log had test results) from a test log."""
-  spec = test_spec(task)
+  spec = _test_spec(task)
   with tempfile.NamedTemporaryFile("w", suffix=".log", delete=False) as f:
     f.write(log)
   try:
@@ -209,7 +217,7 @@ def grade(task: dict, patch: str | None, sandbox_factory: SandboxFactory) -> Gra
       f2p = {t: "MISSING" for t in task["FAIL_TO_PASS"]}
       p2p = {t: "MISSING" for t in task["PASS_TO_PASS"]}
       return GradeResult(iid, False, False, f2p, p2p, "\n".join(log), "patch did not apply")
-    sb.write_file(_EVAL_FILE, make_eval_script(task, sb.workdir).encode())
+    sb.write_file(_EVAL_FILE, harness_eval_script(task, sb.workdir).encode())
     r = sb.run(f"bash {_EVAL_FILE}")
     log.append(r.output)
     if r.timed_out:
