@@ -137,16 +137,18 @@ def env_exec_args(parser: argparse.ArgumentParser) -> None:
 
 
 def env_exec(args: argparse.Namespace, config: ml_collections.ConfigDict) -> int:
-  """Runs one command in a fresh sandbox of the task; prints the agent's observation."""
-  from dagger_jax.envs import protocol
+  """Runs one command as the agent's first action in a fresh episode; prints its observation."""
+  from dagger_jax.envs import protocol, swe
   try:
     task = T.get_task(T.load_tasks(args.tasks), args.instance)
   except T.TaskError as e:
     print(f"env exec: {e}", file=sys.stderr)
     return 2
-  command = " ".join(args.command)
-  with grading.task_sandbox(task, config.env) as sb:
-    result = sb.run(command)
-    print(protocol.format_observation(result, output_limit=config.env.output_limit,
-                                      command=command, timeout=sb.limits.command_timeout))
+  env = swe.SweEnv(task, config.env)
+  try:
+    env.reset()
+    step = env.step(protocol.format_action(" ".join(args.command)))
+  finally:
+    env.close()
+  print(step.observation or f"(no observation: the episode ended, {step.info['exit_status']})")
   return 0
