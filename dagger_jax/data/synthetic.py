@@ -34,6 +34,8 @@ def _text(rng: np.random.Generator, tokenizer, n: int) -> tuple[str, tuple[int, 
   text = ""
   while not text:  # stripped: a leading space or newline could merge with the template's glue
     text = tokenizer.decode(rng.choice(ordinary, size=max(n, 1)).tolist()).strip()
+    # Random ids re-encode into more tokens than were drawn: cut back to about n.
+    text = tokenizer.decode(tokenizer.encode(text, add_special_tokens=False)[:n]).strip()
   ids = tuple(tokenizer.encode(text, add_special_tokens=False))
   return text, ids
 
