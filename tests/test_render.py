@@ -208,3 +208,9 @@ def test_too_long_drop_and_unfittable_turns_are_counted(demo):
   first_header = len(render.pieces(traj, demo).glue[0])
   rows, stats = render.render(traj, demo, max_len=first_header, too_long="split")
   assert rows == [] and stats["dropped_too_long_turns"] == 6
+
+
+def test_ids_from_another_tokenizer_are_refused(demo):
+  traj = _student_turn_trajectory(demo, [5, len(demo) + 7], Action("x"))
+  with pytest.raises(render.RenderError, match=r"s/r1/s0: turns\[0\].action.ids has token id"):
+    render.render(traj, demo, 4096)

@@ -192,6 +192,13 @@ def pieces(traj: Trajectory, tokenizer: PreTrainedTokenizerBase,
   glue = [_encode(tokenizer, glue_texts[0])] + [_encode(tokenizer, g[len(eos):])
                                                 for g in glue_texts[1:]]
   eos_id = tokenizer.eos_token_id
+  vocab = len(tokenizer)
+  for k, turn in enumerate(traj.turns):
+    for name, action in (("action", turn.action), ("label", turn.label)):
+      if action is not None and action.ids is not None and max(action.ids, default=0) >= vocab:
+        raise RenderError(f"trajectory {traj.id}: turns[{k}].{name}.ids has token id "
+                          f"{max(action.ids)} >= the tokenizer's {vocab} tokens (another "
+                          f"tokenizer?)")
   executed, labels, in_place = [], [], []
   for turn in traj.turns:
     ids = _content_ids(turn.action, tokenizer, eos_id)
