@@ -1,7 +1,6 @@
 """Task records: loading (JSONL / JSON / parquet), clear errors, portable repositories, toy tasks."""
 
 import json
-import os
 import shutil
 import subprocess
 

@@ -281,7 +281,7 @@ def _failure_lines(log: str, test_id: str, avoid: list[str], limit: int = 12) ->
   name = test_id.split("::")[-1]
   blocks = re.split(r"\n_{3,} (.+?) _{3,}\n", log)
   for head, body in zip(blocks[1::2], blocks[2::2]):
-    if head.split(".")[-1].split("::")[-1].startswith(name.split("[")[0]):
+    if head == name or head.endswith("." + name):  # "test_x[p]" or "TestClass.test_x"
       lines = [l.rstrip() for l in body.splitlines() if l.startswith("E ")]
       lines = [l for l in lines if not any(a and a in l for a in avoid)]
       if lines:
@@ -295,7 +295,7 @@ def _statement(name: str, f2p: list[str], log: str, avoid: list[str]) -> str:
   detail = _failure_lines(log, f2p[0], avoid)
   text = (f"Some of {name}'s own tests fail on this checkout:\n\n{shown}\n")
   if detail:
-    text += f"\nThe first one fails with:\n\n" + "\n".join("  " + l for l in detail) + "\n"
+    text += "\nThe first one fails with:\n\n" + "\n".join("  " + l for l in detail) + "\n"
   return text + f"\nFind the bug in {name}'s source (not in the tests) and fix it."
 
 
