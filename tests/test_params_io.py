@@ -80,5 +80,11 @@ def test_bad_checkpoints_name_the_problem(tmp_path):
   with pytest.raises(params_io.CheckpointError, match="model_config.json: not found"):
     params_io.load_params(ckpt)
   wider = dataclasses.replace(CONFIG, hidden_size=128)
-  with pytest.raises(params_io.CheckpointError, match="does not match the model config"):
+  with pytest.raises(params_io.CheckpointError,
+                     match=r"param embedding is stored with shape \(512, 64\), the model needs "
+                           r"\(512, 128\)"):
     params_io.load_params(ckpt, config=wider)
+  tied = dataclasses.replace(CONFIG, tie_word_embeddings=True)
+  with pytest.raises(params_io.CheckpointError, match="param lm_head is stored with shape "
+                                                      r"\(64, 512\), the model needs absent"):
+    params_io.load_params(ckpt, config=tied)

@@ -311,13 +311,22 @@ def _plan_shards(rows: list[tuple[Entry, int]], max_bytes: int) -> list[list[Ent
   return shards
 
 
+def _is_export_file(name: str) -> bool:
+  return (name in ("config.json", INDEX_FILE, *EXTRA_FILES) or
+          re.fullmatch(r"model(-\d{5}-of-\d{5})?\.safetensors", name) is not None)
+
+
 def _prepare_out_dir(path: str) -> str:
-  """A fresh sibling temp directory; `path` may exist only as an earlier export (config.json)."""
+  """A fresh sibling temp directory. `path` may exist only holding what an export writes (it is
+  replaced whole, so no stale shard survives); anything else there is refused, never deleted."""
   path = os.path.abspath(path)
-  if os.path.exists(path) and os.listdir(path) and not os.path.isfile(
-      os.path.join(path, "config.json")):
-    raise HFCheckpointError(f"{path}: exists and is not a HF checkpoint directory; refusing to "
-                            f"replace it")
+  if os.path.isdir(path):
+    foreign = sorted(n for n in os.listdir(path) if not _is_export_file(n))
+    if foreign:
+      raise HFCheckpointError(f"{path}: exists and holds files an export does not write "
+                              f"({', '.join(foreign[:5])}); refusing to replace it")
+  elif os.path.exists(path):
+    raise HFCheckpointError(f"{path}: exists and is not a directory")
   tmp = f"{path}.tmp-{os.getpid()}"
   shutil.rmtree(tmp, ignore_errors=True)
   os.makedirs(tmp)

@@ -12,9 +12,9 @@ from a trainer step directory that has the same `params` item):
       hf_files/            optional: tokenizer files, generation_config.json and the source
                            config.json of an imported HF checkpoint, copied back by `export-hf`
 
-    save_params(model, "ckpt")                      # collective on multi-host; JSON by process 0
-    model = load_params("ckpt")                     # single device
-    model = load_params("ckpt", mesh=make_mesh(2, 2, 2))   # every param sharded per its logical axes
+    save_params(model, "ckpt")             # collective on multi-host; JSON by process 0
+    model = load_params("ckpt")            # single device
+    model = load_params("ckpt", mesh=make_mesh(2, 2, 2))  # params sharded per their logical axes
 
 To restore the params into a trainer's own state, use `restore_params(dir, abstract_pure)` with
 the abstract (sharded) pure dict of the state being restored. `load_params` also accepts a
@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from etils import epath
 from jax.sharding import Mesh
 
 from dagger_jax.model import sharding
@@ -201,16 +202,31 @@ def save_params(model: Qwen3, ckpt_dir: str) -> str:
   return ckpt_dir
 
 
+def _shapes_by_name(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'layers.0.attn.q_proj': (64, 4, 16), ...} (int and str dict keys print alike)."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path): tuple(leaf.shape)
+          for path, leaf in leaves}
+
+
 def restore_params(ckpt_dir: str, target: dict) -> dict:
   """Restores the `params` item into `target`, a pure dict of `ShapeDtypeStruct`s (with the
-  shardings and dtypes wanted; they may differ from the stored dtype)."""
+  shardings and dtypes wanted; they may differ from the stored dtype).
+
+  The stored names and shapes are checked against `target` first, so a checkpoint of another
+  architecture fails with the first differing param named.
+  """
   params_dir = resolve_params_dir(ckpt_dir)
+  item_dir = os.path.join(params_dir, PARAMS_ITEM)
+  stored = _shapes_by_name(ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)))
+  wanted = _shapes_by_name(target)
+  for name in sorted(set(stored) | set(wanted)):
+    if stored.get(name) != wanted.get(name):
+      raise CheckpointError(
+          f"{item_dir}: does not match the model config: param {name} is stored with shape "
+          f"{stored.get(name, 'absent')}, the model needs {wanted.get(name, 'absent')}")
   args = ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)})
-  try:
-    return _checkpointer().restore(params_dir, args)[PARAMS_ITEM]
-  except (ValueError, KeyError) as e:
-    raise CheckpointError(f"{params_dir}/{PARAMS_ITEM}: does not match the model config "
-                          f"({type(e).__name__}: {e})") from None
+  return _checkpointer().restore(params_dir, args)[PARAMS_ITEM]
 
 
 def load_params(ckpt_dir: str, *, mesh: Mesh | None = None, rules=None,
