@@ -57,13 +57,25 @@ def test_toy_files_are_short(toy_tasks):
 
 
 def test_toy_fix_cmd_reproduces_the_gold_patch(tmp_path, toy_tasks):
-  """The one-line sed in `bug.fix_cmd`, run for real, produces exactly the gold patch."""
+  """The one-line sed in `bug.fix_cmd`, run for real, produces exactly the gold patch (as git
+  prints it in the repository), and the test_patch is git's own diff too."""
   for t in toy_tasks:
     repo = tmp_path / t["instance_id"]
     T.materialize(t, str(repo))
     subprocess.run(t["bug"]["fix_cmd"], shell=True, cwd=repo, check=True)
     assert _git(repo, "diff") == t["patch"], t["bug"]
     assert len([l for l in t["patch"].splitlines() if l.startswith("-    ")]) == 1
+    _git(repo, "checkout", "--", ".")
+    subprocess.run(["git", "apply", "-"], input=t["test_patch"], text=True, cwd=repo, check=True)
+    assert _git(repo, "diff") == t["test_patch"]
+
+
+def test_snapshot_hash_is_gits_commit(tmp_path):
+  # Names that sort differently as files and as directories ("a/" > "a.py" > "a-b").
+  files = {"a/x.py": "1\n", "a.py": "2\n", "a-b": "", "a0/y": "3", "b/c/d.txt": "é\n",
+           ".gitignore": "*.pyc\n"}
+  T.write_files(str(tmp_path), files)
+  assert T.snapshot_hash(files) == T.snapshot_commit(str(tmp_path))
 
 
 def test_toy_statement_does_not_leak_the_patch(toy_tasks):

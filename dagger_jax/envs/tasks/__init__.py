@@ -28,6 +28,7 @@ contents only: `base_commit` is that hash, and `materialize` checks it. A tasks 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -188,12 +189,52 @@ def snapshot_commit(dest_dir: str) -> str:
   return git(dest_dir, "rev-parse", "HEAD").strip()
 
 
-def snapshot_files(files: dict[str, str]) -> str:
-  """The base_commit hash a snapshot of `files` gets (made in a temporary directory)."""
+def snapshot_hash(files: dict[str, str]) -> str:
+  """The commit `snapshot_commit` makes of `files` (all mode 100644), computed without git.
+
+  Git's object format: blob = "blob LEN\0" + data; tree entries "MODE NAME\0" + raw sha,
+  sorted by name (a directory sorts as NAME + "/"); the commit text names tree, author,
+  committer and message. tests/test_tasks.py checks it against real git.
+  """
+  def obj(kind: str, data: bytes) -> bytes:
+    return hashlib.sha1(f"{kind} {len(data)}\0".encode() + data).digest()
+
+  root: dict = {}
+  for path, text in files.items():
+    *dirs, name = path.split("/")
+    node = root
+    for d in dirs:
+      node = node.setdefault(d, {})
+    node[name] = text.encode()
+
+  def tree(node: dict) -> bytes:
+    entries = []
+    for name, child in node.items():
+      if isinstance(child, dict):
+        entries.append((name + "/", b"40000 " + name.encode() + b"\0" + tree(child)))
+      else:
+        entries.append((name, b"100644 " + name.encode() + b"\0" + obj("blob", child)))
+    return obj("tree", b"".join(e for _, e in sorted(entries, key=lambda x: x[0].encode())))
+
+  stamp = "946684800 +0000"  # _GIT_ENV's 2000-01-01T00:00:00+0000
+  ident = f"{_GIT_ENV['GIT_AUTHOR_NAME']} <{_GIT_ENV['GIT_AUTHOR_EMAIL']}> {stamp}"
+  commit = (f"tree {tree(root).hex()}\nauthor {ident}\ncommitter {ident}\n\n"
+            f"{SNAPSHOT_MESSAGE}\n")
+  return obj("commit", commit.encode()).hex()
+
+
+def diff_files(before: dict[str, str], after: dict[str, str]) -> str:
+  """`git diff` of changing the files `before` into `after` (same paths; byte-identical to the
+  diff git prints in a repository), made with `git diff --no-index` on just those files."""
   import tempfile
-  with tempfile.TemporaryDirectory(prefix="dagger_jax_snap_") as tmp:
-    write_files(tmp, files)
-    return snapshot_commit(tmp)
+  with tempfile.TemporaryDirectory(prefix="dagger_jax_diff_") as tmp:
+    write_files(os.path.join(tmp, "a"), before)
+    write_files(os.path.join(tmp, "b"), after)
+    out = subprocess.run(["git", "diff", "--no-index", "--no-prefix", "--no-ext-diff", "a", "b"],
+                         cwd=tmp, capture_output=True, text=True, env={**os.environ, **_GIT_ENV})
+  if out.returncode not in (0, 1):
+    raise RuntimeError(f"git diff --no-index failed: {out.stderr.strip()}")
+  return out.stdout
 
 
 def _copy_tree(src: str, dest: str) -> None:

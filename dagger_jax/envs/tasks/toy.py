@@ -25,9 +25,8 @@ import dataclasses
 import hashlib
 import random
 import re
-import tempfile
 
-from dagger_jax.envs.tasks import git, snapshot_commit, write_files
+from dagger_jax.envs.tasks import diff_files, snapshot_hash
 
 BUG_KINDS = ("operator", "comparison", "constant", "swapped_args", "off_by_one")
 TEST_CMD = "python3 -m pytest -rA -q -p no:cacheprovider tests"
@@ -151,18 +150,6 @@ def _draw_fns(rng: random.Random, k: int, names: list[str]) -> list[_Fn]:
   return fns
 
 
-def _commit_and_diffs(files: dict[str, str], *changes: dict[str, str]) -> tuple[str, ...]:
-  """base_commit of `files`, then `git diff` of each change (files to overwrite) against it."""
-  with tempfile.TemporaryDirectory(prefix="dagger_jax_toy_") as tmp:
-    write_files(tmp, files)
-    out = [snapshot_commit(tmp)]
-    for change in changes:
-      write_files(tmp, change)
-      out.append(git(tmp, "diff"))
-      git(tmp, "checkout", "-q", "--", ".")
-    return tuple(out)
-
-
 def _one_task(rng: random.Random, split: str) -> dict | None:
   """Draws one task; None when it has no detectable bug or is of the other split."""
   mod, other = rng.sample(_MODULES, 2)
@@ -215,14 +202,15 @@ def _one_task(rng: random.Random, split: str) -> dict | None:
   statement = rng.choice(_STATEMENTS).format(f=target.name, x=x, y=y,
                                              got=repr(target.call(x, y, buggy)),
                                              want=repr(target.call(x, y)))
-  base_commit, patch, test_patch = _commit_and_diffs(
-      files, {mod_path: good_src},
+  patch = diff_files({mod_path: bad_src}, {mod_path: good_src})
+  test_patch = diff_files(
+      {test_mod: files[test_mod], test_other: files[test_other]},
       {test_mod: _test_file(imp(mod, fns), fns, hidden),
        test_other: _test_file(imp(other, distractors), distractors, hidden)})
   return {
       "instance_id": f"toy__{mod}-{digest[:10]}",
       "repo": f"toy/{mod}",
-      "base_commit": base_commit,
+      "base_commit": snapshot_hash(files),
       "problem_statement": statement,
       "patch": patch,
       "test_patch": test_patch,
