@@ -90,7 +90,7 @@ def test_no_network(sb):
 def test_own_pid_namespace(sb):
   r = sb.run("ls -d /proc/[0-9]* | wc -l; cat /proc/1/cmdline | tr '\\0' ' '")
   n, init = r.output.split("\n", 1)
-  assert int(n) < 10 and "bwrap" in init  # bwrap is PID 1; no host process is visible
+  assert int(n) < 10 and "--norc" in init  # the sandbox's executor is PID 1; no host process
 
 
 def test_timeout_kills_the_whole_tree(sb):
@@ -100,6 +100,9 @@ def test_timeout_kills_the_whole_tree(sb):
   assert r.timed_out and r.returncode == -9 and r.output == "before\n"
   assert time.monotonic() - t0 < 5
   assert _wait_gone(f"sleep\0{marker}") == []
+  sb.run("echo kept > /tmp/state")
+  assert sb.run("sleep 30", timeout=0.5).timed_out
+  assert sb.run("cat /tmp/state; pwd").output == "kept\n/testbed\n"  # restarted, same tree + /tmp
 
 
 def test_background_processes_end_with_the_command(sb):
@@ -115,6 +118,17 @@ def test_output_is_capped_head_and_tail(repo):
   full = "".join(f"{i}\n" for i in range(1, 1_000_001))
   assert r.output == full[:5000] + full[-5000:]
   assert r.elided_chars == len(full) - 10_000
+
+
+def test_stdin_is_empty_and_odd_commands_are_harmless(sb):
+  t0 = time.monotonic()
+  assert sb.run("cat; read x; echo read=$?").output == "read=1\n"  # stdin is /dev/null
+  assert time.monotonic() - t0 < 5
+  assert sb.run("exec echo replaced").output == "replaced\n"
+  assert sb.run("exit 7").returncode == 7
+  assert sb.run("echo a\0b").output == "ab\n"  # bash strings cannot hold NUL
+  assert sb.run("echo 'two\nlines'; echo next").output == "two\nlines\nnext\n"
+  assert sb.run("kill -9 1; echo survived").output == "survived\n"  # PID 1 is immune
 
 
 def test_invalid_utf8_is_replaced(sb):
@@ -233,3 +247,46 @@ def test_output_cap_keeps_head_and_tail_of_multibyte_text():
   for b in text.encode():
     cap.feed(bytes([b]))
   assert cap.result() == (text[:4] + text[-3:], len(text) - 7)
+
+
+def test_concurrent_sandboxes_from_threads(tmp_path):
+  """The collector runs many episodes' commands from worker threads at once."""
+  from concurrent.futures import ThreadPoolExecutor
+  repos = []
+  for i in range(4):
+    (tmp_path / f"r{i}").mkdir()
+    (tmp_path / f"r{i}" / "id.txt").write_text(f"{i}\n")
+    repos.append(str(tmp_path / f"r{i}"))
+  sandboxes = [BwrapSandbox(r) for r in repos]
+  try:
+    def work(i):
+      sb = sandboxes[i % 4]
+      sb.run(f"echo {i} >> /tmp/log")
+      return sb.run("cat id.txt").output
+    with ThreadPoolExecutor(8) as pool:
+      outs = list(pool.map(work, range(40)))
+    assert outs == [f"{i % 4}\n" for i in range(40)]
+    for k, sb in enumerate(sandboxes):
+      logged = sorted(int(x) for x in sb.run("cat /tmp/log").output.split())
+      assert logged == [i for i in range(40) if i % 4 == k]  # private /tmp per sandbox
+  finally:
+    for sb in sandboxes:
+      sb.close()
+
+
+def test_survives_the_thread_that_started_it_and_restarts_after_a_crash(repo):
+  """--die-with-parent follows the forking *thread*: a worker thread that ends must not take the
+  sandbox down; a sandbox killed from outside comes back (same tree, same /tmp)."""
+  import threading
+  with BwrapSandbox(str(repo)) as sb:
+    t = threading.Thread(target=lambda: sb.run("echo kept > /tmp/state"))
+    t.start()
+    t.join()
+    pid = sb._executor[0].proc.pid
+    time.sleep(0.2)
+    assert sb.run("cat /tmp/state").output == "kept\n"
+    assert sb._executor[0].proc.pid == pid  # the same bubblewrap, not a restart
+    os.killpg(pid, signal.SIGKILL)
+    sb._executor[0].proc.wait()
+    assert sb.run("cat /tmp/state").output == "kept\n"
+    assert sb._executor[0].proc.pid != pid

@@ -188,7 +188,8 @@ def instance_prompt(problem_statement: str, workdir: str = "/testbed") -> str:
       "1. Every response must contain exactly one action, in triple backticks as shown above.\n"
       "2. Every action runs in a new subshell: `cd` and environment variables do not persist; "
       "prefix the command instead (`cd /path && ...`).\n"
-      "3. Commands run without a terminal or network; avoid interactive programs.\n\n"
+      "3. Commands run without a terminal or network, and processes they start in the background "
+      "end with them; avoid interactive programs.\n\n"
       "## Example\n\n"
       + format_action("nl -ba src/module.py | sed -n '10,20p'",
                       "THOUGHT: I need to read lines 10-20 of the module first.")
