@@ -80,6 +80,7 @@ def test_exec_in_container(image, repo):
     sb.write_file("pkg/new.py", b"x = 1\n")
     assert sb.run("cat pkg/new.py").output == "x = 1\n"
     assert sb.run("printf 'a\\xffb'").output == "a\ufffdb"
+    assert sb.run("echo a\0b").output == "ab\n"
 
 
 def test_container_limits_and_no_network(image, client):

@@ -238,6 +238,7 @@ def test_unsafe_local_kills_the_group_on_timeout(repo):
     assert r.timed_out
     r = sb.run(f"sleep {marker} & echo bg")
     assert r.output == "bg\n" and not r.timed_out
+    assert sb.run("echo a\0b").output == "ab\n"
   assert _wait_gone(f"sleep\0{marker}") == []
 
 

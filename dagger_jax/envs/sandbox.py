@@ -51,7 +51,7 @@ import time
 import uuid
 import warnings
 import weakref
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -202,19 +202,17 @@ def _readable(fd: int, timeout_s: float) -> bool:
 
 
 def _run_process(argv: list[str], *, timeout: float, max_output_chars: int,
-                 env: dict[str, str] | None = None, cwd: str | None = None,
-                 kill: Callable[[subprocess.Popen], None] | None = None) -> ExecResult:
+                 env: dict[str, str] | None = None, cwd: str | None = None) -> ExecResult:
   """Runs argv in a new session; reads the merged output until EOF or the deadline.
 
   Past the deadline, and after the main process exits (to end stragglers that hold the pipe),
-  `kill(proc)` runs (default: SIGKILL to the process group).
+  the process group gets SIGKILL.
   """
-  def killpg(p: subprocess.Popen) -> None:
+  def kill(p: subprocess.Popen) -> None:
     try:
       os.killpg(p.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
       pass
-  kill = kill or killpg
   start = time.monotonic()
   deadline = start + timeout
   proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -261,6 +259,11 @@ def _run_process(argv: list[str], *, timeout: float, max_output_chars: int,
                     duration_s=time.monotonic() - start, elided_chars=elided)
 
 
+def _no_nul(command: str) -> str:
+  """Commands are bash strings, which cannot hold NUL: drop them (as bash would ignore them)."""
+  return command.replace("\0", "")
+
+
 def _safe_join(root: str, relpath: str) -> str:
   """root/relpath, refusing paths that leave root (absolute paths, `..`, symlinks out)."""
   if os.path.isabs(relpath):
@@ -301,7 +304,7 @@ class UnsafeLocalSandbox(Sandbox):
   def run(self, command: str, timeout: float | None = None) -> ExecResult:
     if self._closed:
       raise SandboxError("run() on a closed sandbox")
-    return _run_process(["bash", "-lc", command], env=self._env, cwd=self.workdir,
+    return _run_process(["bash", "-lc", _no_nul(command)], env=self._env, cwd=self.workdir,
                         timeout=timeout or self.limits.command_timeout,
                         max_output_chars=self.limits.max_output_chars)
 
@@ -580,7 +583,7 @@ class BwrapSandbox(Sandbox):
     if self._closed:
       raise SandboxError("run() on a closed sandbox")
     timeout = timeout or self.limits.command_timeout
-    data = command.replace("\0", "").encode("utf-8", "replace")  # bash strings hold no NUL
+    data = _no_nul(command).encode("utf-8", "replace")
     with self._lock:
       self._seq += 1
       name = f"out-{self._seq}"
@@ -833,7 +836,8 @@ class DockerSandbox(Sandbox):
     api = self._client.api
     start = time.monotonic()
     try:
-      exec_id = api.exec_create(self.container_id, ["bash", "-c", _DOCKER_EXEC, "bash", command],
+      exec_id = api.exec_create(self.container_id, ["bash", "-c", _DOCKER_EXEC, "bash",
+                                                    _no_nul(command)],
                                 workdir=self.workdir,
                                 environment=SANDBOX_ENV, stdout=True, stderr=True)["Id"]
       sock = api.exec_start(exec_id, socket=True)
