@@ -291,3 +291,12 @@ def test_survives_the_thread_that_started_it_and_restarts_after_a_crash(repo):
     sb._executor[0].proc.wait()
     assert sb.run("cat /tmp/state").output == "kept\n"
     assert sb._executor[0].proc.pid != pid
+
+
+def test_a_sandbox_that_cannot_start_says_why(tmp_path):
+  work = tmp_path / "gone"
+  work.mkdir()
+  with BwrapSandbox(str(work)) as sb:
+    work.rmdir()  # bwrap can no longer bind it
+    with pytest.raises(SandboxError, match="could not start the sandbox(.|\n)*No such file"):
+      sb.run("true")

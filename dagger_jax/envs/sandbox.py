@@ -490,6 +490,7 @@ class _Executor:
       os.close(status_w)
     self.status_fd = status_r
     self.cgroup = cgroup
+    self.commands_done = 0
 
   def alive(self) -> bool:
     return self.proc.poll() is None
@@ -621,9 +622,9 @@ class BwrapSandbox(Sandbox):
     poller.register(out_fd, select.POLLIN)
     poller.register(executor.status_fd, select.POLLIN | select.POLLHUP)
     status = b""
-    returncode, timed_out = -9, False
+    returncode, timed_out, died = -9, False, False
     try:
-      while True:
+      while not died and b"\n" not in status:
         remaining = start + timeout - time.monotonic()
         if remaining <= 0:
           timed_out = True
@@ -633,21 +634,22 @@ class BwrapSandbox(Sandbox):
             _read_into(out_fd, cap)
           else:
             chunk = os.read(executor.status_fd, 64)
-            if not chunk:  # the executor died (killed from outside, OOM, ...)
-              log.warning("bubblewrap sandbox died during a command; restarting it. %s",
-                          _tail(self._log))
-              remaining = -1
-              break
+            died = not chunk  # the executor is gone (killed from outside, failed to start)
             status += chunk
-        if remaining < 0 or b"\n" in status:
-          break
     finally:
       if b"\n" in status:
         returncode = int(status.split(b"\n", 1)[0])
+        executor.commands_done += 1
       else:  # timed out or died: take the whole sandbox down; the next run() restarts it
         executor.kill()
         self._executor[0] = None
       os.close(keeper)
+    if died:
+      if executor.commands_done == 0:
+        raise SandboxError(f"bubblewrap could not start the sandbox over {self.host_workdir}:\n"
+                           f"{_tail(self._log)}")
+      log.warning("bubblewrap sandbox died during a command; the next one restarts it. %s",
+                  _tail(self._log))
     _drain_to_eof(out_fd, cap)
     output, elided = cap.result()
     return ExecResult(returncode=returncode, output=output, timed_out=timed_out,
