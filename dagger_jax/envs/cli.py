@@ -33,7 +33,7 @@ def tasks_generate_args(parser: argparse.ArgumentParser) -> None:
                       help="toy: which split (a task's split is fixed by its content, so the two "
                       "never overlap)")
   parser.add_argument("--cache", default=None, help="pypi: sdist download / unpack cache "
-                      "(default: ~/.cache/dagger_jax/sdists)")
+                      "(default: config.tasks.pypi_cache, or ~/.cache/dagger_jax/sdists)")
   parser.add_argument("--out", required=True, help="output tasks file (.jsonl)")
 
 
@@ -55,7 +55,8 @@ def tasks_generate(args: argparse.Namespace, config: ml_collections.ConfigDict) 
   elif source.startswith("pypi:"):
     from dagger_jax.envs.tasks import pypi
     tasks = pypi.generate(source[len("pypi:"):], n, seed, out_path=args.out,
-                          env_config=config.env, cache_dir=args.cache)
+                          env_config=config.env,
+                          cache_dir=args.cache or config.tasks.get("pypi_cache") or None)
   else:
     print(f"tasks generate: unknown --source {source!r} (toy | pypi:NAME)", file=sys.stderr)
     return 2
@@ -70,8 +71,9 @@ def tasks_validate_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--instance", action="append", default=None,
                       help="only this instance id (repeatable)")
   parser.add_argument("--workers", type=int, default=1, help="tasks graded at once")
-  parser.add_argument("--timeout", type=float, default=grading.DEFAULT_TIMEOUT_S,
-                      help="seconds per test run")
+  parser.add_argument("--timeout", type=float, default=None,
+                      help="seconds per test run (default: config.env.grade_timeout, or "
+                      f"{grading.DEFAULT_TIMEOUT_S:.0f})")
   parser.add_argument("--json", action="store_true",
                       help="end with one JSON line: {tasks, gold_resolved, empty_resolved, ...}")
 

@@ -91,9 +91,12 @@ def task_sandbox(task: dict, env_config: Any, **limit_overrides) -> Iterator[San
     shutil.rmtree(tmp, ignore_errors=True)
 
 
-def sandbox_factory(env_config: Any, timeout: float = DEFAULT_TIMEOUT_S) -> SandboxFactory:
+def sandbox_factory(env_config: Any, timeout: float | None = None) -> SandboxFactory:
   """`grade`'s factory: task sandboxes whose output cap holds a whole test log (50M chars) and
-  whose command timeout is the grading timeout."""
+  whose command timeout is the grading timeout (`timeout`, else `config.env.grade_timeout`,
+  else DEFAULT_TIMEOUT_S)."""
+  if timeout is None:
+    timeout = float(env_config.get("grade_timeout", DEFAULT_TIMEOUT_S))
   return lambda task: task_sandbox(task, env_config, command_timeout=timeout,
                                    max_output_chars=50_000_000)
 
