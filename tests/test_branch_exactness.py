@@ -1,7 +1,8 @@
 """Branch packing is exact: each label's loss on a packed row equals its separate sequence's loss.
 
-The reference is built independently of the renderer: for label k, the chat template's text of the
-conversation up to turn k's content, tokenised in one piece, then the label's ids and `<|im_end|>`; all reference sequences run right-padded in one plain causal batch (no segments, no
+The reference is built independently of the renderer: for label k, the chat template's generation
+prompt for the state before turn k (`apply_chat_template(messages[:k], add_generation_prompt=True)`,
+what the policy was given), then the label's ids and `<|im_end|>`; all reference sequences run right-padded in one plain causal batch (no segments, no
 branches, positions 0..n). The branch-packed side packs several trajectories into each row.
 """
 
@@ -16,7 +17,6 @@ from dagger_jax.data import render, shards, synthetic
 from dagger_jax.data.tokenizer import load_tokenizer, train_demo_tokenizer
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 
-SENTINEL = "\ue000label\ue001"
 
 
 @pytest.fixture(scope="module")
@@ -70,24 +70,20 @@ def _packed_label_losses(model, rows, max_len, pad_id, **overrides):
 
 
 def _reference_sequences(traj, tok):
-  """{(trajectory id, turn): (prefix + label + <|im_end|>, len(prefix))}.
+  """{(trajectory id, turn): (prompt + label + <|im_end|>, len(prompt))}.
 
-  The prefix is the chat template's text of the whole conversation up to turn k's content (so
-  turn k's header is rendered as in the full conversation: for Qwen3, the final assistant turn's
-  header carries the empty think block), tokenised in one piece from the messages' text.
+  The prompt is the real template's generation prompt for the state before turn k, tokenised in
+  one piece from the messages' text (synthetic ids are the tokenizer's own encodings).
   """
-  p = render.pieces(traj, tok)
   out = {}
-  assistant = traj.assistant_indices()
-  for k, turn in enumerate(traj.turns):
-    if p.labels[k] is None:
+  for k, (turn, index) in enumerate(zip(traj.turns, traj.assistant_indices())):
+    if turn.actor == "student" and turn.label is None:
       continue
-    messages = [dict(m) for m in traj.messages]
-    messages[assistant[k]]["content"] = SENTINEL
-    text = tok.apply_chat_template(messages, tokenize=False)
-    prefix = tok.encode(text[:text.index(SENTINEL)], add_special_tokens=False)
+    prompt = tok.apply_chat_template(list(traj.messages[:index]), tokenize=True,
+                                     add_generation_prompt=True, enable_thinking=False)
+    prompt = prompt["input_ids"]
     label = list(turn.label.ids) if turn.actor == "student" else list(turn.action.ids)
-    out[(traj.id, k)] = (prefix + label + [tok.eos_token_id], len(prefix))
+    out[(traj.id, k)] = (prompt + label + [tok.eos_token_id], len(prompt))
   return out
 
 

@@ -46,12 +46,12 @@ def demo(tmp_path_factory):
   return load_tokenizer(_data_config(tokenizer="demo-bpe"), workdir=workdir)
 
 
-def _learned_slots(row: render.Row) -> set[int]:
-  # With branches inserted right after their header, a trained prediction at slot i always targets
-  # the token in slot i + 1; check that, then return the learned slots.
-  trained = np.flatnonzero(row.loss_mask)
-  assert (row.targets[trained] == row.tokens[trained + 1]).all()
-  return set((trained + 1).tolist())
+def _visible(row: render.Row, q: int) -> np.ndarray:
+  """The slots the prediction at slot q attends to (the attention rule of DESIGN.md), in order."""
+  j = np.arange(q + 1)
+  ok = (row.segment_ids[j] == row.segment_ids[q]) & (
+      (row.branch_ids[j] == 0) | (row.branch_ids[j] == row.branch_ids[q]))
+  return j[ok]
 
 
 @pytest.mark.parametrize("enable_thinking", [False, True])
@@ -64,26 +64,32 @@ def test_teacher_only_row_is_the_chat_template(request, tok_name, enable_thinkin
   rows, stats = render.render_with_config(_teacher_only(messages), tok, config)
   assert len(rows) == 1 and stats["rows"] == 1 and stats["trained_turns"] == 3
   row = rows[0]
+  # The main line is the conversation as the real template renders it.
   expected = tok.apply_chat_template(list(messages), tokenize=True,
                                      enable_thinking=enable_thinking)["input_ids"]
-  assert row.tokens.tolist() == expected
-  assert row.targets[:-1].tolist() == expected[1:]
-  assert (row.positions == np.arange(len(row))).all()
-  assert (row.branch_ids == 0).all() and (row.segment_ids == 1).all()
-  # The learned tokens are exactly the assistant contents and their <|im_end|>, found in the text.
-  text = tok.apply_chat_template(list(messages), tokenize=False, enable_thinking=enable_thinking)
-  enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
-  assert enc["input_ids"] == expected
-  spans, cursor = [], 0
-  for m in messages:
-    if m["role"] == "assistant":
-      start = text.index(m["content"] + "<|im_end|>", cursor)
-      cursor = start + len(m["content"]) + len("<|im_end|>")
-      spans.append((start, cursor))
-  inside = {i for i, (a, b) in enumerate(enc["offset_mapping"])
-            if any(s <= a and b <= e for s, e in spans)}
-  assert _learned_slots(row) == inside
-  assert sorted(set(row.label_ids[row.loss_mask == 1].tolist())) == [1, 2, 3]
+  assert row.tokens[row.branch_ids == 0].tolist() == expected
+  # Each turn's content + <|im_end|> is learned on exactly the generation prompt of its state.
+  eos = tok.eos_token_id
+  learned = 0
+  for k, index in enumerate(i for i, m in enumerate(messages) if m["role"] == "assistant"):
+    prompt = tok.apply_chat_template(list(messages[:index]), tokenize=True,
+                                     add_generation_prompt=True,
+                                     enable_thinking=enable_thinking)["input_ids"]
+    label = tok.encode(messages[index]["content"], add_special_tokens=False) + [eos]
+    slots = np.flatnonzero((row.label_ids == k + 1) & (row.loss_mask == 1))
+    assert row.targets[slots].tolist() == label
+    seen = _visible(row, slots[-1])
+    assert row.tokens[seen].tolist() + [row.targets[slots[-1]]] == prompt + label
+    assert row.positions[seen].tolist() == list(range(len(seen)))
+    assert slots.tolist() == seen[-len(label):].tolist()
+    learned += len(label)
+  assert row.loss_mask.sum() == learned
+  # Qwen3: the generation header carries an empty think block without thinking, history turns do
+  # not; the last assistant message renders with one. Labels whose headers differ are branches.
+  if enable_thinking:
+    assert stats["branches"] == (0 if ends_with_user else 1)
+  else:
+    assert stats["branches"] == (3 if ends_with_user else 2)
 
 
 def test_demo_template_is_qwen3(demo, qwen):
@@ -111,6 +117,8 @@ def _student_turn_trajectory(tok, student_ids, label):
 
 
 def test_student_turn_with_differing_label_is_a_branch(demo):
+  # With thinking on, the Qwen3 generation header equals the history header: the worked example
+  # of render's docstring, exactly.
   eot = demo.eos_token_id
   # Non-canonical ids (one token per character): the row must keep them, never re-tokenise.
   student_text = "catsrc"
@@ -118,7 +126,7 @@ def test_student_turn_with_differing_label_is_a_branch(demo):
   assert student_ids != demo.encode(student_text, add_special_tokens=False)
   label_ids = demo.encode("```bash\ngit diff\n```", add_special_tokens=False)
   traj = _student_turn_trajectory(demo, student_ids, Action(demo.decode(label_ids)))
-  (row,), stats = render.render(traj, demo, max_len=4096)
+  (row,), stats = render.render(traj, demo, max_len=4096, enable_thinking=True)
   assert stats["branches"] == 1
   branch = np.flatnonzero(row.branch_ids == 1)
   assert row.tokens[branch].tolist() == label_ids + [eot]
@@ -135,18 +143,51 @@ def test_student_turn_with_differing_label_is_a_branch(demo):
   assert row.targets[branch[:-1]].tolist() == label_ids[1:] + [eot]
   assert (row.label_ids[row.loss_mask == 1] == 1).all()
   # The main line without the branch is the conversation as executed.
-  expected = demo.apply_chat_template(list(traj.messages), tokenize=False)
-  main = row.tokens[row.branch_ids == 0].tolist()
-  assert demo.decode(main) == expected
+  expected = demo.apply_chat_template(list(traj.messages), tokenize=False, enable_thinking=True)
+  assert demo.decode(row.tokens[row.branch_ids == 0].tolist()) == expected
+
+
+def test_branch_starts_with_the_generation_header_rest(demo):
+  # Without thinking, the prompt the student was given ends with an empty think block that the
+  # history rendering lacks: the branch carries it (untrained), then the label (trained).
+  student_ids = demo.encode("```bash\nls\n```", add_special_tokens=False)
+  for label in (Action("```bash\ngit diff\n```"), Action(demo.decode(student_ids))):
+    traj = _student_turn_trajectory(demo, student_ids, label)
+    (row,), stats = render.render(traj, demo, max_len=4096, enable_thinking=False)
+    assert stats["branches"] == 1  # also when the label agrees: the headers differ
+    think = demo.encode("<think>\n\n</think>\n\n", add_special_tokens=False)
+    label_ids = demo.encode(label.text, add_special_tokens=False)
+    branch = np.flatnonzero(row.branch_ids == 1)
+    assert row.tokens[branch].tolist() == think + label_ids + [demo.eos_token_id]
+    assert np.flatnonzero(row.loss_mask).tolist() == list(range(branch[len(think) - 1],
+                                                                 branch[-1]))
+    assert demo.decode(row.tokens[:branch[0]].tolist()).endswith("<|im_start|>assistant\n")
+    prompt = render.prompt_ids(traj.messages[:2], [], demo, enable_thinking=False)
+    assert row.tokens[_visible(row, branch[-2])].tolist() == prompt + label_ids
 
 
 def test_student_turn_with_agreeing_label_is_trained_in_place(demo):
   ids = demo.encode("```bash\nls\n```", add_special_tokens=False)
   traj = _student_turn_trajectory(demo, ids, Action(demo.decode(ids), tuple(ids)))
-  (row,), stats = render.render(traj, demo, max_len=4096)
+  (row,), stats = render.render(traj, demo, max_len=4096, enable_thinking=True)
   assert stats["branches"] == 0 and (row.branch_ids == 0).all()
   start = row.tokens.tolist().index(ids[0], len(row) - len(ids) - 20)
-  assert sorted(_learned_slots(row)) == list(range(start, start + len(ids) + 1))
+  trained = np.flatnonzero(row.loss_mask)
+  assert (trained + 1).tolist() == list(range(start, start + len(ids) + 1))
+
+
+def test_prompt_ids_keep_exact_ids(demo, qwen):
+  ids = demo.convert_tokens_to_ids(list("catsrc"))
+  messages = MESSAGES[:2] + ({"role": "assistant", "content": "catsrc"},
+                             {"role": "user", "content": "out"})
+  prompt = render.prompt_ids(messages, [ids], demo)
+  text = demo.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True,
+                                  enable_thinking=False)
+  assert demo.decode(prompt) == text and prompt != demo.encode(text) and ids[0] in prompt
+  for thinking in (False, True):  # with text-only turns it is the real template's prompt
+    assert render.prompt_ids(MESSAGES[:4], [None], qwen, thinking) == qwen.apply_chat_template(
+        list(MESSAGES[:4]), tokenize=True, add_generation_prompt=True,
+        enable_thinking=thinking)["input_ids"]
 
 
 def test_student_ids_ending_with_eot_are_not_doubled(demo):

@@ -112,7 +112,7 @@ def shards_inspect(args: argparse.Namespace, config) -> int:
   if not 0 <= args.row < shard.rows:
     return _fail("inspect", f"--row {args.row}: the shard has rows 0..{shard.rows - 1}")
   try:
-    tok = (tokenizer_lib._load_dir(args.tokenizer) if args.tokenizer else
+    tok = (tokenizer_lib.load_tokenizer_dir(args.tokenizer) if args.tokenizer else
            tokenizer_lib.load_tokenizer(config.data, workdir=config.workdir))
     decode = lambda ids: tok.decode(ids)  # noqa: E731
   except tokenizer_lib.TokenizerError as e:

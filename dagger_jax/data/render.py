@@ -15,16 +15,25 @@ Attention: slot i sees slot j iff j <= i, same segment, and branch_ids[j] in (0,
 
 Rendering. The chat template renders the messages; its text between assistant contents (the
 "glue": system / user turns, then the assistant header) is tokenised, the assistant contents are
-the token ids from the record, and each content is followed by the end-of-turn token `<|im_end|>`:
+the token ids from the record, and each content is followed by the end-of-turn token `<|im_end|>`.
+The main line (branch 0) is thus `apply_chat_template(messages)`, with the exact ids. Each label is
+trained on exactly the prompt the policy was given at that state, `prompt_ids` (=
+`apply_chat_template(messages_before, add_generation_prompt=True)`, exact ids):
 
-- teacher-acted turn: content + end-of-turn are trained in place;
-- student-acted turn whose label agrees (same ids): the same, the student's tokens are trained;
-- student-acted turn whose label differs: the label + end-of-turn are inserted as a branch right
-  after the header, trained; then the student's exact ids + end-of-turn follow, untrained, at the
-  same positions as the branch;
-- student-acted turn without a label: context only.
+- the label is trained in place (its content + end-of-turn, in the main line) when it is the
+  executed content and the generation header equals the main line's header;
+- otherwise it becomes a branch that forks where the two headers part: the rest of the generation
+  header (context), then the label + end-of-turn (trained); the main line resumes at the fork with
+  its own header rest and the executed tokens (the student's exact ids), untrained.
+- a student turn without a label is context only.
 
-Worked example (header `H1 H2`, label `L1 L2`, student `S1`, end-of-turn `E`, next header `N`):
+With the Qwen3 template the headers part for `enable_thinking=False`: a generation prompt ends with
+`<|im_start|>assistant\n<think>\n\n</think>\n\n`, but earlier turns render without the empty think
+block, so every label except the last turn's is a branch. With `enable_thinking=True` the headers
+agree except on the last turn (whose history rendering has an empty think block).
+
+Worked example (shared header `H1 H2`, no header rest, label `L1 L2`, student `S1`, end-of-turn
+`E`, next header `N`):
 
     slot        ..  H1  H2 | L1  L2  E  | S1  E   N ..
     positions   ..  7   8  | 9   10  11 | 9   10  11
@@ -33,7 +42,8 @@ Worked example (header `H1 H2`, label `L1 L2`, student `S1`, end-of-turn `E`, ne
     loss_mask   ..  0   1  | 1   1   0  | 0   0   0
 
 `H2` predicts the label's first token; `E` of the branch predicts nothing; `S1` sees `H1 H2` but
-not the branch. Each label's loss is exactly that of the separate sequence `prefix + label`
+not the branch. With a generation-header rest `G1` the branch is `G1 L1 L2 E` and `G1` (untrained)
+predicts `L1`. Each label's loss is exactly that of the separate sequence `prompt + label + E`
 (`per_label_sequences`), at linear instead of quadratic token cost.
 
 Too long (`> max_len` slots): `too_long="drop"` drops the trajectory; `"split"` groups consecutive
@@ -92,12 +102,24 @@ class Row:
 
 @dataclasses.dataclass(frozen=True)
 class Pieces:
-  """A trajectory cut at the assistant contents: glue[k] precedes turn k's content."""
+  """A trajectory cut at the assistant contents: glue[k] precedes turn k's content.
+
+  The first `shared[k]` tokens of glue[k] are also the start of the generation prompt's header for
+  turn k; `gen_rest[k]` is the rest of that header (what the policy saw instead of
+  glue[k][shared[k]:]). With the Qwen3 template and `enable_thinking=False`, glue[k] ends with
+  `<|im_start|>assistant\n` and gen_rest[k] is `<think>\n\n</think>\n\n`.
+  """
   glue: list[list[int]]  # n_turns + 1 token lists; glue[-1] is what follows the last turn
+  shared: list[int]  # per turn: how many tokens of glue[k] the generation prompt shares
+  gen_rest: list[list[int]]  # per turn: the generation prompt's header after the shared part
   eot: list[int]  # the end-of-turn token(s)
   executed: list[list[int]]  # per turn: the executed content ids
   labels: list[list[int] | None]  # per turn: the trained content ids (None: nothing to train)
-  in_place: list[bool]  # per turn: the label is the executed content (trained in the main line)
+
+  def in_place(self, k: int) -> bool:
+    """Turn k's label is trained in the main line (same header, same content)."""
+    return (self.labels[k] == self.executed[k] and not self.gen_rest[k]
+            and self.shared[k] == len(self.glue[k]))
 
   def header_end(self) -> list[int]:
     """Main-line length up to (excluding) each turn's content."""
@@ -109,9 +131,9 @@ class Pieces:
     return out
 
   def branch_len(self, k: int) -> int:
-    if self.labels[k] is None or self.in_place[k]:
+    if self.labels[k] is None or self.in_place(k):
       return 0
-    return len(self.labels[k]) + len(self.eot)
+    return len(self.gen_rest[k]) + len(self.labels[k]) + len(self.eot)
 
 
 class _Builder:
@@ -143,12 +165,15 @@ class _Builder:
       self.last_main = self._push(t, self.next_pos, 0)
       self.next_pos += 1
 
-  def branch(self, ids: Sequence[int], label: int) -> None:
-    """A trained branch after the current main-line end; the main line resumes at its start."""
+  def branch(self, ids: Sequence[int], label: int, learn_from: int = 0) -> None:
+    """A branch after the current main-line end; the main line resumes at its start.
+
+    ids[learn_from:] are learned (ids[:learn_from] is the generation header: context only).
+    """
     self.branches += 1
     prev, pos = self.last_main, self.next_pos
-    for t in ids:
-      self._predict(prev, t, True, label)
+    for i, t in enumerate(ids):
+      self._predict(prev, t, i >= learn_from, label)
       prev = self._push(t, pos, self.branches)
       pos += 1
 
@@ -167,67 +192,117 @@ def _content_ids(action: Action, tokenizer: PreTrainedTokenizerBase, eos_id: int
   return ids[:-1] if ids and ids[-1] == eos_id else ids
 
 
+def _assistant_placeholders(messages) -> list[dict[str, str]]:
+  out, k = [], 0
+  for m in messages:
+    if m["role"] == "assistant":
+      out.append({"role": "assistant", "content": _SENTINEL.format(k)})
+      k += 1
+    else:
+      out.append(dict(m))
+  return out
+
+
+def _glue_texts(messages, n_assistant: int, tokenizer: PreTrainedTokenizerBase,
+                enable_thinking: bool, add_generation_prompt: bool, where: str) -> list[str]:
+  """The template's text between assistant contents (n_assistant + 1 pieces), each piece after
+  the first starting after the end-of-turn text."""
+  text = tokenizer.apply_chat_template(_assistant_placeholders(messages), tokenize=False,
+                                       enable_thinking=enable_thinking,
+                                       add_generation_prompt=add_generation_prompt)
+  parts = _SENTINEL_RE.split(text)  # glue0, "0", glue1, "1", ...
+  found = [int(p) for p in parts[1::2]]
+  if found != list(range(n_assistant)):
+    raise RenderError(f"{where}: the chat template did not render each assistant message exactly "
+                      f"once in order (found {found})")
+  eos = tokenizer.eos_token
+  glue = parts[0::2]
+  for j, g in enumerate(glue[1:]):
+    if not g.startswith(eos):
+      raise RenderError(f"{where}: the chat template does not end assistant turn {j} with the eos "
+                        f"token {eos!r} (got {g[:20]!r})")
+  return [glue[0]] + [g[len(eos):] for g in glue[1:]]
+
+
+def prompt_ids(messages: Sequence[dict[str, str]], assistant_ids: Sequence[Sequence[int] | None],
+               tokenizer: PreTrainedTokenizerBase, enable_thinking: bool = False) -> list[int]:
+  """The generation prompt for the next assistant turn, as token ids, exactly as rows see it.
+
+  That is `apply_chat_template(messages, add_generation_prompt=True)`, except that each earlier
+  assistant content is its given ids (the exact sampled ids; None = tokenise its text) followed
+  by the end-of-turn token. A row trains the label of this state on exactly these ids.
+  """
+  contents = [m["content"] for m in messages if m["role"] == "assistant"]
+  if len(assistant_ids) != len(contents):
+    raise ValueError(f"prompt_ids: {len(contents)} assistant messages but {len(assistant_ids)} "
+                     f"id lists")
+  glue = _glue_texts(messages, len(contents), tokenizer, enable_thinking, True, "prompt_ids")
+  eos_id = tokenizer.eos_token_id
+  ids = _encode(tokenizer, glue[0])
+  for j, content in enumerate(contents):
+    given = assistant_ids[j]
+    ids += (_encode(tokenizer, content) if given is None else list(given)) + [eos_id]
+    ids += _encode(tokenizer, glue[j + 1])
+  return ids
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+  n = 0
+  while n < min(len(a), len(b)) and a[n] == b[n]:
+    n += 1
+  return n
+
+
 def pieces(traj: Trajectory, tokenizer: PreTrainedTokenizerBase,
            enable_thinking: bool = False) -> Pieces:
   """Cuts the template rendering of `traj` at its assistant contents (see the module docstring)."""
-  messages, k = [], 0
-  for m in traj.messages:
-    if m["role"] == "assistant":
-      messages.append({"role": "assistant", "content": _SENTINEL.format(k)})
-      k += 1
-    else:
-      messages.append(dict(m))
-  text = tokenizer.apply_chat_template(messages, tokenize=False, enable_thinking=enable_thinking)
-  parts = _SENTINEL_RE.split(text)  # glue0, "0", glue1, "1", ...
-  found = [int(p) for p in parts[1::2]]
-  if found != list(range(len(traj.turns))):
-    raise RenderError(f"trajectory {traj.id}: the chat template did not render each assistant "
-                      f"message exactly once in order (found {found})")
-  eos = tokenizer.eos_token
-  glue_texts = parts[0::2]
-  for j, g in enumerate(glue_texts[1:]):
-    if not g.startswith(eos):
-      raise RenderError(f"trajectory {traj.id}: the chat template does not end assistant turn {j} "
-                        f"with the eos token {eos!r} (got {g[:20]!r})")
-  glue = [_encode(tokenizer, glue_texts[0])] + [_encode(tokenizer, g[len(eos):])
-                                                for g in glue_texts[1:]]
+  where = f"trajectory {traj.id}"
+  n = len(traj.turns)
+  glue_texts = _glue_texts(traj.messages, n, tokenizer, enable_thinking, False, where)
+  glue = [_encode(tokenizer, g) for g in glue_texts]
+  shared, gen_rest = [], []
+  for k, index in enumerate(traj.assistant_indices()):
+    # The prompt the policy saw at turn k: the conversation before it + the generation header.
+    gen = _glue_texts(traj.messages[:index], k, tokenizer, enable_thinking, True, where)
+    if gen[:k] != glue_texts[:k]:
+      raise RenderError(f"{where}: the chat template renders turns before {k} differently once "
+                        f"the conversation goes on; a shared prefix cannot hold both")
+    gen_ids = _encode(tokenizer, gen[k])
+    shared.append(_common_prefix(glue[k], gen_ids))
+    gen_rest.append(gen_ids[shared[-1]:])
   eos_id = tokenizer.eos_token_id
   vocab = len(tokenizer)
   for k, turn in enumerate(traj.turns):
     for name, action in (("action", turn.action), ("label", turn.label)):
       if action is not None and action.ids is not None and max(action.ids, default=0) >= vocab:
-        raise RenderError(f"trajectory {traj.id}: turns[{k}].{name}.ids has token id "
-                          f"{max(action.ids)} >= the tokenizer's {vocab} tokens (another "
-                          f"tokenizer?)")
-  executed, labels, in_place = [], [], []
+        raise RenderError(f"{where}: turns[{k}].{name}.ids has token id {max(action.ids)} >= "
+                          f"the tokenizer's {vocab} tokens (another tokenizer?)")
+  executed, labels = [], []
   for turn in traj.turns:
     ids = _content_ids(turn.action, tokenizer, eos_id)
     executed.append(ids)
     if turn.actor == "teacher":
       labels.append(ids)
-      in_place.append(True)
     elif turn.label is None:
       labels.append(None)
-      in_place.append(False)
     else:
-      label = _content_ids(turn.label, tokenizer, eos_id)
-      labels.append(label)
-      in_place.append(label == ids)
-  return Pieces(glue, [eos_id], executed, labels, in_place)
+      labels.append(_content_ids(turn.label, tokenizer, eos_id))
+  return Pieces(glue, shared, gen_rest, [eos_id], executed, labels)
 
 
 def _build(p: Pieces, trained: set[int], last_turn: int, with_tail: bool, pad_id: int,
            source: str) -> Row:
   """Main line through `last_turn` (and the trailing glue if asked); `trained` turns learn."""
   b = _Builder()
-  b.main(p.glue[0])
   for k in range(last_turn + 1):
     learn = k in trained
-    if learn and not p.in_place[k]:
-      b.branch(p.labels[k] + p.eot, label=k + 1)
-    b.main(p.executed[k] + p.eot, learned=learn and p.in_place[k], label=k + 1)
-    if k < last_turn or with_tail:
-      b.main(p.glue[k + 1])
+    b.main(p.glue[k][:p.shared[k]])
+    if learn and not p.in_place(k):
+      b.branch(p.gen_rest[k] + p.labels[k] + p.eot, label=k + 1, learn_from=len(p.gen_rest[k]))
+    b.main(p.glue[k][p.shared[k]:])
+    b.main(p.executed[k] + p.eot, learned=learn and p.in_place(k), label=k + 1)
+  if with_tail:
+    b.main(p.glue[last_turn + 1])
   return b.row(pad_id, source)
 
 
@@ -302,8 +377,8 @@ def per_label_sequences(traj: Trajectory, tokenizer: PreTrainedTokenizerBase,
                         enable_thinking: bool = False) -> list[Row]:
   """The naive alternative to branches: one row `prefix + label + end-of-turn` per trained label.
 
-  The prefix is the main line as executed; only the label is trained (label_ids = turn + 1). The
-  exactness test and the branch-packing benchmark compare against these.
+  The prefix is the generation prompt of turn k (`prompt_ids`: earlier turns as executed); only the
+  label is trained (label_ids = turn + 1). The exactness test and the benchmark compare to these.
   """
   p = pieces(traj, tokenizer, enable_thinking)
   out = []
@@ -311,10 +386,10 @@ def per_label_sequences(traj: Trajectory, tokenizer: PreTrainedTokenizerBase,
     if p.labels[k] is None:
       continue
     b = _Builder()
-    b.main(p.glue[0])
     for j in range(k):
+      b.main(p.glue[j])
       b.main(p.executed[j] + p.eot)
-      b.main(p.glue[j + 1])
+    b.main(p.glue[k][:p.shared[k]] + p.gen_rest[k])
     b.main(p.labels[k] + p.eot, learned=True, label=k + 1)
     out.append(b.row(tokenizer.pad_token_id, traj.id))
   return out

@@ -52,6 +52,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dagger_jax.data import render
 from dagger_jax.data.render import DTYPES, FIELDS, Row
 
 FORMAT = 1
@@ -212,8 +213,6 @@ def write_shard(out_dir: str, rows: Sequence[Row], *, round: int, data_config, p
 def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
                  round: int | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Renders trajectories (all of one round unless `round` is given) and writes one shard."""
-  from dagger_jax.data import render
-
   rows: list[Row] = []
   stats: collections.Counter = collections.Counter()
   rounds = set()

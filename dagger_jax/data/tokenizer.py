@@ -57,7 +57,8 @@ def qwen3_chat_template() -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_dir(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer_dir(path: str) -> PreTrainedTokenizerBase:
+  """A HF tokenizer directory, checked for what rendering needs (cached per path)."""
   try:
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
   except (OSError, ValueError) as e:
@@ -94,7 +95,7 @@ def tokenizer_dir(data_config, workdir: str | None = None) -> str:
 
 def load_tokenizer(data_config, workdir: str | None = None) -> PreTrainedTokenizerBase:
   """The HF tokenizer named by `config.data.tokenizer` (cached per directory)."""
-  return _load_dir(os.path.abspath(tokenizer_dir(data_config, workdir)))
+  return load_tokenizer_dir(os.path.abspath(tokenizer_dir(data_config, workdir)))
 
 
 def train_demo_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1024
@@ -120,5 +121,5 @@ def train_demo_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1
   tok.chat_template = qwen3_chat_template()
   os.makedirs(out_dir, exist_ok=True)
   tok.save_pretrained(out_dir)
-  _load_dir.cache_clear()
-  return _load_dir(os.path.abspath(out_dir))
+  load_tokenizer_dir.cache_clear()
+  return load_tokenizer_dir(os.path.abspath(out_dir))
