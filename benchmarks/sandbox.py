@@ -5,8 +5,8 @@
 Per-command latency of the same `bash -lc COMMAND` (same environment, same working tree) run as a
 plain subprocess (the reference) and in a `BwrapSandbox`, measured alternately so load on the
 machine hits both alike, and the start of a fresh bubblewrap sandbox; then docker: container
-start (create + start + copy of the tree in) and one `exec` per command. Medians side by side; the last line is one JSON object. Target: bubblewrap
-adds <= 20 ms per command.
+start (create + start + copy of the tree in) and one `exec` per command. Medians side by side;
+the last line is one JSON object. Target: bubblewrap adds <= 20 ms per command.
 """
 
 from __future__ import annotations

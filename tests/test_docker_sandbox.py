@@ -95,9 +95,10 @@ def test_container_limits_and_no_network(image, client):
     r = sb.run("python3 -c 'x = bytearray(600 * 1024 ** 2); x[::4096] = b\"x\" * len(x[::4096])';"
                " echo rc=$?")
     assert "rc=137" in r.output  # OOM-killed at the memory limit
-    r = sb.run("python3 -c 'import subprocess\nps = []\ntry:\n  for _ in range(100): "
-               "ps.append(subprocess.Popen([\"sleep\", \"30\"]))\nexcept OSError: print(\"refused\")\n"
-               "print(len(ps))'")
+    sb.write_file("spawn.py", b"import subprocess\nps = []\ntry:\n  for _ in range(100):\n"
+                  b"    ps.append(subprocess.Popen(['sleep', '30']))\n"
+                  b"except OSError:\n  print('refused')\nprint(len(ps))\n")
+    r = sb.run("python3 spawn.py")
     assert r.output.startswith("refused") and int(r.output.split()[-1]) < 40
 
 

@@ -88,7 +88,8 @@ def build_base_image(tag: str, *, mirror: str, client=None) -> None:
         f"building {tag} needs root (debootstrap); run once as root: "
         f"`sudo python -c 'from dagger_jax.envs.images import ensure_base_image as e; e()'`")
   if shutil.which("debootstrap") is None:
-    raise ImageBuildError(f"building {tag} needs debootstrap: `sudo apt-get install -y debootstrap`")
+    raise ImageBuildError(
+        f"building {tag} needs debootstrap: `sudo apt-get install -y debootstrap`")
   work = tempfile.mkdtemp(prefix="dagger-jax-rootfs-")
   try:
     rootfs = os.path.join(work, "rootfs")
@@ -107,7 +108,8 @@ def build_base_image(tag: str, *, mirror: str, client=None) -> None:
     repository, _, version = tag.partition(":")
     client.api.import_image_from_file(
         tar_path, repository=repository, tag=version or "latest",
-        changes=["ENV LANG=C.UTF-8", "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        changes=["ENV LANG=C.UTF-8",
+                 "ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
                  "WORKDIR /", 'CMD ["bash"]', f"LABEL dagger-jax.image={tag}"])
     if not image_exists(tag, client):
       raise ImageBuildError(f"docker import of {tag} reported no error but the image is missing")

@@ -75,7 +75,8 @@ SANDBOX_ENV = {
 BWRAP_INSTALL_HINT = (
     "bubblewrap (`bwrap`) is not installed. Install it with `sudo apt-get install -y bubblewrap` "
     "(Debian/Ubuntu), `sudo dnf install -y bubblewrap` (Fedora) or `make sysdeps`; or run with "
-    "`--config.env.sandbox=docker`, or, with no isolation at all, `--config.env.sandbox=unsafe_local`.")
+    "`--config.env.sandbox=docker`, or, with no isolation at all, "
+    "`--config.env.sandbox=unsafe_local`.")
 
 
 class SandboxError(RuntimeError):
@@ -87,7 +88,8 @@ class SandboxLimits:
   """Per-command and per-sandbox resource limits.
 
   `max_output_chars` is the capture cap of the sandbox (memory safety), not what the agent sees:
-  the observation is cut further by `protocol.format_observation(output_limit=config.env.output_limit)`.
+  the observation is cut further by `protocol.format_observation(output_limit=...)` with
+  `config.env.output_limit`.
   """
   command_timeout: float = 30.0  # wall-clock seconds per command
   max_output_chars: int = 1_000_000
@@ -785,8 +787,9 @@ class DockerSandbox(Sandbox):
   """One container per sandbox; one `docker exec` of `bash -lc` per command.
 
   The container runs a reaping `bash` as PID 1 (it exits after `max_lifetime_s`) with
-  auto-removal, `--network none`, memory (no swap), CPU and pids limits. `host_workdir_to_copy_in` (e.g. a materialized task repo) is
-  copied to `workdir_in_container`; without it the image must already hold the tree there.
+  auto-removal, `--network none`, memory (no swap), CPU and pids limits.
+  `host_workdir_to_copy_in` (e.g. a materialized task repo) is copied to `workdir_in_container`;
+  without it the image must already hold the tree there.
   """
 
   def __init__(self, image: str, workdir_in_container: str = "/testbed",
@@ -806,7 +809,8 @@ class DockerSandbox(Sandbox):
       self._client.images.get(image)
     except docker.errors.ImageNotFound:
       raise SandboxError(f"docker image {image!r} not found locally (images are never pulled; "
-                         "build the base one with dagger_jax.envs.images.ensure_base_image)") from None
+                         "build the base one with dagger_jax.envs.images.ensure_base_image)"
+                         ) from None
     mem = f"{self.limits.memory_mb}m"
     container = self._client.containers.create(
         image, command=["bash", "-c", _DOCKER_INIT.format(
@@ -942,4 +946,5 @@ def make_sandbox(env_config: Any, host_workdir: str | None = None, *, image: str
     if host_workdir is None:
       raise ValueError("make_sandbox: config.env.sandbox=unsafe_local needs a host_workdir")
     return UnsafeLocalSandbox(host_workdir, limits)
-  raise ValueError(f"config.env.sandbox={kind!r}: must be one of ('bwrap', 'docker', 'unsafe_local')")
+  raise ValueError(f"config.env.sandbox={kind!r}: must be one of "
+                   "('bwrap', 'docker', 'unsafe_local')")

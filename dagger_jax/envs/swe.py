@@ -7,7 +7,8 @@
       text = policy(messages)
       step = env.step(text)       # parse one action, run it, format the observation
       if step.done: break         # submitted, too many format errors in a row, or max_turns
-      messages += [{"role": "assistant", "content": text}, {"role": "user", "content": step.observation}]
+      messages += [{"role": "assistant", "content": text},
+                   {"role": "user", "content": step.observation}]
     patch = env.submission()      # `git diff` of the working tree against base_commit
     result = env.grade()          # swebench-style grading in a fresh sandbox
     env.close()
