@@ -124,18 +124,58 @@ def attention_mask(segment_ids_bt: jax.Array, branch_ids_bt: jax.Array) -> jax.A
 class KVCache:
   """Keys/values of every layer for `s` slots, shared write index (prompts are left-padded).
 
-  k, v: [layers, b, s, k, h]; valid: [b, s] slot holds a real token; index: next slot to write.
+  k, v: one [b, k, s, h] array per layer (a tuple, so a decode step updates each layer's buffer
+  in place instead of re-stacking all layers; heads before slots, see `cached_attention`);
+  valid: [b, s] slot holds a real token; index: next slot to write.
   """
-  k: jax.Array
-  v: jax.Array
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   valid: jax.Array
   index: jax.Array
 
   @classmethod
   def zeros(cls, config: Qwen3Config, batch: int, slots: int) -> "KVCache":
-    shape = (config.num_layers, batch, slots, config.num_kv_heads, config.head_dim)
-    return cls(k=jnp.zeros(shape, config.jnp_dtype), v=jnp.zeros(shape, config.jnp_dtype),
+    shape = (batch, config.num_kv_heads, slots, config.head_dim)
+    layers = range(config.num_layers)
+    return cls(k=tuple(jnp.zeros(shape, config.jnp_dtype) for _ in layers),
+               v=tuple(jnp.zeros(shape, config.jnp_dtype) for _ in layers),
                valid=jnp.zeros((batch, slots), bool), index=jnp.zeros((), jnp.int32))
+
+
+def cached_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array,
+                     mask_b1ts: jax.Array) -> jax.Array:
+  """`Attention.attend` over keys/values in the cache layout [b, k, s, h].
+
+  (b, k) are the einsums' batch dimensions and (s, h) stay contiguous: for one query token
+  XLA:CPU runs this about 2.5x faster than the [b, s, k, h] layout.
+  """
+  b, t, n, h = q_btnh.shape
+  kv = k_bksh.shape[1]
+  q_bkgth = q_btnh.reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
+  scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth, k_bksh,
+                      preferred_element_type=jnp.float32) * (h ** -0.5)
+  scores = jnp.where(mask_b1ts[:, :, None], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
+  out_bkgth = jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh)
+  return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+
+
+def causal_prefill_attention(q_btnh: jax.Array, k_bkth: jax.Array, v_bkth: jax.Array,
+                             valid_bt: jax.Array, chunk: int = 128) -> jax.Array:
+  """Causal attention of a left-padded prompt over itself, skipping the masked-out upper blocks.
+
+  Queries go in chunks of `chunk`; the chunk [i, j) attends to keys [0, j) only (keys with
+  `valid_bt` False are masked), which for t = 4 * chunk does 10/16 of the full t x t work.
+  """
+  t = q_btnh.shape[1]
+  outs = []
+  for start in range(0, t, chunk):
+    end = min(start + chunk, t)
+    causal_qs = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
+    mask_b1qs = (valid_bt[:, None, :end] & causal_qs[None])[:, None]
+    outs.append(cached_attention(q_btnh[:, start:end], k_bkth[:, :, :end], v_bkth[:, :, :end],
+                                 mask_b1qs))
+  return jnp.concatenate(outs, axis=1)
 
 
 class Attention(nnx.Module):
@@ -180,12 +220,21 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x_btd, positions_bt)
     return self.output(self.attend(q, k, v, mask_b1tt))
 
-  def decode(self, x_btd, positions_bt, mask_b1ts, k_cache, v_cache, index):
+  def prefill(self, x_btd, positions_bt, valid_bt):
+    """Causal self-attention of a prompt -> (output [b, t, d], keys and values [b, k, t, h])."""
+    q, k, v = self.project_qkv(x_btd, positions_bt)
+    k_bkth, v_bkth = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
+    out = self.output(causal_prefill_attention(q, k_bkth, v_bkth, valid_bt))
+    return out, k_bkth, v_bkth
+
+  def decode(self, x_btd, positions_bt, mask_b1ts, k_bksh, v_bksh, index):
     """Writes this step's keys/values at slot `index` and attends over the whole cache."""
     q, k, v = self.project_qkv(x_btd, positions_bt)
-    k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, 1)
-    v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, 1)
-    return self.output(self.attend(q, k_cache, v_cache, mask_b1ts)), k_cache, v_cache
+    k_bksh = jax.lax.dynamic_update_slice_in_dim(
+        k_bksh, k.transpose(0, 2, 1, 3).astype(k_bksh.dtype), index, 2)
+    v_bksh = jax.lax.dynamic_update_slice_in_dim(
+        v_bksh, v.transpose(0, 2, 1, 3).astype(v_bksh.dtype), index, 2)
+    return self.output(cached_attention(q, k_bksh, v_bksh, mask_b1ts)), k_bksh, v_bksh
 
 
 class MLP(nnx.Module):
@@ -220,12 +269,16 @@ class Block(nnx.Module):
     x_btd = x_btd + self.mlp(self.post_attention_norm(x_btd))
     return constrain(x_btd, ("batch", "length", "embed"))
 
-  def decode(self, x_btd, positions_bt, mask_b1ts, k_cache, v_cache, index):
-    a, k_cache, v_cache = self.attn.decode(self.input_norm(x_btd), positions_bt, mask_b1ts,
-                                           k_cache, v_cache, index)
+  def prefill(self, x_btd, positions_bt, valid_bt):
+    a, k_bkth, v_bkth = self.attn.prefill(self.input_norm(x_btd), positions_bt, valid_bt)
     x_btd = x_btd + a
-    x_btd = x_btd + self.mlp(self.post_attention_norm(x_btd))
-    return x_btd, k_cache, v_cache
+    return x_btd + self.mlp(self.post_attention_norm(x_btd)), k_bkth, v_bkth
+
+  def decode(self, x_btd, positions_bt, mask_b1ts, k_bksh, v_bksh, index):
+    a, k_bksh, v_bksh = self.attn.decode(self.input_norm(x_btd), positions_bt, mask_b1ts,
+                                         k_bksh, v_bksh, index)
+    x_btd = x_btd + a
+    return x_btd + self.mlp(self.post_attention_norm(x_btd)), k_bksh, v_bksh
 
 
 class Qwen3(nnx.Module):
@@ -271,13 +324,37 @@ class Qwen3(nnx.Module):
     hidden_btd = self.final_norm(x_btd)
     return hidden_btd if return_hidden else self.unembed(hidden_btd)
 
+  def prefill(self, tokens_bt: jax.Array, positions_bt: jax.Array, valid_bt: jax.Array,
+              slots: int, *, return_hidden: bool = False) -> tuple[jax.Array, KVCache]:
+    """Runs a left-padded prompt into a fresh cache of `slots` >= t slots (then `decode`).
+
+    Equivalent to `decode(tokens_bt, positions_bt, valid_bt, KVCache.zeros(config, b, slots))`,
+    but attends over the prompt's own t keys with causal block skipping (see
+    `causal_prefill_attention`) instead of over all slots.
+    """
+    b, t = tokens_bt.shape
+    if slots < t:
+      raise ValueError(f"prefill: {slots} cache slots cannot hold a prompt of {t} tokens")
+    x_btd = self.embed(tokens_bt)
+    ks, vs = [], []
+    pad = ((0, 0), (0, 0), (0, slots - t), (0, 0))
+    for layer in self.layers:
+      x_btd, k_bkth, v_bkth = layer.prefill(x_btd, positions_bt, valid_bt)
+      ks.append(jnp.pad(k_bkth.astype(self.config.jnp_dtype), pad))
+      vs.append(jnp.pad(v_bkth.astype(self.config.jnp_dtype), pad))
+    hidden_btd = self.final_norm(x_btd)
+    valid_bs = jnp.pad(valid_bt, ((0, 0), (0, slots - t)))
+    cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid_bs, index=jnp.asarray(t, jnp.int32))
+    return (hidden_btd if return_hidden else self.unembed(hidden_btd)), cache
+
   def decode(self, tokens_bt: jax.Array, positions_bt: jax.Array, valid_bt: jax.Array,
-             cache: KVCache) -> tuple[jax.Array, KVCache]:
-    """Runs `t` new tokens (prefill: the whole left-padded prompt; decode: t = 1).
+             cache: KVCache, *, return_hidden: bool = False) -> tuple[jax.Array, KVCache]:
+    """Runs `t` new tokens (a prompt into an empty cache, or t = 1 per step after `prefill`).
 
     Tokens are written to slots `cache.index .. cache.index + t - 1`; `valid_bt` is False for
-    left padding. A query sees every valid slot up to its own. Returns logits [b, t, v] (float32)
-    and the updated cache.
+    left padding. A query sees every valid slot up to its own. Returns logits [b, t, v] (float32;
+    or the final hidden states [b, t, d] with `return_hidden`, so a prefill can unembed only its
+    last position) and the updated cache.
     """
     b, t = tokens_bt.shape
     s = cache.valid.shape[1]
@@ -287,11 +364,11 @@ class Qwen3(nnx.Module):
     mask_b1ts = mask_b1ts[:, None]
     x_btd = self.embed(tokens_bt)
     ks, vs = [], []
-    for i, layer in enumerate(self.layers):
-      x_btd, k_i, v_i = layer.decode(x_btd, positions_bt, mask_b1ts, cache.k[i], cache.v[i],
-                                     cache.index)
-      ks.append(k_i)
-      vs.append(v_i)
-    logits_btv = self.unembed(self.final_norm(x_btd))
-    new_cache = KVCache(k=jnp.stack(ks), v=jnp.stack(vs), valid=valid_bs, index=cache.index + t)
-    return logits_btv, new_cache
+    for layer, k_bksh, v_bksh in zip(self.layers, cache.k, cache.v):
+      x_btd, k_bksh, v_bksh = layer.decode(x_btd, positions_bt, mask_b1ts, k_bksh, v_bksh,
+                                           cache.index)
+      ks.append(k_bksh)
+      vs.append(v_bksh)
+    hidden_btd = self.final_norm(x_btd)
+    new_cache = KVCache(k=tuple(ks), v=tuple(vs), valid=valid_bs, index=cache.index + t)
+    return (hidden_btd if return_hidden else self.unembed(hidden_btd)), new_cache

@@ -1,0 +1,227 @@
+"""Batched KV-cache sampling from the Qwen3 student: one compiled program per shape bucket.
+
+    result = generate(model, [[5, 6, 7], [8, 9]], max_new_tokens=16, stop_token_ids=(2,))
+    result.tokens        # [[11, 2], [4, 4, ..., 4]]: new ids per prompt; a hit stop token is last
+    result.logprobs      # same shape: log-probability of each token (see `SampleResult`)
+    result.finish_reasons  # ["stop", "length"]
+
+How a call runs. Prompts are left-padded to a length bucket P (`length_buckets`), the batch is
+padded to a power of two B with dummy rows, and `max_new_tokens` is rounded up to a power of two
+N (the output buffer). The compiled program for (B, P, N, sampling mode) prefills a KV cache of
+P + N slots with the whole prompt, samples the first token from the last position, then runs a
+`lax.while_loop` of one-token decode steps that exits as soon as every row has produced a stop
+token or `max_new_tokens` tokens. Another call with the same buckets (any prompt lengths, batch
+size, temperature, top-k/top-p values, stop ids, seed, `max_new_tokens` up to N) reuses it.
+
+Positions: row i with prompt length L_i sits in slots P - L_i .. P - 1 with positions 0 .. L_i - 1
+(padding is masked out through `KVCache.valid`), and its n-th new token has position L_i + n, so a
+row's output does not depend on the padding around it.
+
+Randomness is stateless: the token at step n of row i uses `fold_in(fold_in(key(seed), n), i)`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dagger_jax.model.qwen3 import Qwen3
+
+DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
+_PAD = -1  # marks output slots after a row finished (never returned)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleResult:
+  """New tokens per prompt, in prompt order.
+
+  tokens[i]: the ids sampled for prompt i; when a stop token is hit it is included as the last
+    id. logprobs[i][j]: the log-probability of tokens[i][j] under the distribution it was drawn
+    from: with temperature > 0, the temperature-scaled, top-k and top-p filtered, renormalised
+    distribution; with greedy decoding (temperature 0), the model's plain softmax (temperature 1,
+    unfiltered), so the figure still says how sure the model was.
+  finish_reasons[i]: "stop" (ended on a stop token) or "length" (reached max_new_tokens).
+  """
+  tokens: list[list[int]]
+  logprobs: list[list[float]]
+  finish_reasons: list[str]
+
+
+def bucket(n: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= n; past the largest, the next multiple of the largest.
+
+  >>> bucket(300, (128, 256, 512)), bucket(1100, (128, 256, 512))
+  (512, 1536)
+  """
+  for b in sorted(buckets):
+    if b >= n:
+      return b
+  top = max(buckets)
+  return -(-n // top) * top
+
+
+def _pow2(n: int) -> int:
+  return 1 << max(n - 1, 0).bit_length()
+
+
+def filter_logits(logits_bv: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Array:
+  """Sets logits outside the top-k, then outside the top-p nucleus, to -inf.
+
+  `top_k` <= 0 keeps every token; the nucleus is the smallest set of most likely tokens whose
+  probability (renormalised over the top-k) reaches `top_p`; the most likely token always stays.
+  Tokens tied with the last kept one are kept too. Example: probabilities [.5, .3, .15, .05] with
+  top_k=3, top_p=0.7 -> the top-3 renormalise to [.53, .32, .16]; cumulative mass before each is
+  [0, .53, .84], so tokens 0 and 1 (mass before them < 0.7) are kept.
+  """
+  v = logits_bv.shape[-1]
+  sorted_bv = -jnp.sort(-logits_bv, axis=-1)  # descending
+  k = jnp.where(top_k > 0, jnp.minimum(top_k, v), v)
+  rank_v = jnp.arange(v)
+  sorted_bv = jnp.where(rank_v < k, sorted_bv, -jnp.inf)
+  probs_bv = jax.nn.softmax(sorted_bv, axis=-1)
+  mass_before_bv = jnp.cumsum(probs_bv, axis=-1) - probs_bv
+  kept_b = jnp.sum((mass_before_bv < top_p) & (rank_v < k), axis=-1)
+  threshold_b1 = jnp.take_along_axis(sorted_bv, jnp.maximum(kept_b, 1)[:, None] - 1, axis=-1)
+  return jnp.where(logits_bv >= threshold_b1, logits_bv, -jnp.inf)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Mode:
+  """The static part of the sampling settings (each combination compiles once per bucket)."""
+  greedy: bool
+  filtered: bool  # top-k or top-p is active
+
+
+def _sample(logits_bv, key, step, temperature, top_k, top_p, mode: _Mode):
+  """-> (token_b, logprob_b) for one decode step (see `SampleResult` for which logprob)."""
+  if mode.greedy:
+    token_b = jnp.argmax(logits_bv, axis=-1)
+    logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
+  else:
+    scaled_bv = logits_bv / temperature
+    if mode.filtered:
+      scaled_bv = filter_logits(scaled_bv, top_k, top_p)
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step),
+                                                       jnp.arange(logits_bv.shape[0]))
+    token_b = jax.vmap(jax.random.categorical)(row_keys, scaled_bv)
+    logp_bv = jax.nn.log_softmax(scaled_bv, axis=-1)
+  logprob_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
+  return token_b.astype(jnp.int32), logprob_b
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "mode"))
+def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, active_b, max_new_tokens,
+                     is_stop_v, temperature, top_k, top_p, key, *, buffer: int, mode: _Mode):
+  """Prefill + while-loop decode on padded arrays -> (tokens [b, buffer], logprobs [b, buffer]).
+
+  Output slots after a row finished (and every slot of an inactive row) hold _PAD.
+  """
+  model: Qwen3 = nnx.merge(graphdef, state)
+  b, p = tokens_bp.shape
+  pad_b = p - prompt_lens_b
+  slot_p = jnp.arange(p)
+  valid_bp = slot_p[None] >= pad_b[:, None]
+  positions_bp = jnp.maximum(slot_p[None] - pad_b[:, None], 0)
+  hidden_bpd, cache = model.prefill(tokens_bp, positions_bp, valid_bp, p + buffer,
+                                    return_hidden=True)
+  logits_bv = model.unembed(hidden_bpd[:, -1:])[:, 0]
+  sample = functools.partial(_sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
+                             mode=mode)
+
+  def record(n, token_b, logprob_b, done_b, out_tokens_bn, out_logprobs_bn):
+    """Writes step n's samples for rows still running; updates which rows are done."""
+    token_b = jnp.where(done_b, _PAD, token_b)
+    logprob_b = jnp.where(done_b, 0.0, logprob_b)
+    out_tokens_bn = out_tokens_bn.at[:, n].set(token_b)
+    out_logprobs_bn = out_logprobs_bn.at[:, n].set(logprob_b)
+    done_b = done_b | is_stop_v[jnp.maximum(token_b, 0)] | (n + 1 >= max_new_tokens)
+    return token_b, done_b, out_tokens_bn, out_logprobs_bn
+
+  token_b, logprob_b = sample(logits_bv, step=0)
+  token_b, done_b, out_tokens_bn, out_logprobs_bn = record(
+      0, token_b, logprob_b, ~active_b, jnp.full((b, buffer), _PAD, jnp.int32),
+      jnp.zeros((b, buffer), jnp.float32))
+
+  def cond(carry):
+    n, _, _, done_b, _, _ = carry
+    return (n < max_new_tokens) & ~jnp.all(done_b)
+
+  def body(carry):
+    n, cache, token_b, done_b, out_tokens_bn, out_logprobs_bn = carry
+    positions_b1 = (prompt_lens_b + n - 1)[:, None]
+    logits_b1v, cache = model.decode(jnp.maximum(token_b, 0)[:, None], positions_b1,
+                                     jnp.ones((b, 1), bool), cache)
+    new_b, logprob_b = sample(logits_b1v[:, 0], step=n)
+    new_b, done_b, out_tokens_bn, out_logprobs_bn = record(n, new_b, logprob_b, done_b,
+                                                           out_tokens_bn, out_logprobs_bn)
+    return n + 1, cache, new_b, done_b, out_tokens_bn, out_logprobs_bn
+
+  carry = (jnp.ones((), jnp.int32), cache, token_b, done_b, out_tokens_bn, out_logprobs_bn)
+  _, _, _, _, out_tokens_bn, out_logprobs_bn = jax.lax.while_loop(cond, body, carry)
+  return out_tokens_bn, out_logprobs_bn
+
+
+def compiled_programs() -> int:
+  """How many (bucket, mode) programs are compiled so far (tests use it to catch recompiles)."""
+  return _generate_padded._cache_size()
+
+
+def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+             temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
+             stop_token_ids: Sequence[int] = (), seed: int = 0,
+             length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS) -> SampleResult:
+  """Samples up to `max_new_tokens` new tokens for each prompt (a list of token-id lists).
+
+  temperature 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature)
+  restricted to the top-k (`top_k` > 0) and then the top-p nucleus (`top_p` < 1). A row stops
+  after the first token in `stop_token_ids` (which it includes) or after `max_new_tokens`.
+  """
+  vocab = model.config.vocab_size
+  if not prompts:
+    raise ValueError("generate: no prompts")
+  for i, prompt in enumerate(prompts):
+    if len(prompt) == 0:
+      raise ValueError(f"generate: prompt {i} is empty")
+    if min(prompt) < 0 or max(prompt) >= vocab:
+      raise ValueError(f"generate: prompt {i} has a token id outside [0, {vocab})")
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+  if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+                     f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+  if any(not 0 <= t < vocab for t in stop_token_ids):
+    raise ValueError(f"generate: stop_token_ids {list(stop_token_ids)} outside [0, {vocab})")
+
+  n = len(prompts)
+  b = _pow2(n)
+  p = bucket(max(len(x) for x in prompts), length_buckets)
+  tokens_bp = np.zeros((b, p), np.int32)
+  prompt_lens_b = np.ones((b,), np.int32)  # dummy rows: one token, never recorded
+  for i, prompt in enumerate(prompts):
+    tokens_bp[i, p - len(prompt):] = prompt
+    prompt_lens_b[i] = len(prompt)
+  is_stop_v = np.zeros((vocab,), bool)
+  is_stop_v[list(stop_token_ids)] = True
+  mode = _Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1)
+
+  graphdef, state = nnx.split(model)
+  out_tokens_bn, out_logprobs_bn = _generate_padded(
+      graphdef, state, tokens_bp, prompt_lens_b, np.arange(b) < n, np.int32(max_new_tokens),
+      is_stop_v, np.float32(temperature or 1.0), np.int32(top_k), np.float32(top_p),
+      jax.random.key(seed), buffer=max(_pow2(max_new_tokens), 8), mode=mode)
+  out_tokens_bn, out_logprobs_bn = jax.device_get((out_tokens_bn, out_logprobs_bn))
+
+  tokens, logprobs, reasons = [], [], []
+  for i in range(n):
+    length = int(np.sum(out_tokens_bn[i] != _PAD))
+    row = out_tokens_bn[i, :length].tolist()
+    tokens.append(row)
+    logprobs.append(out_logprobs_bn[i, :length].tolist())
+    reasons.append("stop" if row and is_stop_v[row[-1]] else "length")
+  return SampleResult(tokens=tokens, logprobs=logprobs, finish_reasons=reasons)

@@ -1,0 +1,232 @@
+"""The batched KV-cache sampler against transformers' `generate`, and its sampling rules.
+
+The reference is a random tiny transformers Qwen3ForCausalLM (fp32, CPU), saved with
+transformers and loaded into Flax by `hf.load_pretrained`: greedy decoding of a left-padded batch
+with different prompt lengths must equal `generate(do_sample=False)` token for token.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+
+from dagger_jax.model import hf, sampler
+from dagger_jax.model.qwen3 import KVCache
+
+VOCAB = 512
+BUCKETS = (16, 32)  # small prompt-length buckets keep compiles cheap
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+  """(transformers model, the same weights as our Qwen3)."""
+  torch.manual_seed(0)
+  config = transformers.Qwen3Config(
+      vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+      num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10_000.0,
+      rms_norm_eps=1e-6, max_position_embeddings=256, tie_word_embeddings=True,
+      # 0.1, not 0.02: logits spread over several units, so greedy choices are not near-ties.
+      initializer_range=0.1, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+  reference = transformers.Qwen3ForCausalLM(config).eval()
+  with torch.no_grad():
+    for name, p in reference.named_parameters():
+      if "norm" in name:
+        p.copy_(1.0 + 0.5 * torch.randn_like(p))
+  path = str(tmp_path_factory.mktemp("hf_tiny"))
+  reference.save_pretrained(path)
+  return reference, hf.load_pretrained(path)
+
+
+def prompts_of(lengths, seed=0):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(3, VOCAB, n).tolist() for n in lengths]
+
+
+def hf_greedy(reference, prompts, max_new_tokens, eos=None):
+  """transformers' batched greedy generate on left-padded prompts -> (new ids per row, scores)."""
+  t = max(map(len, prompts))
+  ids = torch.zeros((len(prompts), t), dtype=torch.long)
+  mask = torch.zeros_like(ids)
+  for i, p in enumerate(prompts):
+    ids[i, t - len(p):] = torch.tensor(p)
+    mask[i, t - len(p):] = 1
+  with torch.inference_mode():
+    out = reference.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=0, output_logits=True,
+                             return_dict_in_generate=True)
+  new = out.sequences[:, t:].tolist()
+  rows = []
+  for row in new:  # cut after the first eos (transformers pads the rest)
+    rows.append(row[:row.index(eos) + 1] if eos is not None and eos in row else row)
+  logits = torch.stack(out.logits, dim=1).numpy()  # [b, steps, v]
+  return rows, logits
+
+
+def test_greedy_equals_transformers_generate(pair):
+  reference, model = pair
+  prompts = prompts_of((3, 17, 9, 1, 12))  # 5 rows: padded to a batch bucket of 8
+  want, logits = hf_greedy(reference, prompts, max_new_tokens=24)
+  top2 = np.sort(logits, axis=-1)[..., -2:]
+  assert np.min(top2[..., 1] - top2[..., 0]) > 1e-3, "near-tie in the reference: pick another seed"
+  assert len({tuple(r) for r in want}) == len(want)  # rows differ, so a row mix-up would show
+
+  got = sampler.generate(model, prompts, max_new_tokens=24, length_buckets=BUCKETS)
+  assert got.tokens == want
+  assert got.finish_reasons == ["length"] * len(prompts)
+  # Greedy logprobs are under the model's plain softmax (SampleResult): check against transformers.
+  want_logp = [[float(torch.log_softmax(torch.from_numpy(logits[i, j]), -1)[tok])
+                for j, tok in enumerate(row)] for i, row in enumerate(want)]
+  np.testing.assert_allclose(np.array(got.logprobs), np.array(want_logp), atol=1e-4)
+
+
+def test_stop_token_ends_its_row_and_is_included(pair):
+  reference, model = pair
+  prompts = prompts_of((5, 11, 8), seed=1)
+  free, _ = hf_greedy(reference, prompts, max_new_tokens=20)
+  stop = free[1][6]  # a token row 1 produces at step 6 (it may also occur in other rows)
+  want, _ = hf_greedy(reference, prompts, max_new_tokens=20, eos=stop)
+  got = sampler.generate(model, prompts, max_new_tokens=20, stop_token_ids=[stop],
+                         length_buckets=BUCKETS)
+  assert got.tokens == want
+  assert got.tokens[1][-1] == stop and len(got.tokens[1]) <= 7
+  assert got.finish_reasons == ["stop" if row[-1] == stop else "length" for row in want]
+
+
+def test_max_new_tokens_and_padding_invariance(pair):
+  _, model = pair
+  prompts = prompts_of((4, 20, 7), seed=2)
+  batch = sampler.generate(model, prompts, max_new_tokens=5, length_buckets=BUCKETS)
+  assert [len(r) for r in batch.tokens] == [5, 5, 5]
+  for prompt, row in zip(prompts, batch.tokens):  # alone: another batch and prompt bucket
+    assert sampler.generate(model, [prompt], max_new_tokens=5, length_buckets=(32,)).tokens == [row]
+
+
+def test_same_bucket_does_not_recompile(pair):
+  _, model = pair
+  # max_new_tokens 33..64 share the 64-token buffer, which no other test here uses.
+  prompts = prompts_of((5, 9, 14), seed=3)
+  sampler.generate(model, prompts, max_new_tokens=40, length_buckets=BUCKETS)
+  compiled = sampler.compiled_programs()
+  # Other prompt lengths (same 16-bucket), batch 4 (same batch bucket), max_new_tokens 64 (same
+  # buffer), other stop ids and seed: the same program.
+  sampler.generate(model, prompts_of((2, 16, 7, 11), seed=4), max_new_tokens=64,
+                   stop_token_ids=[5, 6], seed=9, length_buckets=BUCKETS)
+  assert sampler.compiled_programs() == compiled
+  # Sampling with other temperature / top-k / top-p values shares one program.
+  for temperature, top_k, top_p in ((0.7, 5, 0.9), (1.3, 50, 0.5)):
+    sampler.generate(model, prompts, max_new_tokens=40, temperature=temperature, top_k=top_k,
+                     top_p=top_p, length_buckets=BUCKETS)
+  assert sampler.compiled_programs() == compiled + 1
+  # A longer prompt (next length bucket) compiles a new program.
+  sampler.generate(model, prompts_of((20, 3)), max_new_tokens=40, length_buckets=BUCKETS)
+  assert sampler.compiled_programs() == compiled + 2
+
+
+def next_token_logits(model, prompt):
+  return np.asarray(_forward(model, jnp.asarray([prompt]))[0, -1])
+
+
+def test_sampling_is_seeded_and_filters_apply(pair):
+  _, model = pair
+  prompts = prompts_of((6, 13), seed=5)
+  kw = dict(max_new_tokens=12, temperature=1.0, length_buckets=BUCKETS)
+  a = sampler.generate(model, prompts, seed=1, **kw)
+  assert sampler.generate(model, prompts, seed=1, **kw) == a
+  assert sampler.generate(model, prompts, seed=2, **kw).tokens != a.tokens
+  greedy = sampler.generate(model, prompts, max_new_tokens=12, length_buckets=BUCKETS)
+  top1 = sampler.generate(model, prompts, top_k=1, seed=3, **kw)
+  assert top1.tokens == greedy.tokens
+  np.testing.assert_allclose(np.array(top1.logprobs), 0.0, atol=1e-6)  # a one-token distribution
+  nucleus = sampler.generate(model, prompts, top_p=1e-6, seed=3, **kw)
+  assert nucleus.tokens == greedy.tokens
+
+
+def test_sampled_distribution_and_logprobs(pair):
+  """One new token for 256 copies of a prompt at temperature 2, top-k 20, top-p 0.8: every token
+  is in the nucleus computed here in numpy, its logprob is that of the renormalised nucleus, and
+  the frequencies match the nucleus probabilities."""
+  _, model = pair
+  prompt = prompts_of((10,), seed=6)[0]
+  temperature, top_k, top_p, n = 2.0, 20, 0.8, 256
+  out = sampler.generate(model, [prompt] * n, max_new_tokens=1, temperature=temperature,
+                         top_k=top_k, top_p=top_p, seed=0, length_buckets=BUCKETS)
+  logits = next_token_logits(model, prompt).astype(np.float64) / temperature
+  order = np.argsort(-logits)[:top_k]
+  p = np.exp(logits[order] - logits[order].max())
+  p /= p.sum()
+  kept = int(np.sum(np.cumsum(p) - p < top_p))
+  nucleus = {int(t): q for t, q in zip(order[:kept], p[:kept] / p[:kept].sum())}
+  assert 2 <= len(nucleus) < top_k  # both filters matter for this prompt
+  tokens = [row[0] for row in out.tokens]
+  assert set(tokens) <= set(nucleus)
+  for row, logp in zip(out.tokens, out.logprobs):
+    assert logp[0] == pytest.approx(math.log(nucleus[row[0]]), abs=1e-4)
+  for t, q in nucleus.items():  # binomial counts within 4.5 standard deviations
+    assert abs(tokens.count(t) - n * q) <= 4.5 * math.sqrt(n * q * (1 - q)) + 1
+
+
+def test_filter_logits_docstring_example():
+  logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
+  out = sampler.filter_logits(logits, jnp.int32(3), jnp.float32(0.7))
+  assert np.isfinite(np.asarray(out)).tolist() == [[True, True, False, False]]
+  everything = sampler.filter_logits(logits, jnp.int32(0), jnp.float32(1.0))
+  assert np.isfinite(np.asarray(everything)).all()
+
+
+def assert_close_rel(got, want, rel: float = 1e-5) -> None:
+  """max |got - want| <= rel * max |want| (fp32 parity, relative to the logit scale)."""
+  err, scale = np.abs(np.asarray(got) - np.asarray(want)).max(), np.abs(np.asarray(want)).max()
+  assert err <= rel * scale, f"max abs diff {err:.3e} > {rel} * max |ref| {scale:.3e}"
+
+
+_forward = nnx.jit(lambda m, x: m(x))
+_prefill = nnx.jit(lambda m, x, pos, ok, slots: m.prefill(x, pos, ok, slots), static_argnums=4)
+_decode = nnx.jit(lambda m, x, pos, ok, cache: m.decode(x, pos, ok, cache))
+
+
+def test_prefill_then_decode_equals_full_forward(pair):
+  """`Qwen3.prefill` (causal block skipping over the prompt) + one-token `decode` steps give the
+  logits of the plain forward pass of each unpadded sequence; prompts span two query chunks."""
+  _, model = pair
+  lengths, steps, t = (150, 37), 3, 160
+  seqs = prompts_of([n + steps for n in lengths], seed=7)
+  tokens = np.zeros((2, t), np.int32)
+  valid = np.zeros((2, t), bool)
+  positions = np.zeros((2, t), np.int32)
+  for i, n in enumerate(lengths):
+    tokens[i, t - n:], valid[i, t - n:], positions[i, t - n:] = seqs[i][:n], True, np.arange(n)
+  tokens, positions, valid = map(jnp.asarray, (tokens, positions, valid))
+  logits, cache = _prefill(model, tokens, positions, valid, t + steps)
+  full = [np.asarray(_forward(model, jnp.asarray([s]))[0]) for s in seqs]
+  for i, n in enumerate(lengths):
+    assert_close_rel(np.asarray(logits)[i, t - n:], full[i][:n])
+  same, _ = _decode(model, tokens, positions, valid, KVCache.zeros(model.config, 2, t + steps))
+  valid = np.asarray(valid)  # (outputs at padding positions are never used)
+  assert_close_rel(np.asarray(logits)[valid], np.asarray(same)[valid])
+  for step in range(steps):
+    x = jnp.asarray([[s[n + step]] for s, n in zip(seqs, lengths)])
+    pos = jnp.asarray([[n + step] for n in lengths])
+    logits, cache = _decode(model, x, pos, jnp.ones((2, 1), bool), cache)
+    for i, n in enumerate(lengths):
+      assert_close_rel(np.asarray(logits)[i, 0], full[i][n + step])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "no prompts"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1, VOCAB]]), "prompt 0 has a token id outside"),
+    (dict(max_new_tokens=0), "max_new_tokens=0"),
+    (dict(temperature=-1.0), "temperature=-1.0"),
+    (dict(top_p=0.0), "top_p=0.0"),
+    (dict(stop_token_ids=[VOCAB]), "stop_token_ids"),
+])
+def test_bad_arguments_are_named(pair, kwargs, message):
+  _, model = pair
+  args = dict(prompts=[[1, 2, 3]], max_new_tokens=4) | kwargs
+  with pytest.raises(ValueError, match=message):
+    sampler.generate(model, **args)
