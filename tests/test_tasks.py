@@ -197,3 +197,16 @@ def test_patch_files():
   patch = ("diff --git a/x.py b/x.py\n--- a/x.py\n+++ b/x.py\n"
            "diff --git a/tests/t.py b/tests/t.py\nnew file mode 100644\n")
   assert T.patch_files(patch) == ["x.py", "tests/t.py"]
+
+
+def test_plain_swebench_rows_get_a_source_from_a_template(tmp_path, toy_tasks):
+  row = {k: toy_tasks[0][k] for k in T.REQUIRED_FIELDS}
+  row["instance_id"] = "astropy__astropy-12907"
+  (tmp_path / "t.jsonl").write_text(json.dumps(row) + "\n")
+  with pytest.raises(T.TaskError, match="no repository source"):
+    T.load_tasks(str(tmp_path / "t.jsonl"))
+  [t] = T.load_tasks(str(tmp_path / "t.jsonl"),
+                     image_template="swebench/sweb.eval.x86_64.{docker_id}:latest")
+  assert t["image"] == "swebench/sweb.eval.x86_64.astropy_1776_astropy-12907:latest"
+  [t] = T.load_tasks(str(tmp_path / "t.jsonl"), repo_template="clones/{repo}")
+  assert t["repo_dir"] == str(tmp_path / "clones" / row["repo"])

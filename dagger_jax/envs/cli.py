@@ -66,8 +66,20 @@ def tasks_generate(args: argparse.Namespace, config: ml_collections.ConfigDict) 
   return 0
 
 
+def _source_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--image-template", default="", help="for rows without a repository "
+                      "source: docker image, e.g. 'swebench/sweb.eval.x86_64.{docker_id}:latest'")
+  parser.add_argument("--repo-template", default="", help="for rows without a repository "
+                      "source: local clone holding base_commit, e.g. '/data/clones/{repo}'")
+
+
+def _load(args: argparse.Namespace, path: str) -> list[dict]:
+  return T.load_tasks(path, image_template=args.image_template, repo_template=args.repo_template)
+
+
 def tasks_validate_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("file", help="tasks file (.jsonl, .json or .parquet)")
+  _source_args(parser)
   parser.add_argument("--instance", action="append", default=None,
                       help="only this instance id (repeatable)")
   parser.add_argument("--workers", type=int, default=1, help="tasks graded at once")
@@ -84,7 +96,7 @@ def tasks_validate(args: argparse.Namespace, config: ml_collections.ConfigDict) 
   Exit status 0 iff every gold patch resolves its task and no empty patch does.
   """
   try:
-    tasks = T.load_tasks(args.file)
+    tasks = _load(args, args.file)
     if args.instance:
       tasks = [T.get_task(tasks, iid) for iid in args.instance]
   except T.TaskError as e:
@@ -135,6 +147,7 @@ def _first_failure(result: grading.GradeResult) -> str:
 def env_exec_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tasks", required=True, help="tasks file")
   parser.add_argument("--instance", required=True, help="instance id")
+  _source_args(parser)
   parser.add_argument("command", nargs="+", help="the bash command (after --)")
 
 
@@ -142,7 +155,7 @@ def env_exec(args: argparse.Namespace, config: ml_collections.ConfigDict) -> int
   """Runs one command as the agent's first action in a fresh episode; prints its observation."""
   from dagger_jax.envs import protocol, swe
   try:
-    task = T.get_task(T.load_tasks(args.tasks), args.instance)
+    task = T.get_task(_load(args, args.tasks), args.instance)
   except T.TaskError as e:
     print(f"env exec: {e}", file=sys.stderr)
     return 2

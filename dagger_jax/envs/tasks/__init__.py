@@ -90,42 +90,66 @@ def _check(task: Any, where: str) -> dict:
   return task
 
 
-def load_tasks(path: str) -> list[dict]:
+def load_tasks(path: str, *, image_template: str = "", repo_template: str = "") -> list[dict]:
   """Loads tasks from .jsonl, .json (a list, or {id: task}) or .parquet (swebench's loader).
 
-  `repo_dir` entries are resolved against the tasks file's folder (absolute in the result).
-  Duplicate instance ids are an error.
+  Records without a repository source (plain SWE-bench / SWE-Gym rows) get one from a template,
+  `image_template` first: e.g. "swebench/sweb.eval.x86_64.{docker_id}:latest" (fields
+  {instance_id}, {repo}, and {docker_id}: the id as swebench spells it in image names,
+  lower case with `__` -> `_1776_`), or `repo_template`, a local clone holding base_commit
+  (e.g. "/data/clones/{repo}"). `repo_dir` entries are resolved against the tasks file's folder
+  (absolute in the result). Duplicate instance ids are an error.
   """
+  records = _read_records(path)
+  for _, record in records:
+    if (image_template or repo_template) and isinstance(record, dict) and not any(
+        record.get(s) for s in _SOURCES):
+      iid = str(record.get("instance_id", ""))
+      fields = dict(instance_id=iid, repo=record.get("repo", ""),
+                    docker_id=iid.lower().replace("__", "_1776_"))
+      if image_template:
+        record["image"] = image_template.format(**fields)
+      else:
+        record["repo_dir"] = repo_template.format(**fields)
+  return _finish(path, [_check(r, where) for where, r in records])
+
+
+def _read_records(path: str) -> list[tuple[str, Any]]:
+  """(location for error messages, raw record) pairs of a tasks file."""
   if not os.path.isfile(path):
     raise TaskError(f"{path}: no such tasks file")
-  base = os.path.dirname(os.path.abspath(path))
-  tasks: list[dict] = []
+  records: list[tuple[str, Any]] = []
   if path.endswith(".jsonl"):
     with open(path, encoding="utf-8") as f:
       for n, line in enumerate(f, 1):
         if not line.strip():
           continue
         try:
-          record = json.loads(line)
+          records.append((f"{path}:{n}", json.loads(line)))
         except json.JSONDecodeError as e:
           raise TaskError(f"{path}:{n}: not valid JSON: {e}") from None
-        tasks.append(_check(record, f"{path}:{n}"))
   elif path.endswith(".json"):
     with open(path, encoding="utf-8") as f:
       try:
         data = json.load(f)
       except json.JSONDecodeError as e:
         raise TaskError(f"{path}: not valid JSON: {e}") from None
-    records = list(data.values()) if isinstance(data, dict) else data
-    if not isinstance(records, list):
+    data = list(data.values()) if isinstance(data, dict) else data
+    if not isinstance(data, list):
       raise TaskError(f"{path}: expected a list of tasks or an {{instance_id: task}} object")
-    tasks = [_check(r, f"{path}[{i}]") for i, r in enumerate(records)]
+    records = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
   elif path.endswith(".parquet"):
     from swebench.harness.utils import load_swebench_dataset
-    tasks = [_check(dict(r), f"{path}[{i}]")
-             for i, r in enumerate(load_swebench_dataset(path, split="train"))]
+    records = [(f"{path}[{i}]", dict(r))
+               for i, r in enumerate(load_swebench_dataset(path, split="train"))]
   else:
     raise TaskError(f"{path}: unknown tasks file type (use .jsonl, .json or .parquet)")
+  return records
+
+
+def _finish(path: str, tasks: list[dict]) -> list[dict]:
+  """Rejects duplicate ids; resolves relative `repo_dir`s against the tasks file's folder."""
+  base = os.path.dirname(os.path.abspath(path))
   seen: set[str] = set()
   for task in tasks:
     if task["instance_id"] in seen:
