@@ -300,3 +300,28 @@ def test_a_sandbox_that_cannot_start_says_why(tmp_path):
     work.rmdir()  # bwrap can no longer bind it
     with pytest.raises(SandboxError, match="could not start the sandbox(.|\n)*No such file"):
       sb.run("true")
+
+
+def test_state_left_by_a_killed_process_is_reaped(repo):
+  dead = subprocess.Popen(["true"])
+  dead.wait()  # its pid names the leftovers of a "killed" sandbox owner
+  stale_tmp = os.path.join(sbx.tempfile.gettempdir(), f"dagger-jax-bwrap-{dead.pid}-x1")
+  os.makedirs(os.path.join(stale_tmp, "tmp"))
+  mine = os.path.join(sbx.tempfile.gettempdir(), f"dagger-jax-bwrap-{os.getpid()}-x2")
+  os.makedirs(mine)
+  stale_cgroup = f"/sys/fs/cgroup/pids/dagger-jax-{dead.pid}-deadbeef"
+  try:
+    os.mkdir(stale_cgroup)
+  except OSError:
+    stale_cgroup = None  # no writable v1 pids hierarchy here
+  sbx._REAPED_DIRS.clear()
+  try:
+    with BwrapSandbox(str(repo)) as sb:
+      assert sb.run("echo ok").output == "ok\n"
+    assert not os.path.exists(stale_tmp)
+    assert os.path.exists(mine)  # a live process's state is left alone
+    if stale_cgroup is not None:
+      assert not os.path.exists(stale_cgroup)
+  finally:
+    sbx.shutil.rmtree(mine, ignore_errors=True)
+    sbx.shutil.rmtree(stale_tmp, ignore_errors=True)

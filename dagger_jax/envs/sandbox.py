@@ -39,6 +39,7 @@ import io
 import logging
 import math
 import os
+import re
 import select
 import shutil
 import signal
@@ -261,6 +262,44 @@ def _run_process(argv: list[str], *, timeout: float, max_output_chars: int,
                     duration_s=time.monotonic() - start, elided_chars=elided)
 
 
+_STALE_NAME = re.compile(r"^dagger-jax-(?:bwrap-|tmp-)?(\d+)-")
+_REAPED_DIRS: set[str] = set()
+
+
+def _reap_stale(parent: str, rmtree: bool) -> None:
+  """Once per process and folder: removes sandbox state dirs / cgroups that a SIGKILLed process
+  (named by the pid in their name) left behind."""
+  if parent in _REAPED_DIRS:
+    return
+  _REAPED_DIRS.add(parent)
+  try:
+    names = os.listdir(parent)
+  except OSError:
+    return
+  for name in names:
+    m = _STALE_NAME.match(name)
+    if m is None or _pid_alive(int(m.group(1))):
+      continue
+    path = os.path.join(parent, name)
+    if rmtree:
+      shutil.rmtree(path, ignore_errors=True)
+    else:
+      try:
+        os.rmdir(path)  # a cgroup whose processes are all gone
+      except OSError:
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:
+    return True
+  return True
+
+
 def _no_nul(command: str) -> str:
   """Commands are bash strings, which cannot hold NUL: drop them (as bash would ignore them)."""
   return command.replace("\0", "")
@@ -299,7 +338,7 @@ class UnsafeLocalSandbox(Sandbox):
     log.warning(msg)
     self.workdir = os.path.abspath(host_workdir)
     self.limits = limits or SandboxLimits()
-    self._tmp = tempfile.mkdtemp(prefix="dagger-jax-tmp-")
+    self._tmp = tempfile.mkdtemp(prefix=f"dagger-jax-tmp-{os.getpid()}-")
     self._env = dict(SANDBOX_ENV, HOME=self._tmp, TMPDIR=self._tmp)
     self._closed = False
 
@@ -356,7 +395,9 @@ class _Cgroup:
     made: list[str] = []
     try:
       for mount, own_path, files in plan:
-        d = os.path.join(mount, own_path.lstrip("/"), name)
+        parent = os.path.join(mount, own_path.lstrip("/"))
+        _reap_stale(parent, rmtree=False)
+        d = os.path.join(parent, name)
         os.mkdir(d)
         made.append(d)
         for fname, value in files.items():
@@ -542,7 +583,8 @@ class BwrapSandbox(Sandbox):
     self._closed = False
     self._lock = threading.Lock()  # one command at a time
     self._seq = 0
-    self._state = tempfile.mkdtemp(prefix="dagger-jax-bwrap-")
+    _reap_stale(tempfile.gettempdir(), rmtree=True)
+    self._state = tempfile.mkdtemp(prefix=f"dagger-jax-bwrap-{os.getpid()}-")
     self._tmp = os.path.join(self._state, "tmp")  # the sandbox's private /tmp
     self._io = os.path.join(self._state, "io")  # per-command output FIFOs
     self._empty = os.path.join(self._state, "empty")  # bound over files the sandbox must not read
@@ -725,16 +767,6 @@ def _docker_client():
     raise SandboxError(f"cannot reach the docker engine ({e}); is dockerd running? "
                        "(`docker info`; in CI: `bash .ci/start_dockerd.sh`)") from e
   return client
-
-
-def _pid_alive(pid: int) -> bool:
-  try:
-    os.kill(pid, 0)
-  except ProcessLookupError:
-    return False
-  except PermissionError:
-    return True
-  return True
 
 
 def reap_orphan_containers(client=None) -> list[str]:
