@@ -9,6 +9,7 @@ import filecmp
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
@@ -228,6 +229,18 @@ def test_sharded_model_exports_the_same(source, tmp_path):
   out = str(tmp_path / "export")
   hf.save_pretrained(ours, out)
   assert_same_tensors(path, out)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_table_covers_every_param_once(tied):
+  config = hf.config_from_hf(hf_config(tied).to_dict())
+  shapes = params_io.abstract_params(config)
+  model_paths = sorted(tuple(getattr(k, "key", k) for k in path)
+                       for path, _ in jax.tree_util.tree_flatten_with_path(shapes)[0])
+  table = hf.entries(config)
+  assert sorted(e.path for e in table) == model_paths
+  assert len({e.hf for e in table}) == len(table)
+  assert (hf.TIED_HEAD in {e.hf for e in table}) != tied
 
 
 # ----------------------------------------------------------------------------- config.json
