@@ -14,7 +14,8 @@ same shape [--batch, --max-len], so a step costs the same on either side and the
 one epoch is steps x median step time; `step_time_ratio` is per-label epoch time / branch epoch
 time. Step times are medians over --timed-steps steps per side, interleaved (the CPU is shared).
 `max_loss_diff` compares each label's mean loss on the branch rows with its separate sequence
-(over the first --loss-trajectories trajectories). The last line printed is one JSON object.
+(over the --loss-trajectories shortest trajectories). `pad_fraction` is the branch side's padding
+after first-fit packing. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ FIELDS = ("tokens", "targets", "positions", "segment_ids", "branch_ids", "loss_m
 def parse_args():
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("--quick", action="store_true", help="small sizes, under a minute")
-  p.add_argument("--trajectories", type=int, default=128)
+  p.add_argument("--trajectories", type=int, default=96)
   p.add_argument("--turns", type=int, default=30)
   p.add_argument("--min-turns", type=int, default=10)
   p.add_argument("--obs-tokens", type=int, default=100)
@@ -51,12 +52,15 @@ def parse_args():
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--timed-steps", type=int, default=3)
   p.add_argument("--loss-trajectories", type=int, default=2)
+  p.add_argument("--enable-thinking", action="store_true",
+                 help="Qwen3 thinking mode (config.data.enable_thinking); default off, where every "
+                      "label is a branch behind the generation prompt's empty think block")
   p.add_argument("--seed", type=int, default=0)
   args = p.parse_args()
   if args.quick:
-    args.trajectories, args.turns, args.min_turns = 192, 20, 4
-    args.obs_tokens, args.action_tokens, args.max_len = 12, 6, 1024
-    args.timed_steps, args.loss_trajectories = 5, 8
+    args.trajectories, args.turns, args.min_turns = 128, 20, 6
+    args.obs_tokens, args.action_tokens, args.max_len = 24, 8, 2048
+    args.timed_steps, args.loss_trajectories = 3, 4
   return args
 
 
@@ -117,11 +121,11 @@ def main():
       disagree_fraction=1.0, id=f"traj{i}") for i in range(args.trajectories)]
   branch_rows, label_rows, stats = [], [], {}
   for t in trajs:
-    rows, s = render.render(t, tok, args.max_len, too_long="split")
+    rows, s = render.render(t, tok, args.max_len, "split", args.enable_thinking)
     branch_rows += rows
     for k, v in s.items():
       stats[k] = stats.get(k, 0) + v
-    label_rows += render.per_label_sequences(t, tok)
+    label_rows += render.per_label_sequences(t, tok, args.enable_thinking)
   pad_id = tok.pad_token_id
   sides = {"branch": shards.pack_rows(branch_rows, args.max_len, pad_id),
            "per-label": shards.pack_rows(label_rows, args.max_len, pad_id)}
@@ -149,11 +153,13 @@ def main():
   median = {k: float(np.median(v)) for k, v in times.items()}
   epoch = {k: median[k] * steps[k] for k in sides}
 
-  subset = {t.id for t in trajs[:args.loss_trajectories]}
-  packed_losses = label_losses(nll_fn, model, [r for r in branch_rows if r.source in subset],
-                               args.max_len, pad_id, args.batch)
-  separate_losses = label_losses(nll_fn, model, [r for r in label_rows if r.source in subset],
-                                 args.max_len, pad_id, args.batch)
+  # The loss check runs on the shortest trajectories, packed into rows just long enough (cheap).
+  subset = {t.id for t in sorted(trajs, key=lambda t: len(t.turns))[:args.loss_trajectories]}
+  check = {"branch": [r for r in branch_rows if r.source in subset],
+           "per-label": [r for r in label_rows if r.source in subset]}
+  check_len = -(-max(len(r) for rows in check.values() for r in rows) // 128) * 128
+  packed_losses = label_losses(nll_fn, model, check["branch"], check_len, pad_id, args.batch)
+  separate_losses = label_losses(nll_fn, model, check["per-label"], check_len, pad_id, args.batch)
   assert sorted(packed_losses) == sorted(separate_losses)
   max_diff = max(abs(packed_losses[k] - separate_losses[k]) for k in separate_losses)
 
