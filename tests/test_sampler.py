@@ -5,9 +5,9 @@ transformers and loaded into Flax by `hf.load_pretrained`: greedy decoding of a 
 with different prompt lengths must equal `generate(do_sample=False)` token for token.
 """
 
+import json
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -15,8 +15,11 @@ import torch
 import transformers
 from flax import nnx
 
-from dagger_jax.model import hf, sampler
+from dagger_jax import cli, configlib
+from dagger_jax.data import tokenizer
+from dagger_jax.model import hf, params_io, sampler
 from dagger_jax.model.qwen3 import KVCache
+from dagger_jax.policies.jax_policy import prompt_ids
 
 VOCAB = 512
 BUCKETS = (16, 32)  # small prompt-length buckets keep compiles cheap
@@ -40,6 +43,21 @@ def pair(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("hf_tiny"))
   reference.save_pretrained(path)
   return reference, hf.load_pretrained(path)
+
+
+def assert_close_rel(got, want, rel: float = 1e-5) -> None:
+  """max |got - want| <= rel * max |want| (fp32 parity, relative to the logit scale)."""
+  err, scale = np.abs(np.asarray(got) - np.asarray(want)).max(), np.abs(np.asarray(want)).max()
+  assert err <= rel * scale, f"max abs diff {err:.3e} > {rel} * max |ref| {scale:.3e}"
+
+
+_forward = nnx.jit(lambda m, x: m(x))
+_prefill = nnx.jit(lambda m, x, pos, ok, slots: m.prefill(x, pos, ok, slots), static_argnums=4)
+_decode = nnx.jit(lambda m, x, pos, ok, cache: m.decode(x, pos, ok, cache))
+
+
+def next_token_logits(model, prompt):
+  return np.asarray(_forward(model, jnp.asarray([prompt]))[0, -1])
 
 
 def prompts_of(lengths, seed=0):
@@ -127,10 +145,6 @@ def test_same_bucket_does_not_recompile(pair):
   assert sampler.compiled_programs() == compiled + 2
 
 
-def next_token_logits(model, prompt):
-  return np.asarray(_forward(model, jnp.asarray([prompt]))[0, -1])
-
-
 def test_sampling_is_seeded_and_filters_apply(pair):
   _, model = pair
   prompts = prompts_of((6, 13), seed=5)
@@ -178,17 +192,6 @@ def test_filter_logits_docstring_example():
   assert np.isfinite(np.asarray(everything)).all()
 
 
-def assert_close_rel(got, want, rel: float = 1e-5) -> None:
-  """max |got - want| <= rel * max |want| (fp32 parity, relative to the logit scale)."""
-  err, scale = np.abs(np.asarray(got) - np.asarray(want)).max(), np.abs(np.asarray(want)).max()
-  assert err <= rel * scale, f"max abs diff {err:.3e} > {rel} * max |ref| {scale:.3e}"
-
-
-_forward = nnx.jit(lambda m, x: m(x))
-_prefill = nnx.jit(lambda m, x, pos, ok, slots: m.prefill(x, pos, ok, slots), static_argnums=4)
-_decode = nnx.jit(lambda m, x, pos, ok, cache: m.decode(x, pos, ok, cache))
-
-
 def test_prefill_then_decode_equals_full_forward(pair):
   """`Qwen3.prefill` (causal block skipping over the prompt) + one-token `decode` steps give the
   logits of the plain forward pass of each unpadded sequence; prompts span two query chunks."""
@@ -230,3 +233,55 @@ def test_bad_arguments_are_named(pair, kwargs, message):
   args = dict(prompts=[[1, 2, 3]], max_new_tokens=4) | kwargs
   with pytest.raises(ValueError, match=message):
     sampler.generate(model, **args)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def hf_dir_with_tokenizer(pair, tmp_path_factory):
+  """The reference model saved with transformers, plus a demo BPE tokenizer (vocab < 512)."""
+  reference, _ = pair
+  path = str(tmp_path_factory.mktemp("hf_tok"))
+  reference.save_pretrained(path)
+  tokenizer.train_demo_tokenizer(["hello world, a small corpus for a tiny tokenizer"] * 8, path,
+                                 vocab_size=300)
+  return path
+
+
+def test_cli_generate_text_prompt_matches_library(hf_dir_with_tokenizer, pair, capsys):
+  _, model = pair
+  path = hf_dir_with_tokenizer
+  code = cli.main(["generate", "--config", f"{configlib.REPO_ROOT}/configs/demo.py", "--ckpt", path,
+                   "--prompt", "hello world", "--max-new-tokens", "6", "--json"])
+  assert code == 0
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  tok = tokenizer.load_tokenizer_dir(path)
+  prompt = prompt_ids([{"role": "user", "content": "hello world"}], [], tok)
+  want = sampler.generate(model, [prompt], 6, stop_token_ids=[tok.eos_token_id])
+  assert row["prompt_ids"] == prompt
+  assert row["ids"] == want.tokens[0]
+  assert row["text"] == tok.decode(want.tokens[0], skip_special_tokens=False)
+  np.testing.assert_allclose(row["logprobs"], want.logprobs[0], rtol=1e-6)
+
+
+def test_cli_generate_ids_from_orbax_checkpoint(pair, tmp_path, capsys):
+  _, model = pair
+  ckpt = params_io.save_params(model, str(tmp_path / "ckpt"))
+  code = cli.main(["generate", "--config", f"{configlib.REPO_ROOT}/configs/demo.py", "--ckpt", ckpt,
+                   "--ids", "5 6 7", "--ids", "9", "--max-new-tokens", "4", "--stop-id", "3"])
+  assert code == 0
+  lines = capsys.readouterr().out.strip().splitlines()[-2:]
+  want = sampler.generate(model, [[5, 6, 7], [9]], 4, stop_token_ids=[3])
+  assert [list(map(int, line.split())) for line in lines] == want.tokens
+
+
+def test_cli_generate_names_bad_input(tmp_path, capsys):
+  demo = f"{configlib.REPO_ROOT}/configs/demo.py"
+  assert cli.main(["generate", "--config", demo, "--ids", "1 x"]) == 2
+  assert "--ids takes integers" in capsys.readouterr().err
+  assert cli.main(["generate", "--config", demo, "--ckpt", str(tmp_path / "nope"),
+                   "--ids", "1"]) == 1
+  assert "no such checkpoint directory" in capsys.readouterr().err
+  assert cli.main(["generate", "--config", demo]) == 2
+  assert "--prompt" in capsys.readouterr().err

@@ -22,16 +22,21 @@ Randomness is stateless: the token at step n of row i uses `fold_in(fold_in(key(
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
-from typing import Sequence
+import glob
+import json
+import os
+import sys
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dagger_jax.model.qwen3 import Qwen3
+from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 
 DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 _PAD = -1  # marks output slots after a row finished (never returned)
@@ -225,3 +230,112 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
     logprobs.append(out_logprobs_bn[i, :length].tolist())
     reasons.append("stop" if row and is_stop_v[row[-1]] else "length")
   return SampleResult(tokens=tokens, logprobs=logprobs, finish_reasons=reasons)
+
+
+# ----------------------------------------------------------------------------- CLI verb
+
+
+def load_model(ckpt: str | None, model_config: Any, seed: int) -> Qwen3:
+  """A HF checkpoint directory (config.json + safetensors), an Orbax params checkpoint (from
+  `import-hf` or the trainer), or, with no `ckpt`, a random model of `config.model`."""
+  from dagger_jax.model import hf, params_io  # noqa: PLC0415 (heavy; only the CLI needs them)
+  if not ckpt:
+    return Qwen3(Qwen3Config.from_config(model_config), rngs=nnx.Rngs(seed))
+  if glob.glob(os.path.join(ckpt, "*.safetensors")) and os.path.isfile(
+      os.path.join(ckpt, "config.json")):
+    return hf.load_pretrained(ckpt, param_dtype=model_config.param_dtype,
+                              dtype=model_config.dtype)
+  return params_io.load_params(ckpt)
+
+
+def _tokenizer_for(args: argparse.Namespace, config: Any, vocab_size: int):
+  """--tokenizer, else the checkpoint's own tokenizer files, else (for text prompts)
+  `config.data.tokenizer`; None for an ids-only run that names no tokenizer."""
+  from dagger_jax.data import tokenizer as tokenizers  # noqa: PLC0415
+  from dagger_jax.model import params_io  # noqa: PLC0415
+  tok = None
+  if args.tokenizer:
+    tok = tokenizers.load_tokenizer_dir(os.path.abspath(args.tokenizer))
+  for d in (() if tok else (args.ckpt, args.ckpt and params_io.hf_files_dir(args.ckpt))):
+    if d and os.path.isfile(os.path.join(d, "tokenizer.json")):
+      tok = tokenizers.load_tokenizer_dir(os.path.abspath(d))
+      break
+  if tok is None and args.prompt:
+    tok = tokenizers.load_tokenizer(config.data, workdir=config.workdir)
+  if tok is not None and len(tok) > vocab_size:
+    raise ValueError(f"the tokenizer ({tok.name_or_path}) has {len(tok)} tokens but the model's "
+                     f"vocab_size is {vocab_size}: use the tokenizer the model was trained with")
+  return tok
+
+
+def generate_cli_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--ckpt", metavar="DIR", default=None,
+                      help="HF checkpoint dir (config.json + safetensors) or Orbax params "
+                           "checkpoint (default: config.model.init_from; none: a random model)")
+  parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                      help="a prompt (repeat for a batch); sent as a user chat turn unless --raw")
+  parser.add_argument("--ids", action="append", default=[], metavar="'ID ID ...'",
+                      help="a prompt as space-separated token ids (repeat; needs no tokenizer)")
+  parser.add_argument("--raw", action="store_true",
+                      help="tokenise --prompt as it is, without the chat template")
+  parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                      help="HF tokenizer dir (default: the checkpoint's, else config.data.tokenizer)")
+  parser.add_argument("--max-new-tokens", type=int, default=None,
+                      help="default: config.sampler.max_new_tokens")
+  parser.add_argument("--temperature", type=float, default=None,
+                      help="0 = greedy (default: config.sampler.temperature)")
+  parser.add_argument("--top-p", type=float, default=None, help="default: config.sampler.top_p")
+  parser.add_argument("--top-k", type=int, default=None, help="default: config.sampler.top_k")
+  parser.add_argument("--stop-id", type=int, action="append", default=None,
+                      help="stop token id, repeatable (default: the tokenizer's end of turn)")
+  parser.add_argument("--seed", type=int, default=None, help="default: config.seed")
+  parser.add_argument("--json", action="store_true",
+                      help="print one JSON object per prompt (ids, logprobs, text, finish reason)")
+
+
+def generate_cli(args: argparse.Namespace, config: Any) -> int:
+  """`dagger-jax generate --ckpt DIR --prompt TEXT [...]`: sample and print, one per prompt."""
+  if not args.prompt and not args.ids:
+    print("dagger-jax generate: give at least one --prompt TEXT or --ids 'ID ID ...'",
+          file=sys.stderr)
+    return 2
+  s = config.sampler
+  try:
+    ids = [[int(x) for x in text.replace(",", " ").split()] for text in args.ids]
+  except ValueError:
+    print(f"dagger-jax generate: --ids takes integers separated by spaces; got {args.ids}",
+          file=sys.stderr)
+    return 2
+  from dagger_jax.data.tokenizer import TokenizerError  # noqa: PLC0415
+  from dagger_jax.model.hf import HFCheckpointError  # noqa: PLC0415
+  from dagger_jax.model.params_io import CheckpointError  # noqa: PLC0415
+  try:
+    args.ckpt = args.ckpt or config.model.init_from or None
+    model = load_model(args.ckpt, config.model, config.seed)
+    tok = _tokenizer_for(args, config, model.config.vocab_size)
+    if args.prompt:
+      from dagger_jax.policies.jax_policy import prompt_ids  # noqa: PLC0415
+      for text in args.prompt:
+        ids.append(tok.encode(text, add_special_tokens=False) if args.raw else
+                   prompt_ids([{"role": "user", "content": text}], [], tok,
+                              config.data.enable_thinking))
+    stop = args.stop_id if args.stop_id is not None else (
+        [tok.eos_token_id] if tok is not None else [])
+    result = generate(
+        model, ids, args.max_new_tokens or s.max_new_tokens,
+        temperature=s.temperature if args.temperature is None else args.temperature,
+        top_p=s.top_p if args.top_p is None else args.top_p,
+        top_k=s.top_k if args.top_k is None else args.top_k, stop_token_ids=stop,
+        seed=config.seed if args.seed is None else args.seed, length_buckets=s.length_buckets)
+  except (ValueError, OSError, TokenizerError, HFCheckpointError, CheckpointError) as e:
+    print(f"dagger-jax generate: {str(e).removeprefix('generate: ')}", file=sys.stderr)
+    return 1
+  for prompt, new, logprobs, reason in zip(ids, result.tokens, result.logprobs,
+                                           result.finish_reasons):
+    text = tok.decode(new, skip_special_tokens=False) if tok is not None else None
+    if args.json:
+      print(json.dumps({"prompt_ids": prompt, "ids": new, "logprobs": logprobs, "text": text,
+                        "finish_reason": reason}))
+    else:
+      print(text if text is not None else " ".join(map(str, new)))
+  return 0
