@@ -287,4 +287,9 @@ def test_format_row_marks_learned_and_branches():
          "branch_ids": np.array([0, 0, 1, 1, 0, 0]), "loss_mask": np.array([0, 1, 1, 0, 0, 0]),
          "label_ids": np.array([0, 1, 1, 0, 0, 0])}
   text = format_row(row, lambda ids: "".join(f"<{i}>" for i in ids))
-  assert text.endswith("<1><2>{{branch 1: <7><9>}}<5><9>")
+  assert text.endswith("<1><2>{{branch 1: [[<7><9>]]}}<5><9>")
+  row["tokens"][3] = 3  # a branch whose first token is context (a generation-header rest)
+  row["loss_mask"][1] = 0
+  row["targets"][2] = 3
+  assert format_row(row, lambda ids: "".join(f"<{i}>" for i in ids)).endswith(
+      "<1><2>{{branch 1: <7>[[<3>]]}}<5><9>")

@@ -5,8 +5,9 @@
     dagger-jax shards inspect runs/demo/shards/round_001 --config configs/demo.py [--row 3]
 
 `inspect` prints the manifest figures and one decoded row, segment by segment, with what is learned
-marked: `[[...]]` tokens trained in place, `{{branch N: ...}}` a teacher label inserted as a branch
-(trained), plain text = context only (prompts, observations, the student's own untrained actions).
+marked: `[[...]]` learned tokens, `{{branch N: ...}}` a branch (the rest of the generation prompt,
+then the teacher's label, learned), plain text = context only (prompts, observations, the
+student's own untrained actions after a branch).
 """
 
 from __future__ import annotations
@@ -66,8 +67,15 @@ def learned_slots(row: dict[str, np.ndarray]) -> np.ndarray:
   return learned
 
 
+def _runs(values: np.ndarray) -> list[tuple[int, int]]:
+  """[start, end) spans of equal consecutive values."""
+  cuts = np.flatnonzero(values[1:] != values[:-1]) + 1
+  bounds = [0, *cuts.tolist(), len(values)]
+  return list(zip(bounds[:-1], bounds[1:]))
+
+
 def format_row(row: dict[str, np.ndarray], decode) -> str:
-  """The row as text, segment by segment, learned spans and branches marked (module docstring)."""
+  """The row as text, segment by segment: `[[learned]]`, `{{branch N: ...}}` (module docstring)."""
   learned = learned_slots(row)
   out = []
   for s in np.unique(row["segment_ids"]):
@@ -77,20 +85,14 @@ def format_row(row: dict[str, np.ndarray], decode) -> str:
     branches = len(np.unique(row["branch_ids"][where])) - 1
     out.append(f"\n--- segment {s}: {len(where)} slots, {int(row['loss_mask'][where].sum())} "
                f"trained, {branches} branches ---\n")
-    start = where[0]
-    for i in list(where[1:]) + [None]:
-      key = lambda j: (row["branch_ids"][j], learned[j])  # noqa: E731
-      if i is not None and key(i) == key(start):
-        continue
-      end = where[-1] + 1 if i is None else i
-      branch, is_learned = key(start)
-      text = decode(row["tokens"][start:end].tolist())
-      if branch:
-        out.append(f"{{{{branch {branch}: {text}}}}}" if is_learned else
-                   f"{{{{branch {branch} (context): {text}}}}}")
-      else:
-        out.append(f"[[{text}]]" if is_learned else text)
-      start = i
+    for b0, b1 in _runs(row["branch_ids"][where]):
+      span = where[b0:b1]
+      parts = []
+      for l0, l1 in _runs(learned[span]):
+        text = decode(row["tokens"][span[l0:l1]].tolist())
+        parts.append(f"[[{text}]]" if learned[span[l0]] else text)
+      branch = row["branch_ids"][span[0]]
+      out.append(f"{{{{branch {branch}: {''.join(parts)}}}}}" if branch else "".join(parts))
   return "".join(out)
 
 
@@ -118,7 +120,7 @@ def shards_inspect(args: argparse.Namespace, config) -> int:
   except tokenizer_lib.TokenizerError as e:
     print(f"  (cannot load the tokenizer, showing token ids: {e})")
     decode = lambda ids: " ".join(map(str, ids)) + " "  # noqa: E731
-  print(f"\nrow {args.row}: [[learned in place]]  {{{{branch N: teacher label, learned}}}}  "
+  print(f"\nrow {args.row}: [[learned]]  {{{{branch N: generation header rest, [[label]]}}}}  "
         f"plain = context only")
   print(format_row(shard.row(args.row), decode))
   return 0
