@@ -1,1 +1,9 @@
+"""The data room: episodes -> token rows -> numpy shards -> batches.
 
+    trajectory.py  the episode record (JSON Lines, validated)
+    tokenizer.py   the real Qwen3 tokenizer, the demo BPE, or a tokenizer directory
+    render.py      trajectory -> rows with teacher labels as branches; `prompt_ids` for policies
+    shards.py      atomic shard writer, first-fit packing, the resumable `ShardReader`
+    cli.py         `dagger-jax shards build | inspect`
+    synthetic.py   random trajectories for tests and benchmarks
+"""
