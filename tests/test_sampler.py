@@ -52,7 +52,8 @@ def assert_close_rel(got, want, rel: float = 1e-5) -> None:
 
 
 _forward = nnx.jit(lambda m, x: m(x))
-_prefill = nnx.jit(lambda m, x, pos, ok, slots: m.prefill(x, pos, ok, slots), static_argnums=4)
+_prefill = nnx.jit(lambda m, x, pos, ok, slots, last_only=False:
+                   m.prefill(x, pos, ok, slots, last_only=last_only), static_argnums=(4, 5))
 _decode = nnx.jit(lambda m, x, pos, ok, cache: m.decode(x, pos, ok, cache))
 
 
@@ -194,7 +195,8 @@ def test_filter_logits_docstring_example():
 
 def test_prefill_then_decode_equals_full_forward(pair):
   """`Qwen3.prefill` (causal block skipping over the prompt) + one-token `decode` steps give the
-  logits of the plain forward pass of each unpadded sequence; prompts span two query chunks."""
+  logits of the plain forward pass of each unpadded sequence; prompts span two query chunks.
+  `last_only` gives the same last logits and the same cache."""
   _, model = pair
   lengths, steps, t = (150, 37), 3, 160
   seqs = prompts_of([n + steps for n in lengths], seed=7)
@@ -208,6 +210,10 @@ def test_prefill_then_decode_equals_full_forward(pair):
   full = [np.asarray(_forward(model, jnp.asarray([s]))[0]) for s in seqs]
   for i, n in enumerate(lengths):
     assert_close_rel(np.asarray(logits)[i, t - n:], full[i][:n])
+  last, last_cache = _prefill(model, tokens, positions, valid, t + steps, True)
+  assert_close_rel(np.asarray(last)[:, 0], np.asarray(logits)[:, -1])
+  for a, b in zip(last_cache.k + last_cache.v, cache.k + cache.v):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
   same, _ = _decode(model, tokens, positions, valid, KVCache.zeros(model.config, 2, t + steps))
   valid = np.asarray(valid)  # (outputs at padding positions are never used)
   assert_close_rel(np.asarray(logits)[valid], np.asarray(same)[valid])

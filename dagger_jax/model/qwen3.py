@@ -220,12 +220,18 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x_btd, positions_bt)
     return self.output(self.attend(q, k, v, mask_b1tt))
 
-  def prefill(self, x_btd, positions_bt, valid_bt):
-    """Causal self-attention of a prompt -> (output [b, t, d], keys and values [b, k, t, h])."""
+  def prefill(self, x_btd, positions_bt, valid_bt, last_only: bool = False):
+    """Causal self-attention of a prompt -> (output [b, t, d], keys and values [b, k, t, h]).
+
+    With `last_only` the output is the last position's only ([b, 1, d]).
+    """
     q, k, v = self.project_qkv(x_btd, positions_bt)
     k_bkth, v_bkth = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
-    out = self.output(causal_prefill_attention(q, k_bkth, v_bkth, valid_bt))
-    return out, k_bkth, v_bkth
+    if last_only:
+      out = cached_attention(q[:, -1:], k_bkth, v_bkth, valid_bt[:, None, None, :])
+    else:
+      out = causal_prefill_attention(q, k_bkth, v_bkth, valid_bt)
+    return self.output(out), k_bkth, v_bkth
 
   def decode(self, x_btd, positions_bt, mask_b1ts, k_bksh, v_bksh, index):
     """Writes this step's keys/values at slot `index` and attends over the whole cache."""
@@ -269,9 +275,10 @@ class Block(nnx.Module):
     x_btd = x_btd + self.mlp(self.post_attention_norm(x_btd))
     return constrain(x_btd, ("batch", "length", "embed"))
 
-  def prefill(self, x_btd, positions_bt, valid_bt):
-    a, k_bkth, v_bkth = self.attn.prefill(self.input_norm(x_btd), positions_bt, valid_bt)
-    x_btd = x_btd + a
+  def prefill(self, x_btd, positions_bt, valid_bt, last_only: bool = False):
+    a, k_bkth, v_bkth = self.attn.prefill(self.input_norm(x_btd), positions_bt, valid_bt,
+                                          last_only)
+    x_btd = (x_btd[:, -1:] if last_only else x_btd) + a
     return x_btd + self.mlp(self.post_attention_norm(x_btd)), k_bkth, v_bkth
 
   def decode(self, x_btd, positions_bt, mask_b1ts, k_bksh, v_bksh, index):
@@ -325,12 +332,15 @@ class Qwen3(nnx.Module):
     return hidden_btd if return_hidden else self.unembed(hidden_btd)
 
   def prefill(self, tokens_bt: jax.Array, positions_bt: jax.Array, valid_bt: jax.Array,
-              slots: int, *, return_hidden: bool = False) -> tuple[jax.Array, KVCache]:
+              slots: int, *, return_hidden: bool = False,
+              last_only: bool = False) -> tuple[jax.Array, KVCache]:
     """Runs a left-padded prompt into a fresh cache of `slots` >= t slots (then `decode`).
 
     Equivalent to `decode(tokens_bt, positions_bt, valid_bt, KVCache.zeros(config, b, slots))`,
     but attends over the prompt's own t keys with causal block skipping (see
-    `causal_prefill_attention`) instead of over all slots.
+    `causal_prefill_attention`) instead of over all slots. With `last_only`, returns the last
+    position's logits (or hidden state) only, [b, 1, ...]: what sampling the next token needs;
+    the last layer then runs its queries and MLP for that position alone (same cache).
     """
     b, t = tokens_bt.shape
     if slots < t:
@@ -338,8 +348,9 @@ class Qwen3(nnx.Module):
     x_btd = self.embed(tokens_bt)
     ks, vs = [], []
     pad = ((0, 0), (0, 0), (0, slots - t), (0, 0))
-    for layer in self.layers:
-      x_btd, k_bkth, v_bkth = layer.prefill(x_btd, positions_bt, valid_bt)
+    for i, layer in enumerate(self.layers):
+      last = last_only and i == len(self.layers) - 1
+      x_btd, k_bkth, v_bkth = layer.prefill(x_btd, positions_bt, valid_bt, last)
       ks.append(jnp.pad(k_bkth.astype(self.config.jnp_dtype), pad))
       vs.append(jnp.pad(v_bkth.astype(self.config.jnp_dtype), pad))
     hidden_btd = self.final_norm(x_btd)

@@ -133,9 +133,9 @@ def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, active_b, max_ne
   slot_p = jnp.arange(p)
   valid_bp = slot_p[None] >= pad_b[:, None]
   positions_bp = jnp.maximum(slot_p[None] - pad_b[:, None], 0)
-  hidden_bpd, cache = model.prefill(tokens_bp, positions_bp, valid_bp, p + buffer,
-                                    return_hidden=True)
-  logits_bv = model.unembed(hidden_bpd[:, -1:])[:, 0]
+  logits_b1v, cache = model.prefill(tokens_bp, positions_bp, valid_bp, p + buffer,
+                                    last_only=True)
+  logits_bv = logits_b1v[:, 0]
   sample = functools.partial(_sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
                              mode=mode)
 
