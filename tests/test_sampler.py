@@ -8,6 +8,8 @@ with different prompt lengths must equal `generate(do_sample=False)` token for t
 import json
 import math
 
+import jax
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -17,7 +19,7 @@ from flax import nnx
 
 from dagger_jax import cli, configlib
 from dagger_jax.data import tokenizer
-from dagger_jax.model import hf, params_io, sampler
+from dagger_jax.model import hf, params_io, sampler, sharding
 from dagger_jax.model.qwen3 import KVCache
 from dagger_jax.policies.jax_policy import prompt_ids
 
@@ -26,8 +28,8 @@ BUCKETS = (16, 32)  # small prompt-length buckets keep compiles cheap
 
 
 @pytest.fixture(scope="module")
-def pair(tmp_path_factory):
-  """(transformers model, the same weights as our Qwen3)."""
+def saved(tmp_path_factory):
+  """(transformers model, the directory it is saved in)."""
   torch.manual_seed(0)
   config = transformers.Qwen3Config(
       vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -42,6 +44,13 @@ def pair(tmp_path_factory):
         p.copy_(1.0 + 0.5 * torch.randn_like(p))
   path = str(tmp_path_factory.mktemp("hf_tiny"))
   reference.save_pretrained(path)
+  return reference, path
+
+
+@pytest.fixture(scope="module")
+def pair(saved):
+  """(transformers model, the same weights as our Qwen3)."""
+  reference, path = saved
   return reference, hf.load_pretrained(path)
 
 
@@ -116,13 +125,39 @@ def test_stop_token_ends_its_row_and_is_included(pair):
   assert got.finish_reasons == ["stop" if row[-1] == stop else "length" for row in want]
 
 
+def test_loop_exits_when_every_row_is_done(pair):
+  _, model = pair
+  prompts = prompts_of((4, 9), seed=9)
+  free = sampler.generate(model, prompts, max_new_tokens=30, length_buckets=BUCKETS)
+  assert free.steps == 30
+  stops = [free.tokens[0][2], free.tokens[1][4]]  # row 0 stops by step 3, row 1 by step 5
+  got = sampler.generate(model, prompts, max_new_tokens=30, stop_token_ids=stops,
+                         length_buckets=BUCKETS)
+  assert got.steps == max(map(len, got.tokens)) <= 5
+  assert got.finish_reasons == ["stop", "stop"]
+
+
 def test_max_new_tokens_and_padding_invariance(pair):
   _, model = pair
   prompts = prompts_of((4, 20, 7), seed=2)
   batch = sampler.generate(model, prompts, max_new_tokens=5, length_buckets=BUCKETS)
-  assert [len(r) for r in batch.tokens] == [5, 5, 5]
+  assert [len(r) for r in batch.tokens] == [5, 5, 5] and batch.steps == 5
   for prompt, row in zip(prompts, batch.tokens):  # alone: another batch and prompt bucket
     assert sampler.generate(model, [prompt], max_new_tokens=5, length_buckets=(32,)).tokens == [row]
+
+
+def test_sharded_model_samples_the_same(saved, pair):
+  """Params sharded over a 2x2x2 (data, fsdp, tensor) mesh of CPU devices, under `jax.set_mesh`
+  (so the model's activation constraints apply): the same tokens and logprobs."""
+  _, model = pair
+  mesh = sharding.make_mesh(2, 2, 2)
+  sharded = hf.load_pretrained(saved[1], mesh=mesh)
+  prompts = prompts_of((3, 17, 9, 1), seed=8)
+  want = sampler.generate(model, prompts, max_new_tokens=8, length_buckets=BUCKETS)
+  with jax.set_mesh(mesh):
+    got = sampler.generate(sharded, prompts, max_new_tokens=8, length_buckets=BUCKETS)
+  assert got.tokens == want.tokens
+  np.testing.assert_allclose(np.array(got.logprobs), np.array(want.logprobs), atol=1e-5)
 
 
 def test_same_bucket_does_not_recompile(pair):

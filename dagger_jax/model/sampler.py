@@ -52,10 +52,13 @@ class SampleResult:
     distribution; with greedy decoding (temperature 0), the model's plain softmax (temperature 1,
     unfiltered), so the figure still says how sure the model was.
   finish_reasons[i]: "stop" (ended on a stop token) or "length" (reached max_new_tokens).
+  steps: model steps the call ran (the prefill counts as one); the loop exits when every row is
+    done, so this is the longest row's length, not `max_new_tokens`.
   """
   tokens: list[list[int]]
   logprobs: list[list[float]]
   finish_reasons: list[str]
+  steps: int
 
 
 def bucket(n: int, buckets: Sequence[int]) -> int:
@@ -123,7 +126,8 @@ def _sample(logits_bv, key, step, temperature, top_k, top_p, mode: _Mode):
 @functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "mode"))
 def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, active_b, max_new_tokens,
                      is_stop_v, temperature, top_k, top_p, key, *, buffer: int, mode: _Mode):
-  """Prefill + while-loop decode on padded arrays -> (tokens [b, buffer], logprobs [b, buffer]).
+  """Prefill + while-loop decode on padded arrays -> (tokens [b, buffer], logprobs [b, buffer],
+  steps run).
 
   Output slots after a row finished (and every slot of an inactive row) hold _PAD.
   """
@@ -168,8 +172,8 @@ def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, active_b, max_ne
     return n + 1, cache, new_b, done_b, out_tokens_bn, out_logprobs_bn
 
   carry = (jnp.ones((), jnp.int32), cache, token_b, done_b, out_tokens_bn, out_logprobs_bn)
-  _, _, _, _, out_tokens_bn, out_logprobs_bn = jax.lax.while_loop(cond, body, carry)
-  return out_tokens_bn, out_logprobs_bn
+  steps, _, _, _, out_tokens_bn, out_logprobs_bn = jax.lax.while_loop(cond, body, carry)
+  return out_tokens_bn, out_logprobs_bn, steps
 
 
 def compiled_programs() -> int:
@@ -216,11 +220,11 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
   mode = _Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1)
 
   graphdef, state = nnx.split(model)
-  out_tokens_bn, out_logprobs_bn = _generate_padded(
+  out_tokens_bn, out_logprobs_bn, steps = _generate_padded(
       graphdef, state, tokens_bp, prompt_lens_b, np.arange(b) < n, np.int32(max_new_tokens),
       is_stop_v, np.float32(temperature or 1.0), np.int32(top_k), np.float32(top_p),
       jax.random.key(seed), buffer=max(_pow2(max_new_tokens), 8), mode=mode)
-  out_tokens_bn, out_logprobs_bn = jax.device_get((out_tokens_bn, out_logprobs_bn))
+  out_tokens_bn, out_logprobs_bn, steps = jax.device_get((out_tokens_bn, out_logprobs_bn, steps))
 
   tokens, logprobs, reasons = [], [], []
   for i in range(n):
@@ -229,7 +233,7 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
     tokens.append(row)
     logprobs.append(out_logprobs_bn[i, :length].tolist())
     reasons.append("stop" if row and is_stop_v[row[-1]] else "length")
-  return SampleResult(tokens=tokens, logprobs=logprobs, finish_reasons=reasons)
+  return SampleResult(tokens=tokens, logprobs=logprobs, finish_reasons=reasons, steps=int(steps))
 
 
 # ----------------------------------------------------------------------------- CLI verb
