@@ -220,6 +220,10 @@ def test_sampled_distribution_and_logprobs(pair):
     assert abs(tokens.count(t) - n * q) <= 4.5 * math.sqrt(n * q * (1 - q)) + 1
 
 
+def test_buckets():
+  assert [sampler.bucket(n, (16, 32)) for n in (1, 16, 17, 32, 33, 70)] == [16, 16, 32, 32, 64, 96]
+
+
 def test_filter_logits_docstring_example():
   logits = jnp.log(jnp.array([[0.5, 0.3, 0.15, 0.05]]))
   out = sampler.filter_logits(logits, jnp.int32(3), jnp.float32(0.7))

@@ -5,13 +5,16 @@
     result.logprobs      # same shape: log-probability of each token (see `SampleResult`)
     result.finish_reasons  # ["stop", "length"]
 
-How a call runs. Prompts are left-padded to a length bucket P (`length_buckets`), the batch is
-padded to a power of two B with dummy rows, and `max_new_tokens` is rounded up to a power of two
-N (the output buffer). The compiled program for (B, P, N, sampling mode) prefills a KV cache of
-P + N slots with the whole prompt, samples the first token from the last position, then runs a
-`lax.while_loop` of one-token decode steps that exits as soon as every row has produced a stop
-token or `max_new_tokens` tokens. Another call with the same buckets (any prompt lengths, batch
-size, temperature, top-k/top-p values, stop ids, seed, `max_new_tokens` up to N) reuses it.
+How a call runs. Prompts are left-padded to a length bucket P (the smallest of `length_buckets`
+that fits the longest prompt; past the largest, a multiple of it), the batch is padded to a power
+of two B with dummy rows, and `max_new_tokens` is rounded up to a power of two N >= 8 (the output
+buffer). The compiled program for (B, P, N, sampling mode) prefills a KV cache of P + N slots with
+the whole prompt, samples the first token from the last position, then runs a `lax.while_loop`
+of one-token decode steps that exits as soon as every row has produced a stop token or
+`max_new_tokens` tokens. Another call with the same buckets (any prompt lengths, batch size,
+temperature, top-k/top-p values, stop ids, seed, `max_new_tokens` up to N) reuses it; the
+sampling modes are greedy, sampling, and sampling with top-k/top-p. Nothing is donated: the
+cache lives and dies inside the program, and the params stay the caller's.
 
 Positions: row i with prompt length L_i sits in slots P - L_i .. P - 1 with positions 0 .. L_i - 1
 (padding is masked out through `KVCache.valid`), and its n-th new token has position L_i + n, so a
