@@ -29,8 +29,9 @@ trained on exactly the prompt the policy was given at that state, `prompt_ids` (
 
 With the Qwen3 template the headers part for `enable_thinking=False`: a generation prompt ends with
 `<|im_start|>assistant\n<think>\n\n</think>\n\n`, but earlier turns render without the empty think
-block, so every label except the last turn's is a branch. With `enable_thinking=True` the headers
-agree except on the last turn (whose history rendering has an empty think block).
+block, so every label is a branch except that of a conversation's final assistant message (rendered
+with the block). With `enable_thinking=True` it is the other way round: labels are trained in place
+except that final one (its history rendering has the empty think block, the prompt has not).
 
 Worked example (shared header `H1 H2`, no header rest, label `L1 L2`, student `S1`, end-of-turn
 `E`, next header `N`):
