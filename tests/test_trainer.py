@@ -3,6 +3,7 @@
 import glob
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -112,3 +113,32 @@ def test_overfits_a_small_real_dataset(data, tmp_path):
   assert final["trained_tokens"] == 544 and final["tokens_per_s"] > 0 and 0 < final["mfu"] < 1
   assert glob.glob(f"{tmp_path}/tensorboard/events.out.tfevents.*")
   assert (tmp_path / "checkpoints" / "round_000" / "150").is_dir()  # the final save
+
+
+def test_block_skipping_attention_equals_full_masked_attention():
+  # The training attention skips key blocks above the diagonal; with packing and branches the
+  # mask is still causal in row order, so nothing it skips was visible. t = 300: 3 blocks of
+  # 128, the last one partial.
+  from dagger_jax.model.qwen3 import attention_bias, attention_mask, causal_block_attention
+  b, t, n, kv, h = 2, 300, 4, 2, 16
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.normal(size=(b, t, m, h)), jnp.float32) for m in (n, kv, kv))
+  segments = np.ones((b, t), np.int32)
+  segments[0, 170:] = 2  # two packed sequences in row 0
+  branches = np.zeros((b, t), np.int32)
+  branches[1, 100:140], branches[1, 200:230] = 1, 2  # two label branches in row 1
+
+  def full(q, k, v):
+    s = jnp.einsum("btkgh,bskh->bkgts", q.reshape(b, t, kv, n // kv, h), k) * h ** -0.5
+    s = jnp.where(attention_mask(segments, branches)[:, :, None], s, -jnp.inf)
+    return jnp.einsum("bkgts,bskh->btkgh", jax.nn.softmax(s, -1), v).reshape(b, t, n, h)
+
+  def blocked(q, k, v):
+    return causal_block_attention(q, k, v, attention_bias(segments, branches), block=128)
+
+  np.testing.assert_allclose(blocked(q, k, v), full(q, k, v), rtol=1e-5, atol=1e-6)
+  probe = jnp.asarray(rng.normal(size=(b, t, n, h)), jnp.float32)
+  grads = [jax.grad(lambda *x: jnp.sum(f(*x) * probe), argnums=(0, 1, 2))(q, k, v)
+           for f in (blocked, full)]
+  for got, want in zip(*grads):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
