@@ -245,7 +245,7 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
 def load_model(ckpt: str | None, model_config: Any, seed: int) -> Qwen3:
   """A HF checkpoint directory (config.json + safetensors), an Orbax params checkpoint (from
   `import-hf` or the trainer), or, with no `ckpt`, a random model of `config.model`."""
-  from dagger_jax.model import hf, params_io  # noqa: PLC0415 (heavy; only the CLI needs them)
+  from dagger_jax.model import hf, params_io  # Orbax and safetensors: only the CLI needs them
   if not ckpt:
     return Qwen3(Qwen3Config.from_config(model_config), rngs=nnx.Rngs(seed))
   if glob.glob(os.path.join(ckpt, "*.safetensors")) and os.path.isfile(
@@ -258,8 +258,8 @@ def load_model(ckpt: str | None, model_config: Any, seed: int) -> Qwen3:
 def _tokenizer_for(args: argparse.Namespace, config: Any, vocab_size: int):
   """--tokenizer, else the checkpoint's own tokenizer files, else (for text prompts)
   `config.data.tokenizer`; None for an ids-only run that names no tokenizer."""
-  from dagger_jax.data import tokenizer as tokenizers  # noqa: PLC0415
-  from dagger_jax.model import params_io  # noqa: PLC0415
+  from dagger_jax.data import tokenizer as tokenizers
+  from dagger_jax.model import params_io
   tok = None
   if args.tokenizer:
     tok = tokenizers.load_tokenizer_dir(os.path.abspath(args.tokenizer))
@@ -301,7 +301,8 @@ def generate_cli_args(parser: argparse.ArgumentParser) -> None:
 
 
 def generate_cli(args: argparse.Namespace, config: Any) -> int:
-  """`dagger-jax generate --ckpt DIR --prompt TEXT [...]`: sample and print, one per prompt."""
+  """`dagger-jax generate --ckpt DIR --prompt TEXT [...]`: samples one batch and prints one line
+  per prompt (the --ids prompts first, then the --prompt ones, each in the order given)."""
   if not args.prompt and not args.ids:
     print("dagger-jax generate: give at least one --prompt TEXT or --ids 'ID ID ...'",
           file=sys.stderr)
@@ -313,15 +314,15 @@ def generate_cli(args: argparse.Namespace, config: Any) -> int:
     print(f"dagger-jax generate: --ids takes integers separated by spaces; got {args.ids}",
           file=sys.stderr)
     return 2
-  from dagger_jax.data.tokenizer import TokenizerError  # noqa: PLC0415
-  from dagger_jax.model.hf import HFCheckpointError  # noqa: PLC0415
-  from dagger_jax.model.params_io import CheckpointError  # noqa: PLC0415
+  from dagger_jax.data.tokenizer import TokenizerError
+  from dagger_jax.model.hf import HFCheckpointError
+  from dagger_jax.model.params_io import CheckpointError
   try:
     args.ckpt = args.ckpt or config.model.init_from or None
     model = load_model(args.ckpt, config.model, config.seed)
     tok = _tokenizer_for(args, config, model.config.vocab_size)
     if args.prompt:
-      from dagger_jax.policies.jax_policy import prompt_ids  # noqa: PLC0415
+      from dagger_jax.policies.jax_policy import prompt_ids
       for text in args.prompt:
         ids.append(tok.encode(text, add_special_tokens=False) if args.raw else
                    prompt_ids([{"role": "user", "content": text}], [], tok,
