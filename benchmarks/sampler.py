@@ -38,24 +38,25 @@ from dagger_jax.model.qwen3 import Qwen3Config  # noqa: E402
 def models(config: Qwen3Config, seed: int = 0):
   """(transformers Qwen3ForCausalLM, our Qwen3 with the same weights via `hf.load_pretrained`)."""
   torch.manual_seed(seed)
-  hf_model = transformers.Qwen3ForCausalLM(
-      transformers.Qwen3Config(**hf.config_to_hf(config))).eval()
+  # initializer_range 0.1: peaked next-token distributions, so greedy choices are rarely near-ties
+  # and the two greedy outputs can be compared token for token.
+  hf_config = dict(hf.config_to_hf(config), initializer_range=0.1)
+  hf_model = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**hf_config)).eval()
   with tempfile.TemporaryDirectory() as path:
     hf_model.save_pretrained(path)
     return hf_model, hf.load_pretrained(path)
 
 
-def median_seconds(fns, repeats: int) -> list[float]:
-  """Median wall time of each function; calls alternate so both see the same machine load."""
-  for fn in fns:
-    fn()  # warm-up (compiles ours)
+def median_seconds(fns, repeats: int) -> tuple[list[float], list]:
+  """(median wall time, output) of each function; calls alternate, so both see the same load."""
+  outputs = [fn() for fn in fns]  # warm-up (compiles ours)
   times = [[] for _ in fns]
   for _ in range(repeats):
     for fn, ts in zip(fns, times):
       start = time.perf_counter()
       fn()
       ts.append(time.perf_counter() - start)
-  return [statistics.median(ts) for ts in times]
+  return [statistics.median(ts) for ts in times], outputs
 
 
 def main() -> None:
@@ -83,6 +84,7 @@ def main() -> None:
     def ours():
       out = sampler.generate(model, prompts.tolist(), args.new_tokens)
       assert all(len(row) == args.new_tokens for row in out.tokens)
+      return out.tokens
 
     def transformers_generate():
       with torch.inference_mode():
@@ -90,12 +92,15 @@ def main() -> None:
                                 do_sample=False, max_new_tokens=args.new_tokens,
                                 min_new_tokens=args.new_tokens, eos_token_id=None, pad_token_id=0)
       assert out.shape == (b, args.prompt_len + args.new_tokens)
+      return out[:, args.prompt_len:].tolist()
 
     new_tokens = b * args.new_tokens
-    ours_s, ref_s = median_seconds([ours, transformers_generate], repeats)
+    (ours_s, ref_s), (ours_ids, ref_ids) = median_seconds([ours, transformers_generate], repeats)
     ours_tps, ref_tps = new_tokens / ours_s, new_tokens / ref_s
+    same = sum(a == r for a, r in zip(ours_ids, ref_ids))
     print(f"batch {b:3d}: ours {ours_tps:8.0f} new tok/s   transformers {ref_tps:8.0f} new tok/s   "
-          f"ratio {ours_tps / ref_tps:5.2f}x")
+          f"ratio {ours_tps / ref_tps:5.2f}x   identical greedy rows {same}/{b}")
+    result[f"same_rows_b{b}"] = same
     result[f"ours_tps_b{b}"] = round(ours_tps, 1)
     result[f"hf_tps_b{b}"] = round(ref_tps, 1)
     result[f"ratio_b{b}"] = round(ours_tps / ref_tps, 3)
