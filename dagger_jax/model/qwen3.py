@@ -194,24 +194,6 @@ def cached_attention(q_btnh: jax.Array, k_bksh: jax.Array, v_bksh: jax.Array,
   return out_bkgth.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
 
 
-def causal_prefill_attention(q_btnh: jax.Array, k_bkth: jax.Array, v_bkth: jax.Array,
-                             valid_bt: jax.Array, chunk: int = 128) -> jax.Array:
-  """Causal attention of a left-padded prompt over itself, skipping the masked-out upper blocks.
-
-  Queries go in chunks of `chunk`; the chunk [i, j) attends to keys [0, j) only (keys with
-  `valid_bt` False are masked), which for t = 4 * chunk does 10/16 of the full t x t work.
-  """
-  t = q_btnh.shape[1]
-  outs = []
-  for start in range(0, t, chunk):
-    end = min(start + chunk, t)
-    causal_qs = jnp.arange(start, end)[:, None] >= jnp.arange(end)[None, :]
-    mask_b1qs = (valid_bt[:, None, :end] & causal_qs[None])[:, None]
-    outs.append(cached_attention(q_btnh[:, start:end], k_bkth[:, :, :end], v_bkth[:, :, :end],
-                                 mask_b1qs))
-  return jnp.concatenate(outs, axis=1)
-
-
 class Attention(nnx.Module):
 
   def __init__(self, c: Qwen3Config, rngs: nnx.Rngs):
@@ -243,7 +225,7 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x_btd, positions_bt)
     return self.output(causal_block_attention(q, k, v, bias_b1tt))
 
-  def prefill(self, x_btd, positions_bt, valid_bt, last_only: bool = False):
+  def prefill(self, x_btd, positions_bt, bias_b1tt, last_only: bool = False):
     """Causal self-attention of a prompt -> (output [b, t, d], keys and values [b, k, t, h]).
 
     With `last_only` the output is the last position's only ([b, 1, d]).
@@ -251,9 +233,9 @@ class Attention(nnx.Module):
     q, k, v = self.project_qkv(x_btd, positions_bt)
     k_bkth, v_bkth = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
     if last_only:
-      out = cached_attention(q[:, -1:], k_bkth, v_bkth, valid_bt[:, None, None, :])
+      out = cached_attention(q[:, -1:], k_bkth, v_bkth, bias_b1tt[:, :, -1:] == 0)
     else:
-      out = causal_prefill_attention(q, k_bkth, v_bkth, valid_bt)
+      out = causal_block_attention(q, k, v, bias_b1tt)
     return self.output(out), k_bkth, v_bkth
 
   def decode(self, x_btd, positions_bt, mask_b1ts, k_bksh, v_bksh, index):
@@ -309,8 +291,8 @@ class Block(nnx.Module):
     x_btd = x_btd + self.mlp.fused(self.post_attention_norm(x_btd))
     return constrain(x_btd, ("batch", "length", "embed"))
 
-  def prefill(self, x_btd, positions_bt, valid_bt, last_only: bool = False):
-    a, k_bkth, v_bkth = self.attn.prefill(self.input_norm(x_btd), positions_bt, valid_bt,
+  def prefill(self, x_btd, positions_bt, bias_b1tt, last_only: bool = False):
+    a, k_bkth, v_bkth = self.attn.prefill(self.input_norm(x_btd), positions_bt, bias_b1tt,
                                           last_only)
     x_btd = (x_btd[:, -1:] if last_only else x_btd) + a
     return x_btd + self.mlp(self.post_attention_norm(x_btd)), k_bkth, v_bkth
@@ -372,19 +354,21 @@ class Qwen3(nnx.Module):
 
     Equivalent to `decode(tokens_bt, positions_bt, valid_bt, KVCache.zeros(config, b, slots))`,
     but attends over the prompt's own t keys with causal block skipping (see
-    `causal_prefill_attention`) instead of over all slots. With `last_only`, returns the last
+    `causal_block_attention`) instead of over all slots. With `last_only`, returns the last
     position's logits (or hidden state) only, [b, 1, ...]: what sampling the next token needs;
     the last layer then runs its queries and MLP for that position alone (same cache).
     """
     b, t = tokens_bt.shape
     if slots < t:
       raise ValueError(f"prefill: {slots} cache slots cannot hold a prompt of {t} tokens")
+    valid_segments_bt = valid_bt.astype(jnp.int32)  # padding is segment 0: sees no real token
+    bias_b1tt = attention_bias(valid_segments_bt, jnp.zeros_like(valid_segments_bt))
     x_btd = self.embed(tokens_bt)
     ks, vs = [], []
     pad = ((0, 0), (0, 0), (0, slots - t), (0, 0))
     for i, layer in enumerate(self.layers):
       last = last_only and i == len(self.layers) - 1
-      x_btd, k_bkth, v_bkth = layer.prefill(x_btd, positions_bt, valid_bt, last)
+      x_btd, k_bkth, v_bkth = layer.prefill(x_btd, positions_bt, bias_b1tt, last)
       ks.append(jnp.pad(k_bkth.astype(self.config.jnp_dtype), pad))
       vs.append(jnp.pad(v_bkth.astype(self.config.jnp_dtype), pad))
     hidden_btd = self.final_norm(x_btd)
