@@ -109,7 +109,7 @@ def _train_command(shard_dir, workdir, steps):
   overrides = {
       "model.vocab_size": 512, "model.hidden_size": 64, "model.intermediate_size": 128,
       "model.num_layers": 2, "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 16,
-      "data.tokenizer": "demo-bpe", "data.max_len": 256, "train.lr": 3e-3, "train.steps": steps,
+      "data.tokenizer": "demo-bpe", "data.max_len": 384, "train.lr": 3e-3, "train.steps": steps,
       "train.warmup_steps": 5, "train.weight_decay": 0.01, "train.checkpoint_every": 4,
       "train.log_every": 4, "train.keep_checkpoints": 2,
   }

@@ -25,7 +25,7 @@ def tiny_config(workdir: str):
   c.model.update(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                  num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10_000.0)
   c.data.tokenizer = "demo-bpe"
-  c.data.max_len = 256
+  c.data.max_len = 384  # a whole episode per row (no split)
   c.train.update(batch_size=8, lr=3e-3, warmup_steps=5, steps=20, weight_decay=0.01,
                  log_every=5, checkpoint_every=5)
   return c

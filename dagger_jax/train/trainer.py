@@ -37,7 +37,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dagger_jax.model import sharding
+from dagger_jax.model import params_io, sharding
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 from dagger_jax.train import checkpoint, optim
 from dagger_jax.train.loss import loss_sum_and_count, token_weights
@@ -236,7 +236,7 @@ def base_params(trainer: Trainer, init_from: str) -> Any:
   """Params of the base model, sharded for `trainer`: a HF checkpoint directory (`config.json` +
   safetensors) or a params checkpoint (`dagger_jax.model.params_io.save_params`, or a trainer
   checkpoint directory)."""
-  from dagger_jax.model import hf, params_io
+  from dagger_jax.model import hf  # safetensors and the HF table: only for this path
 
   if os.path.isfile(os.path.join(init_from, "config.json")):
     c = trainer.model_config
@@ -266,7 +266,6 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir, round_index), keep=t.keep_checkpoints,
                                  async_save=t.async_checkpoint)
   state = _initial_state(trainer, config, workdir, round_index, reader, ckpt, log)
-  from dagger_jax.model import params_io
   params_io.write_model_config(trainer.model_config, ckpt.directory)  # loadable by load_params
   start = int(state.step)
   chief = jax.process_index() == 0
