@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from configs import base
+from dagger_jax import configlib
 from dagger_jax.model.qwen3 import Qwen3Config
 from dagger_jax.train import trainer as T
 
@@ -33,7 +33,8 @@ BATCH, SEQ = 8, 512
 
 
 def _config():
-  c = base.get_config()  # its model section is this benchmark's configuration
+  c = configlib.load(os.path.join(configlib.REPO_ROOT, "configs", "base.py"))
+  c.unlock()  # its model section is this benchmark's configuration
   c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 1, 1, 1
   c.train.update(batch_size=BATCH, lr=1e-4, warmup_steps=0, weight_decay=0.01, grad_clip=1.0)
   return c
