@@ -10,6 +10,11 @@ the two frameworks round by round (medians), so a change in the machine's load h
 MFU = achieved FLOP/s / peak, with FLOPs per token = 6 * matmul params + 12 * layers * heads *
 head_dim * seq_len (`trainer.flops_per_token`) and the peak = the best float32 matmul rate
 measured in this run (JAX and torch, 2048^3). The last line printed is one JSON object.
+
+On a loaded machine the wall-clock ratio flatters us: torch's OpenMP threads busy-wait and lose
+far more to other processes than XLA's pool does. The JSON also carries process CPU seconds per
+step, which load changes much less (run with OMP_WAIT_POLICY=PASSIVE so that torch's spinning
+is not counted as work).
 """
 
 from __future__ import annotations
@@ -125,11 +130,13 @@ def main() -> None:
   compile_s = time.perf_counter() - compile_start
   ref.steps(1)
   times = {"ours": [], "torch": []}
+  cpu = {"ours": [], "torch": []}
   for _ in range(rounds):
     for name, runner in (("ours", ours), ("torch", ref)):
-      start = time.perf_counter()
+      start, cpu_start = time.perf_counter(), time.process_time()
       runner.steps(steps)
       times[name].append((time.perf_counter() - start) / steps)
+      cpu[name].append((time.process_time() - cpu_start) / steps)
   peak = matmul_peak()
   peak_flops = max(peak.values())
   per_token = T.flops_per_token(Qwen3Config.from_config(config.model), SEQ)
@@ -144,6 +151,8 @@ def main() -> None:
                     "mfu": round(mfu["ours"], 4), "tokens_per_s": round(tps["ours"], 1),
                     "torch_tokens_per_s": round(tps["torch"], 1),
                     "torch_mfu": round(mfu["torch"], 4), "peak_gflops": peak_flops / 1e9,
+                    "cpu_s_per_step": round(statistics.median(cpu["ours"]), 3),
+                    "torch_cpu_s_per_step": round(statistics.median(cpu["torch"]), 3),
                     "compile_s": round(compile_s, 2), "threads": torch.get_num_threads(),
                     "cpus": os.cpu_count(), "quick": a.quick}))
 
