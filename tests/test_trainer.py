@@ -2,6 +2,8 @@
 
 import glob
 import json
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -147,3 +149,13 @@ def test_block_skipping_attention_equals_full_masked_attention():
            for f in (blocked, full)]
   for got, want in zip(*grads):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_train_cli_names_a_bad_shard_directory(tmp_path):
+  (tmp_path / "not_a_shard").mkdir()
+  out = subprocess.run([sys.executable, "-m", "dagger_jax.cli", "train", "--shards",
+                        str(tmp_path / "not_a_shard"), "--workdir", str(tmp_path / "run")],
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0
+  assert f"{tmp_path}/not_a_shard/manifest.json: no manifest" in out.stderr
+  assert "Traceback" not in out.stderr

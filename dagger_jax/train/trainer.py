@@ -346,7 +346,11 @@ def train_cli(args: argparse.Namespace, config: Any) -> int:
   for d in args.shards:
     if not os.path.isdir(d):
       raise SystemExit(f"dagger-jax train: --shards {d}: no such directory")
-  result = train(config, args.shards, workdir=workdir, round_index=args.round_index)
+  from dagger_jax.data.shards import ShardError
+  try:
+    result = train(config, args.shards, workdir=workdir, round_index=args.round_index)
+  except (ShardError, FileNotFoundError, params_io.CheckpointError) as e:
+    raise SystemExit(f"dagger-jax train: {e}") from None
   last = result.history[-1] if result.history else {}
   print(f"trained round {result.round_index} to step {result.steps}: "
         f"loss {last.get('loss', float('nan')):.4f}; checkpoints in {result.checkpoint_dir}")
