@@ -159,3 +159,21 @@ def test_train_cli_names_a_bad_shard_directory(tmp_path):
   assert out.returncode != 0
   assert f"{tmp_path}/not_a_shard/manifest.json: no manifest" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_fused_training_mlp_equals_the_plain_mlp():
+  from flax import nnx
+
+  from dagger_jax.model.qwen3 import MLP, Qwen3Config
+  mlp = MLP(Qwen3Config(hidden_size=32, intermediate_size=48), nnx.Rngs(0))
+  graphdef, params = nnx.split(mlp)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 32)), jnp.float32)
+  probe = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 32)), jnp.float32)
+
+  def loss(params, x, fused):
+    m = nnx.merge(graphdef, params)
+    return jnp.sum((m.fused(x) if fused else m(x)) * probe)
+
+  np.testing.assert_allclose(loss(params, x, True), loss(params, x, False), rtol=1e-5)
+  got, want = (jax.grad(loss, argnums=(0, 1))(params, x, fused) for fused in (True, False))
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), got, want)

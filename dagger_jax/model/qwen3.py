@@ -248,6 +248,28 @@ class Attention(nnx.Module):
     return self.output(cached_attention(q, k_bksh, v_bksh, mask_b1ts)), k_bksh, v_bksh
 
 
+@jax.custom_vjp
+def _dense(x_nd: jax.Array, w_dm: jax.Array) -> jax.Array:
+  """x @ w, with the weight gradient computed as x^T @ dy.
+
+  Left to itself XLA:CPU transposes the [n, m] output gradient for the weight gradient; with
+  n tokens and m >= d (the MLP) transposing x is cheaper: ~9% off a training step.
+  """
+  return x_nd @ w_dm
+
+
+def _dense_fwd(x_nd, w_dm):
+  return x_nd @ w_dm, (x_nd, w_dm)
+
+
+def _dense_bwd(residuals, dy_nm):
+  x_nd, w_dm = residuals
+  return dy_nm @ w_dm.T, jnp.transpose(x_nd) @ dy_nm
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
 class MLP(nnx.Module):
   """SwiGLU: down(silu(gate(x)) * up(x))."""
 
@@ -266,15 +288,20 @@ class MLP(nnx.Module):
     return h_btf @ self.down_proj.get_value().astype(dt)
 
   def fused(self, x_btd):
-    """The same for whole rows (training): gate and up as one [d, 2, f] matmul, which XLA:CPU
-    runs (forward and backward) faster than two. Stacking copies both weights once per call:
-    negligible against t x d x f work, not for a one-token decode step (use `__call__`)."""
+    """The same for whole rows (training), faster on XLA:CPU: gate and up as one matmul against
+    their weights interleaved column by column ([d, f, 2] -> [d, 2f], so a tensor-sharded `f`
+    stays contiguous), and weight gradients as x^T @ dy (`_dense`). Stacking copies both weights
+    once per call: negligible against t x d x f work, not for a one-token decode step."""
     dt = self.dtype
-    w_d2f = jnp.stack([self.gate_proj.get_value(), self.up_proj.get_value()], axis=1).astype(dt)
-    gate_up_bt2f = jnp.einsum("btd,dcf->btcf", x_btd, w_d2f)
-    h_btf = jax.nn.silu(gate_up_bt2f[:, :, 0]) * gate_up_bt2f[:, :, 1]
-    h_btf = constrain(h_btf, ("batch", "length", "mlp"))
-    return h_btf @ self.down_proj.get_value().astype(dt)
+    b, t, d = x_btd.shape
+    f = self.gate_proj.get_value().shape[1]
+    w_d2f = jnp.stack([self.gate_proj.get_value(), self.up_proj.get_value()], axis=-1)
+    gate_up_nf2 = _dense(x_btd.reshape(b * t, d), w_d2f.reshape(d, 2 * f).astype(dt))
+    gate_up_nf2 = gate_up_nf2.reshape(b * t, f, 2)
+    h_nf = jax.nn.silu(gate_up_nf2[..., 0]) * gate_up_nf2[..., 1]
+    h_btf = constrain(h_nf.reshape(b, t, f), ("batch", "length", "mlp"))
+    out_nd = _dense(h_btf.reshape(b * t, f), self.down_proj.get_value().astype(dt))
+    return out_nd.reshape(b, t, d)
 
 
 class Block(nnx.Module):
