@@ -322,7 +322,7 @@ def generate_cli(args: argparse.Namespace, config: Any) -> int:
     model = load_model(args.ckpt, config.model, config.seed)
     tok = _tokenizer_for(args, config, model.config.vocab_size)
     if args.prompt:
-      from dagger_jax.policies.jax_policy import prompt_ids
+      from dagger_jax.data.render import prompt_ids
       for text in args.prompt:
         ids.append(tok.encode(text, add_special_tokens=False) if args.raw else
                    prompt_ids([{"role": "user", "content": text}], [], tok,

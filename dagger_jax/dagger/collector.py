@@ -1,0 +1,233 @@
+"""Collects DAgger episodes: a turn-level stochastic mix of student and teacher, labelled.
+
+Episodes run in lockstep waves of `config.rollout.concurrency`, so the student samples one batch
+per turn for the whole wave; sandbox commands and teacher calls run in worker threads. At every
+turn of every episode:
+
+    label    = teacher(state)                       (the teacher labels every visited state)
+    coin     = U(0, 1) < beta                       (seeded by seed, episode and turn)
+    proposal = student(state)                       (only when the coin says student)
+    rule     = first intervention rule that fires on (proposal, label), if any
+    executed = label if coin or rule else proposal
+
+and the turn is recorded as `Turn(actor, action=executed, label, reason, intervention)`. With
+`beta = 0` and no teacher this is the evaluation collector (the student alone).
+
+Each finished episode is appended to `out_path` at once (JSON Lines), so a crash loses at most
+the episodes in flight; `collect` called again with the same arguments skips those already there.
+An episode whose sandbox fails is logged, counted and left out, never fatal to the others.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import random
+from typing import Any, Sequence
+
+from dagger_jax.dagger import intervention
+from dagger_jax.data.trajectory import Action, Outcome, Trajectory, Turn
+from dagger_jax.envs.swe import SweEnv
+from dagger_jax.policies.base import EpisodeView, Policy
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CollectStats:
+  episodes: int = 0
+  failed: int = 0  # episodes lost to a sandbox / environment error
+  skipped: int = 0  # already in the output file (resumed)
+  submitted: int = 0
+  resolved: int = 0
+  graded: int = 0
+  turns: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  interventions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  exit_status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  @property
+  def resolve_rate(self) -> float:
+    return self.resolved / self.graded if self.graded else 0.0
+
+  def summary(self) -> dict[str, Any]:
+    return {"episodes": self.episodes, "failed": self.failed, "skipped": self.skipped,
+            "submitted": self.submitted, "graded": self.graded, "resolved": self.resolved,
+            "resolve_rate": self.resolve_rate, "turns": dict(self.turns),
+            "interventions": dict(self.interventions), "exit_status": dict(self.exit_status)}
+
+
+@dataclasses.dataclass
+class _Episode:
+  id: str
+  task: dict
+  seed: int
+  env: SweEnv
+  messages: list[dict[str, str]]
+  assistant_ids: list[tuple[int, ...] | None] = dataclasses.field(default_factory=list)
+  turns: list[Turn] = dataclasses.field(default_factory=list)
+  teacher_calls: int = 0
+  teacher_tokens: int = 0
+  done: bool = False
+
+  def view(self) -> EpisodeView:
+    return EpisodeView(self.task, self.messages, self.assistant_ids, self.env)
+
+
+def episode_id(task: dict, round_index: int, seed: int) -> str:
+  return f"{task['instance_id']}/r{round_index}/s{seed}"
+
+
+def _already_collected(path: str | None) -> set[str]:
+  if not path or not os.path.exists(path):
+    return set()
+  done = set()
+  with open(path) as f:
+    for line in f:
+      try:
+        done.add(json.loads(line)["id"])
+      except (json.JSONDecodeError, KeyError):
+        continue  # a torn last line from a crash: that episode is collected again
+  return done
+
+
+def collect(tasks: Sequence[dict], *, config: Any, round_index: int, beta: float,
+            teacher: Policy | None, student: Policy | None, seed: int = 0,
+            out_path: str | None = None, grade: bool = True, tokenizer=None,
+            interventions: Sequence[str] | None = None, progress: bool = True
+            ) -> tuple[list[Trajectory], CollectStats]:
+  """Runs one episode per task (see the module docstring); returns trajectories and stats."""
+  from tqdm import tqdm
+
+  if beta > 0 and teacher is None:
+    raise ValueError(f"beta={beta} needs a teacher")
+  if beta < 1 and student is None:
+    raise ValueError(f"beta={beta} needs a student")
+  rules = tuple(config.dagger.interventions if interventions is None else interventions)
+  if teacher is None:
+    rules = ()
+  stats = CollectStats()
+  done_ids = _already_collected(out_path)
+  todo = []
+  for i, task in enumerate(tasks):
+    eid = episode_id(task, round_index, seed + i)
+    if eid in done_ids:
+      stats.skipped += 1
+    else:
+      todo.append((eid, task, seed + i))
+  out: list[Trajectory] = []
+  wave = max(1, int(config.rollout.concurrency))
+  workers = max(1, int(config.rollout.get("env_workers", 4)))
+  bar = tqdm(total=len(todo), desc=f"collect r{round_index} beta={beta:.2f}", disable=not progress,
+             dynamic_ncols=True)
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for start in range(0, len(todo), wave):
+      for traj in _run_wave(todo[start:start + wave], config, round_index, beta, teacher, student,
+                            rules, pool, stats, grade, tokenizer):
+        out.append(traj)
+        if out_path:
+          with open(out_path, "a") as f:
+            f.write(json.dumps(traj.to_dict()) + "\n")
+        bar.update(1)
+  bar.close()
+  return out, stats
+
+
+def _open(eid: str, task: dict, seed: int, config: Any) -> _Episode:
+  env = SweEnv(task, config.env)
+  first = env.reset()
+  return _Episode(eid, task, seed, env, [{"role": "system", "content": env.system_prompt},
+                                         {"role": "user", "content": first}])
+
+
+def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, stats, grade,
+              tokenizer) -> list[Trajectory]:
+  opened = [pool.submit(_open, eid, task, s, config) for eid, task, s in items]
+  episodes: list[_Episode] = []
+  for (eid, _, _), fut in zip(items, opened):
+    try:
+      episodes.append(fut.result())
+    except Exception as e:  # a sandbox that cannot start costs this episode only
+      log.error("episode %s: could not start: %s", eid, e)
+      stats.failed += 1
+  try:
+    while True:
+      active = [e for e in episodes if not e.done]
+      if not active:
+        break
+      _turn(active, config, beta, teacher, student, rules, pool, stats, tokenizer)
+    out = []
+    for traj in pool.map(lambda e: _finish(e, round_index, beta, grade), episodes):
+      if traj is None:
+        stats.failed += 1
+        continue
+      stats.episodes += 1
+      stats.submitted += int(traj.outcome.submitted)
+      if traj.outcome.resolved is not None:
+        stats.graded += 1
+        stats.resolved += int(traj.outcome.resolved)
+      out.append(traj)
+    return out
+  finally:
+    for e in episodes:
+      e.env.close()
+
+
+def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, stats,
+          tokenizer) -> None:
+  labels: list[Action | None] = [None] * len(active)
+  if teacher is not None:
+    labels = list(pool.map(lambda e: teacher.act([e.view()])[0], active))
+  coins = [random.Random(f"{e.seed}/{len(e.turns)}").random() < beta for e in active]
+  student_idx = [i for i, c in enumerate(coins) if not c]
+  proposals: dict[int, Action] = {}
+  if student_idx:
+    acted = student.act([active[i].view() for i in student_idx])
+    proposals = dict(zip(student_idx, acted))
+  executed: list[tuple[Turn, str]] = []
+  for i, e in enumerate(active):
+    label = labels[i]
+    if label is not None:
+      e.teacher_calls += 1
+      e.teacher_tokens += (len(tokenizer.encode(label.text, add_special_tokens=False))
+                           if tokenizer is not None else len(label.text.split()))
+    if coins[i]:
+      executed.append((Turn("teacher", label, None, "coin"), label.text))
+      continue
+    proposal = proposals[i]
+    rule = intervention.check(rules, e.view(), proposal.text, label.text,
+                              config.env) if label is not None else None
+    if rule is not None:
+      stats.interventions[rule] += 1
+      executed.append((Turn("teacher", label, None, "intervention", rule), label.text))
+    else:
+      executed.append((Turn("student", proposal, label), proposal.text))
+  results = list(pool.map(lambda ei: ei[0].env.step(ei[1][1]), zip(active, executed)))
+  for e, (turn, text), result in zip(active, executed, results):
+    e.turns.append(turn)
+    stats.turns[turn.actor] += 1
+    e.messages.append({"role": "assistant", "content": text})
+    e.assistant_ids.append(turn.action.ids)
+    if result.done:
+      e.done = True
+      stats.exit_status[result.info["exit_status"]] += 1
+    else:
+      e.messages.append({"role": "user", "content": result.observation})
+
+
+def _finish(e: _Episode, round_index: int, beta: float, grade: bool) -> Trajectory | None:
+  try:
+    patch = e.env.submission()
+    resolved = e.env.grade().resolved if grade else None
+  except Exception as err:
+    log.error("episode %s: could not take or grade the submission: %s", e.id, err)
+    return None
+  submitted = e.env.exit_status == "submitted"
+  outcome = Outcome(submitted=submitted, patch=patch, resolved=resolved, turns=len(e.turns),
+                    teacher_calls=e.teacher_calls, teacher_tokens=e.teacher_tokens)
+  return Trajectory(id=e.id, task_id=e.task["instance_id"], round=round_index, seed=e.seed,
+                    beta=float(beta), messages=tuple(e.messages), turns=tuple(e.turns),
+                    outcome=outcome)

@@ -1,0 +1,252 @@
+"""DAgger rounds: collect -> aggregate -> train -> sync weights -> evaluate.
+
+    summary = run(config)            # or: dagger-jax dagger --config configs/demo.py
+
+Round r (beta_r from `schedule.beta`):
+  1. collect `config.dagger.episodes_per_round` episodes on training tasks, the teacher acting
+     with probability beta_r at each turn (and by intervention rules), labelling every state;
+  2. render them into the round's shard (`<workdir>/shards/round_r`);
+  3. train on the aggregate, shards 0..r, continuing from round r-1's checkpoint
+     (`config.train.continue_from`);
+  4. hand the new params to the in-process student (`JaxPolicy`) and evaluate it alone
+     (beta = 0, no teacher) on held-out tasks.
+
+Everything a run writes lives under `config.workdir`:
+
+    tasks/train.jsonl tasks/eval.jsonl     the task files (generated once)
+    tokenizer/                             the demo BPE tokenizer (config.data.tokenizer=demo-bpe)
+    trajectories/round_r.jsonl             the episodes of round r (appended as they finish)
+    shards/round_r/                        round r's token shard
+    checkpoints/round_r/                   Orbax checkpoints of round r's training
+    eval/round_r.jsonl, eval/round_r.json  held-out episodes and their figures
+    metrics.jsonl, tensorboard/            one line per round; TensorBoard scalars
+
+Runs resume: a stage whose output is complete is skipped, a collection continues where its file
+ends, training resumes from its last checkpoint. Killing a run loses at most the episodes in
+flight and the steps since the last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any, Callable
+
+from dagger_jax.dagger import collector, schedule
+from dagger_jax.data import shards as shards_lib
+from dagger_jax.data import tokenizer as tokenizer_lib
+from dagger_jax.data.trajectory import read_jsonl
+
+log = logging.getLogger(__name__)
+
+
+def _path(workdir: str, *parts: str) -> str:
+  path = os.path.join(workdir, *parts)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  return path
+
+
+def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict]]:
+  """Training and held-out tasks: from `config.tasks.{train,eval}_file`, or generated once."""
+  from dagger_jax.envs import tasks as tasks_lib
+
+  t = config.tasks
+  out = []
+  for split, file, n, seed in (("train", t.train_file, t.n_train, t.seed),
+                               ("eval", t.eval_file, t.n_eval, t.seed + 1)):
+    path = file or os.path.join(workdir, "tasks", f"{split}.jsonl")
+    if not os.path.exists(path):
+      if file:
+        raise FileNotFoundError(f"config.tasks.{split}_file={file}: no such file")
+      if t.source != "toy":
+        raise ValueError(f"config.tasks.source={t.source!r}: generate the tasks first "
+                         f"(dagger-jax tasks generate) and set config.tasks.{split}_file")
+      from dagger_jax.envs.tasks import toy
+      split_name = "train" if split == "train" else "test"
+      tasks_lib.save_tasks(_path(path), toy.generate(n, seed, split=split_name))
+    out.append(tasks_lib.load_tasks(path))
+  return out[0], out[1]
+
+
+def _round_tasks(tasks: list[dict], round_index: int, n: int) -> list[dict]:
+  """Round r takes the next n tasks, cycling through the training set."""
+  return [tasks[(round_index * n + i) % len(tasks)] for i in range(n)]
+
+
+def ensure_tokenizer(config: Any, workdir: str, corpus: Callable[[], list[str]]):
+  """The tokenizer; the demo BPE is trained once on `corpus()` (task files and teacher episodes)."""
+  if config.data.tokenizer == "demo-bpe":
+    path = os.path.join(workdir, tokenizer_lib.DEMO_DIRNAME)
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+      log.info("training the demo BPE tokenizer (vocab %d)", config.model.vocab_size)
+      tokenizer_lib.train_demo_tokenizer(corpus(), path, vocab_size=config.model.vocab_size)
+  tok = tokenizer_lib.load_tokenizer(config.data, workdir)
+  if len(tok) > config.model.vocab_size:
+    raise ValueError(f"the tokenizer has {len(tok)} tokens but config.model.vocab_size="
+                     f"{config.model.vocab_size}")
+  return tok
+
+
+def _collect_round(config, workdir, round_index, beta, tasks, teacher, student, tokenizer, seed):
+  path = _path(workdir, "trajectories", f"round_{round_index:03d}.jsonl")
+  _, stats = collector.collect(tasks, config=config, round_index=round_index, beta=beta,
+                               teacher=teacher, student=student, seed=seed, out_path=path,
+                               tokenizer=tokenizer, grade=True)
+  return path, stats
+
+
+def evaluate(config, workdir, round_index, student, tokenizer, eval_tasks) -> dict:
+  """The student alone (beta = 0, no teacher) on the held-out tasks; cached per round."""
+  summary_path = _path(workdir, "eval", f"round_{round_index:03d}.json")
+  if os.path.exists(summary_path):
+    with open(summary_path) as f:
+      return json.load(f)
+  tasks = eval_tasks[:config.dagger.eval_episodes]
+  traj_path = _path(workdir, "eval", f"round_{round_index:03d}.jsonl")
+  collector.collect(tasks, config=config, round_index=round_index, beta=0.0, teacher=None,
+                    student=student, seed=10_000_000, out_path=traj_path, tokenizer=tokenizer)
+  trajs = read_jsonl(traj_path)
+  resolved = sum(bool(t.outcome.resolved) for t in trajs)
+  summary = {"round": round_index, "episodes": len(trajs), "resolved": resolved,
+             "resolve_rate": resolved / max(1, len(trajs)),
+             "submitted": sum(t.outcome.submitted for t in trajs),
+             "mean_turns": sum(t.outcome.turns for t in trajs) / max(1, len(trajs))}
+  with open(summary_path, "w") as f:
+    json.dump(summary, f, indent=1)
+  return summary
+
+
+def _student(config, params, tokenizer):
+  from dagger_jax.model.params_io import model_from_params
+  from dagger_jax.model.qwen3 import Qwen3Config
+  from dagger_jax.policies.jax_policy import JaxPolicy
+
+  model = model_from_params(Qwen3Config.from_config(config.model), params)
+  return JaxPolicy(model, tokenizer, config.sampler, enable_thinking=config.data.enable_thinking,
+                   seed=config.seed, max_prompt_len=config.model.max_position_embeddings
+                   - config.sampler.max_new_tokens)
+
+
+def _initial_params(config):
+  """Round 0's student: the base model (`config.model.init_from`) or a random init."""
+  import jax
+  from flax import nnx
+
+  from dagger_jax.model.params_io import load_params, pure_params
+  from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
+
+  if config.model.init_from:
+    return pure_params(load_params(config.model.init_from))
+  model = Qwen3(Qwen3Config.from_config(config.model), rngs=nnx.Rngs(config.seed))
+  return jax.device_get(pure_params(model))
+
+
+def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> list[dict]:
+  """Runs (or resumes) every round; returns one metrics dict per round."""
+  from tensorboardX import SummaryWriter
+
+  from dagger_jax.policies.oracle import OracleTeacher
+  from dagger_jax.train import trainer
+
+  workdir = workdir or config.workdir
+  os.makedirs(workdir, exist_ok=True)
+  d = config.dagger
+  train_tasks, eval_tasks = load_or_make_tasks(config, workdir)
+  teacher = OracleTeacher()
+  betas = [schedule.beta(r, d) for r in range(d.rounds)]
+
+  def corpus() -> list[str]:
+    # The tokenizer learns from what it will see: the task files and teacher-only episodes.
+    tasks = _round_tasks(train_tasks, 0, min(d.episodes_per_round, 32))
+    trajs, _ = collector.collect(tasks, config=config, round_index=0, beta=1.0, teacher=teacher,
+                                 student=None, grade=False, progress=progress)
+    texts = [m["content"] for t in trajs for m in t.messages]
+    texts += [text for t in train_tasks for text in (t.get("repo_files") or {}).values()]
+    return texts
+
+  tokenizer = ensure_tokenizer(config, workdir, corpus)
+  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  done_rounds = set()
+  if os.path.exists(metrics_path):
+    with open(metrics_path) as f:
+      done_rounds = {json.loads(line)["round"] for line in f if line.strip()}
+  params = None
+  results = []
+  try:
+    for r, beta in enumerate(betas):
+      t0 = time.time()
+      student = None
+      if beta < 1:
+        if params is None:
+          params = _previous_params(config, workdir, r, trainer)
+        student = _student(config, params, tokenizer)
+      tasks = _round_tasks(train_tasks, r, d.episodes_per_round)
+      traj_path, stats = _collect_round(config, workdir, r, beta, tasks, teacher, student,
+                                        tokenizer, seed=config.seed * 1_000_003 + r * 10_007)
+      shard = shards_lib.shard_dir(workdir, r)
+      if not os.path.exists(os.path.join(shard, shards_lib.MANIFEST)):
+        shards_lib.build_shards(read_jsonl(traj_path), tokenizer, config.data, shard, round=r)
+      collect_s = time.time() - t0
+      result = trainer.train(config, [shards_lib.shard_dir(workdir, i) for i in range(r + 1)],
+                             workdir=workdir, round_index=r, progress=progress,
+                             log=lambda m: log.info("%s", m))
+      params = result.state.params
+      train_s = time.time() - t0 - collect_s
+      ev = evaluate(config, workdir, r, _student(config, params, tokenizer), tokenizer, eval_tasks)
+      with open(traj_path) as f:
+        labels = sum(1 for line in f for _ in json.loads(line)["turns"])
+      row = {"round": r, "beta": beta, "labels_this_round": labels,
+             "train_loss": result.history[-1]["loss"] if result.history else None,
+             "eval_resolve_rate": ev["resolve_rate"], "eval_resolved": ev["resolved"],
+             "eval_episodes": ev["episodes"], "collect": stats.summary(),
+             "collect_s": round(collect_s, 1), "train_s": round(train_s, 1),
+             "eval_s": round(time.time() - t0 - collect_s - train_s, 1)}
+      results.append(row)
+      log.info("round %d: beta %.3f, eval resolve rate %.1f%% (%d/%d)", r, beta,
+               100 * ev["resolve_rate"], ev["resolved"], ev["episodes"])
+      if r not in done_rounds:
+        with open(metrics_path, "a") as f:
+          f.write(json.dumps(row) + "\n")
+        writer.add_scalar("dagger/beta", beta, r)
+        writer.add_scalar("dagger/eval_resolve_rate", ev["resolve_rate"], r)
+        writer.add_scalar("dagger/labels_this_round", labels, r)
+        for k, v in stats.interventions.items():
+          writer.add_scalar(f"dagger/interventions/{k}", v, r)
+  finally:
+    writer.close()
+  return results
+
+
+def _previous_params(config, workdir, round_index, trainer):
+  """The student acting in round r: round r-1's trained params, else the initial params."""
+  if round_index == 0:
+    return _initial_params(config)
+  prev = trainer.checkpoint_dir(workdir, round_index - 1)
+  from dagger_jax.train import checkpoint
+  from dagger_jax.train.trainer import Trainer, mesh_from_config
+
+  t = Trainer(config, mesh_from_config(config.mesh))
+  ckpt = checkpoint.Checkpointer(prev, keep=config.train.keep_checkpoints, async_save=False)
+  if ckpt.latest_step() is None:
+    raise FileNotFoundError(f"round {round_index} needs round {round_index - 1}'s checkpoint in "
+                            f"{prev}")
+  arrays, _ = ckpt.restore(t.abstract_state, items=("params",))
+  ckpt.close()
+  return arrays["params"]
+
+
+def run_dagger_args(parser) -> None:
+  parser.add_argument("--workdir", default=None, help="run directory (default: config.workdir)")
+
+
+def run_dagger(args, config) -> int:
+  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  results = run(config, workdir=args.workdir)
+  for row in results:
+    print(f"round {row['round']}: beta={row['beta']:.3f} labels={row['labels_this_round']} "
+          f"eval resolved {row['eval_resolved']}/{row['eval_episodes']} "
+          f"({100 * row['eval_resolve_rate']:.1f}%)")
+  return 0

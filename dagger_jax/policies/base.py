@@ -1,0 +1,45 @@
+"""What a policy is: something that acts, in batch, on in-flight episodes.
+
+The collector shows each policy an `EpisodeView` per episode and gets one `Action` back per view
+(`dagger_jax.data.trajectory.Action`: the text, and the exact token ids when the policy sampled
+them). A student must return ids — they are trained on or kept in context exactly, never
+re-tokenised. A teacher may return text only.
+
+    views = [EpisodeView(task, messages, assistant_ids, env), ...]
+    actions = policy.act(views)          # len(actions) == len(views)
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, Sequence
+
+from dagger_jax.data.trajectory import Action
+
+
+@dataclasses.dataclass
+class EpisodeView:
+  """One in-flight episode as a policy sees it.
+
+  messages: the conversation so far (system, user, then assistant/user pairs); it ends with a
+    user message, so the next message is the policy's.
+  assistant_ids: per earlier assistant message, the exact content ids it was sampled as (None
+    when a text-only teacher wrote it: the prompt then tokenises its text, as the renderer does).
+  env: the episode's `SweEnv`. Only a privileged teacher (the oracle) looks at it; it must not
+    change the working tree.
+  """
+  task: dict
+  messages: list[dict[str, str]]
+  assistant_ids: list[tuple[int, ...] | None]
+  env: Any = None
+
+
+class Policy(abc.ABC):
+  """Acts on a batch of episodes; one action per view, in order."""
+
+  name: str = "policy"
+
+  @abc.abstractmethod
+  def act(self, views: Sequence[EpisodeView]) -> list[Action]:
+    ...

@@ -1,0 +1,58 @@
+"""The student acting in-process: the chat prompt as token ids -> the JAX KV-cache sampler.
+
+The prompt a student sees at turn k is token-for-token the prefix its training row will have
+(`data.render`): the chat template's text between assistant contents is tokenised, and earlier
+assistant contents are their exact sampled ids (text-only teacher turns are tokenised, as the
+renderer does). So what is trained is exactly what was seen.
+
+    policy = JaxPolicy(model, tokenizer, config.sampler, enable_thinking=False)
+    actions = policy.act(views)        # Action(text, ids) per view; ids without the end-of-turn
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+from transformers import PreTrainedTokenizerBase
+
+from dagger_jax.data import render
+from dagger_jax.data.trajectory import Action
+from dagger_jax.model import sampler
+from dagger_jax.model.qwen3 import Qwen3
+from dagger_jax.policies.base import EpisodeView, Policy
+
+
+class JaxPolicy(Policy):
+  """The student's params, sampled in-process in one batch per `act` call."""
+
+  name = "student"
+
+  def __init__(self, model: Qwen3, tokenizer: PreTrainedTokenizerBase, sampler_config: Any,
+               *, enable_thinking: bool = False, seed: int = 0, max_prompt_len: int | None = None):
+    self.model = model
+    self.tokenizer = tokenizer
+    self.config = sampler_config
+    self.enable_thinking = enable_thinking
+    self.seed = seed
+    self.calls = 0
+    self.max_prompt_len = max_prompt_len
+
+  def act(self, views: Sequence[EpisodeView]) -> list[Action]:
+    if not views:
+      return []
+    prompts = [render.prompt_ids(v.messages, v.assistant_ids, self.tokenizer, self.enable_thinking)
+               for v in views]
+    if self.max_prompt_len:  # keep the most recent context when a prompt outgrows the model
+      prompts = [p[-self.max_prompt_len:] for p in prompts]
+    c = self.config
+    result = sampler.generate(
+        self.model, prompts, int(c.max_new_tokens), temperature=float(c.temperature),
+        top_p=float(c.top_p), top_k=int(c.top_k), stop_token_ids=(self.tokenizer.eos_token_id,),
+        seed=self.seed + self.calls, length_buckets=tuple(c.length_buckets))
+    self.calls += 1
+    eos_id = self.tokenizer.eos_token_id
+    actions = []
+    for ids in result.tokens:
+      ids = ids[:-1] if ids and ids[-1] == eos_id else ids
+      actions.append(Action(self.tokenizer.decode(ids, skip_special_tokens=False), tuple(ids)))
+    return actions

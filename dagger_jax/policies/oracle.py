@@ -1,0 +1,159 @@
+"""A scripted expert that knows the task's gold patch and acts sensibly from any state.
+
+It is what makes DAgger testable and demonstrable without a GPU: it labels every state a student
+visits, including states the student broke. It is privileged: besides the conversation it looks
+at the working tree's current diff (`env.submission()`, read-only).
+
+Policy, by the state of the working tree:
+
+    damaged (a diff that is not the fix)  -> restore the touched files (`git checkout -- FILES`)
+    clean, not fixed                      -> the first step not yet taken of
+                                             run the tests -> find the function -> show its lines
+                                             -> apply the fix
+    fixed                                 -> run the tests, then submit once they passed
+
+Worked example (a toy task whose bug is on line 2 of timing.py, in `join`):
+
+    THOUGHT: Run the tests to see what fails.          python3 -m pytest -rA -q ... tests
+    THOUGHT: Find the function join.                   grep -n "def join" timing.py
+    THOUGHT: Show the lines of join.                   nl -ba timing.py | sed -n '1,4p'
+    THOUGHT: Fix line 2 of timing.py.                  sed -i '2s/r = m + n + 1/r = m + n/' timing.py
+    THOUGHT: Run the tests again to check the fix.     python3 -m pytest -rA -q ... tests
+    THOUGHT: The tests pass. Submit.                   echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT
+
+The fix is the task's one-line `bug.fix_cmd` when it has one (toy tasks); otherwise the gold
+patch applied with `git apply` from a heredoc.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+from dagger_jax.data.trajectory import Action
+from dagger_jax.envs import protocol
+from dagger_jax.policies.base import EpisodeView, Policy
+
+DEFAULT_TEST_CMD = "python3 -m pytest -rA -q -p no:cacheprovider"
+_HUNK_RE = re.compile(r"^@@ -(\d+)(?:,\d+)? \+\d+(?:,\d+)? @@")
+
+
+def changed_lines(patch: str) -> dict[str, tuple[tuple[str, ...], tuple[str, ...]]]:
+  """{file: (removed lines, added lines)} of a unified diff, ignoring context and headers."""
+  out: dict[str, tuple[list[str], list[str]]] = {}
+  current = None
+  for line in patch.splitlines():
+    if line.startswith("diff --git "):
+      current = line.split(" b/", 1)[-1]
+      out.setdefault(current, ([], []))
+    elif line.startswith(("---", "+++", "index ", "@@", "new file", "deleted file")):
+      continue
+    elif current is not None and line.startswith("-"):
+      out[current][0].append(line[1:])
+    elif current is not None and line.startswith("+"):
+      out[current][1].append(line[1:])
+  return {f: (tuple(r), tuple(a)) for f, (r, a) in out.items() if r or a}
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """What the oracle knows about a task: where the bug is and how to fix it."""
+  file: str
+  line: int
+  function: str | None
+  fix_cmd: str
+  test_cmd: str
+  gold: dict
+
+  @classmethod
+  def of(cls, task: dict) -> "Plan":
+    test_cmd = task.get("test_cmd") or DEFAULT_TEST_CMD
+    gold = changed_lines(task["patch"])
+    if not gold:
+      raise ValueError(f"{task['instance_id']}: the gold patch changes no line")
+    bug = task.get("bug")
+    if bug:
+      file, line, fix_cmd = bug["file"], int(bug["line"]), bug["fix_cmd"]
+    else:
+      file, line = _first_hunk(task["patch"])
+      fix_cmd = _git_apply_cmd(task["patch"])
+    return cls(file, line, _function_at(task, file, line), fix_cmd, test_cmd, gold)
+
+
+def _first_hunk(patch: str) -> tuple[str, int]:
+  file = None
+  for line in patch.splitlines():
+    if line.startswith("diff --git "):
+      file = line.split(" b/", 1)[-1]
+    m = _HUNK_RE.match(line)
+    if m and file:
+      return file, int(m.group(1))
+  raise ValueError("the gold patch has no hunk")
+
+
+def _git_apply_cmd(patch: str) -> str:
+  tag = "DAGGER_PATCH_EOF"
+  return f"git apply <<'{tag}'\n{patch.rstrip(chr(10))}\n{tag}"
+
+
+def _function_at(task: dict, file: str, line: int) -> str | None:
+  """The name of the `def` enclosing `line` in the task's own copy of `file`, when it has one."""
+  text = (task.get("repo_files") or {}).get(file)
+  if text is None:
+    return None
+  name = None
+  for i, src in enumerate(text.splitlines(), start=1):
+    if i > line:
+      break
+    m = re.match(r"\s*def (\w+)\(", src)
+    if m:
+      name = m.group(1)
+  return name
+
+
+def _commands(view: EpisodeView) -> list[str]:
+  """The commands executed so far (assistant turns that parsed), in order."""
+  out = []
+  for m in view.messages:
+    if m["role"] == "assistant":
+      parsed = protocol.parse_action(m["content"])
+      out.append(parsed.command if parsed.ok else "")
+  return out
+
+
+class OracleTeacher(Policy):
+  """The scripted expert (see the module docstring)."""
+
+  name = "oracle"
+
+  def act(self, views: Sequence[EpisodeView]) -> list[Action]:
+    return [Action(self.next_action(v)) for v in views]
+
+  def next_action(self, view: EpisodeView) -> str:
+    plan = Plan.of(view.task)
+    diff = changed_lines(view.env.submission()) if view.env is not None else {}
+    commands = _commands(view)
+    if diff and diff != plan.gold:
+      files = " ".join(sorted(diff))
+      return protocol.format_action(f"git checkout -- {files}",
+                                    "THOUGHT: My earlier edit broke the code. Restore the files.")
+    if diff == plan.gold:
+      last_obs = view.messages[-1]["content"] if view.messages[-1]["role"] == "user" else ""
+      tests_passed = (commands and commands[-1] == plan.test_cmd
+                      and last_obs.startswith("<returncode>0</returncode>"))
+      if tests_passed:
+        return protocol.format_action(f"echo {protocol.SUBMIT_SENTINEL}",
+                                      "THOUGHT: The tests pass. Submit.")
+      return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests again to check the fix.")
+    lo, hi = max(1, plan.line - 2), plan.line + 2
+    steps = [(plan.test_cmd, "THOUGHT: Run the tests to see what fails.")]
+    if plan.function:
+      steps.append((f'grep -n "def {plan.function}" {plan.file}',
+                    f"THOUGHT: Find the function {plan.function}."))
+    steps.append((f"nl -ba {plan.file} | sed -n '{lo},{hi}p'",
+                   f"THOUGHT: Show the lines around line {plan.line} of {plan.file}."))
+    for command, thought in steps:
+      if command not in commands:
+        return protocol.format_action(command, thought)
+    return protocol.format_action(plan.fix_cmd, f"THOUGHT: Fix line {plan.line} of {plan.file}.")
