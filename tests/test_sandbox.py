@@ -325,3 +325,51 @@ def test_state_left_by_a_killed_process_is_reaped(repo):
   finally:
     sbx.shutil.rmtree(mine, ignore_errors=True)
     sbx.shutil.rmtree(stale_tmp, ignore_errors=True)
+
+
+_FD_PROBE = textwrap.dedent("""
+    import os, sys
+    from dagger_jax.envs.sandbox import BwrapSandbox, SandboxLimits
+    k = int(sys.argv[2])
+    free = []
+    for fd in range(3, 10):
+      try:
+        os.fstat(fd)
+      except OSError:
+        free.append(fd)
+    assert 9 in free and len(free) >= k, free
+    src = os.open(os.devnull, os.O_RDONLY)
+    for fd in free[:-k]:
+      os.dup2(src, fd)
+    with BwrapSandbox(sys.argv[1], SandboxLimits(command_timeout=10)) as sb:
+      print(sb.run("echo ok").output + sb.run("echo again").output, end="")
+""")
+
+
+@pytest.mark.parametrize("free_below_10", [1, 2, 3, 4, 5])
+def test_status_pipe_on_any_fd_number(repo, free_below_10):
+  """Regression: the executor's status pipe landing on fd 9 (its own target) closed it; with
+  worker threads holding fds this happened at random ("could not start the sandbox").
+
+  In a fresh process, leaves only the `free_below_10` highest free fd numbers under 10 free, so
+  across the cases the FIFO and the status pipe of the first command take each spot up to fd 9."""
+  r = subprocess.run([sys.executable, "-c", _FD_PROBE, str(repo), str(free_below_10)],
+                     capture_output=True, text=True, timeout=60)
+  assert r.returncode == 0, r.stderr[-2000:]
+  assert r.stdout == "ok\nagain\n"
+
+
+def test_sandboxes_from_many_threads(repo, tmp_path):
+  import concurrent.futures
+  import shutil
+
+  def work(i):
+    tree = tmp_path / f"tree{i}"
+    shutil.copytree(repo, tree)
+    for _ in range(5):
+      with BwrapSandbox(str(tree), SandboxLimits(command_timeout=10)) as sb:
+        assert sb.run(f"echo {i}").output == f"{i}\n"
+    return i
+
+  with concurrent.futures.ThreadPoolExecutor(4) as pool:
+    assert sorted(pool.map(work, range(4))) == [0, 1, 2, 3]

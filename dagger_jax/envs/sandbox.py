@@ -500,8 +500,10 @@ _BWRAP_IO_DIR = "/.dagger_jax_io"  # where the sandbox sees the per-command outp
 # `bash -lc`, stdin from /dev/null, stdout+stderr into the FIFO; then it kills every other process
 # of the namespace (whatever the command left running, which also closes the FIFO for good) and
 # writes the exit status as one line to the status descriptor given as $1.
+# The status pipe arrives as fd $1 and is moved to fd 9 (unless it already is 9: `9>&9 9>&-` would
+# close it, which happened whenever the pipe's write end was fd 9 in this process).
 _BWRAP_EXECUTOR = r"""
-eval "exec 9>&$1 $1>&-"
+[ "$1" = 9 ] || eval "exec 9>&$1 $1>&-"
 while IFS= read -r -d '' fifo && IFS= read -r -d '' cmd; do
   bash -lc "$cmd" </dev/null >"$fifo" 2>&1 9>&-
   rc=$?
