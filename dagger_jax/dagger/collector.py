@@ -82,15 +82,24 @@ def episode_id(task: dict, round_index: int, seed: int) -> str:
 
 
 def _already_collected(path: str | None) -> set[str]:
+  """Ids of the episodes already in `path`. A torn last line (a crash mid-write) is cut off, so
+  that episode is collected again and appends start on a fresh line."""
   if not path or not os.path.exists(path):
     return set()
+  with open(path, "rb+") as f:
+    data = f.read()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+      log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path,
+                  len(data) - keep)
+      f.truncate(keep)
   done = set()
-  with open(path) as f:
-    for line in f:
-      try:
-        done.add(json.loads(line)["id"])
-      except (json.JSONDecodeError, KeyError):
-        continue  # a torn last line from a crash: that episode is collected again
+  for n, line in enumerate(data[:keep].decode().splitlines(), 1):
+    try:
+      done.add(json.loads(line)["id"])
+    except (json.JSONDecodeError, KeyError) as e:
+      raise ValueError(f"{path}:{n}: not an episode record ({e}); move the file away to "
+                       f"collect this round again") from None
   return done
 
 

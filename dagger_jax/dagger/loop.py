@@ -89,6 +89,24 @@ def ensure_tokenizer(config: Any, workdir: str, corpus: Callable[[], list[str]])
   return tok
 
 
+def tokenizer_corpus(config: Any, train_tasks: list[dict],
+                     progress: bool = True) -> Callable[[], list[str]]:
+  """What the demo tokenizer learns from: what it will see, i.e. teacher-only episodes on
+  training tasks (up to 32, ungraded) and the tasks' repository files."""
+  from dagger_jax.policies.oracle import OracleTeacher
+
+  def corpus() -> list[str]:
+    tasks = _round_tasks(train_tasks, 0, min(config.dagger.episodes_per_round, 32))
+    trajs, _ = collector.collect(tasks, config=config, round_index=0, beta=1.0,
+                                 teacher=OracleTeacher(), student=None, grade=False,
+                                 progress=progress)
+    texts = [m["content"] for t in trajs for m in t.messages]
+    texts += [text for t in train_tasks for text in (t.get("repo_files") or {}).values()]
+    return texts
+
+  return corpus
+
+
 def _collect_round(config, workdir, round_index, beta, tasks, teacher, student, tokenizer, seed):
   path = _path(workdir, "trajectories", f"round_{round_index:03d}.jsonl")
   _, stats = collector.collect(tasks, config=config, round_index=round_index, beta=beta,
@@ -157,26 +175,22 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
   teacher = OracleTeacher()
   betas = [schedule.beta(r, d) for r in range(d.rounds)]
 
-  def corpus() -> list[str]:
-    # The tokenizer learns from what it will see: the task files and teacher-only episodes.
-    tasks = _round_tasks(train_tasks, 0, min(d.episodes_per_round, 32))
-    trajs, _ = collector.collect(tasks, config=config, round_index=0, beta=1.0, teacher=teacher,
-                                 student=None, grade=False, progress=progress)
-    texts = [m["content"] for t in trajs for m in t.messages]
-    texts += [text for t in train_tasks for text in (t.get("repo_files") or {}).values()]
-    return texts
-
-  tokenizer = ensure_tokenizer(config, workdir, corpus)
+  tokenizer = ensure_tokenizer(config, workdir, tokenizer_corpus(config, train_tasks, progress))
   writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
   metrics_path = os.path.join(workdir, "metrics.jsonl")
-  done_rounds = set()
+  done_rows: dict[int, dict] = {}
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
-      done_rounds = {json.loads(line)["round"] for line in f if line.strip()}
+      done_rows = {row["round"]: row for row in map(json.loads, filter(str.strip, f))}
   params = None
   results = []
   try:
     for r, beta in enumerate(betas):
+      if r in done_rows:  # finished before (resumed run): its checkpoint feeds round r+1
+        results.append(done_rows[r])
+        params = None
+        log.info("round %d: done before (%s)", r, metrics_path)
+        continue
       t0 = time.time()
       student = None
       if beta < 1:
@@ -207,14 +221,13 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
       results.append(row)
       log.info("round %d: beta %.3f, eval resolve rate %.1f%% (%d/%d)", r, beta,
                100 * ev["resolve_rate"], ev["resolved"], ev["episodes"])
-      if r not in done_rounds:
-        with open(metrics_path, "a") as f:
-          f.write(json.dumps(row) + "\n")
-        writer.add_scalar("dagger/beta", beta, r)
-        writer.add_scalar("dagger/eval_resolve_rate", ev["resolve_rate"], r)
-        writer.add_scalar("dagger/labels_this_round", labels, r)
-        for k, v in stats.interventions.items():
-          writer.add_scalar(f"dagger/interventions/{k}", v, r)
+      with open(metrics_path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+      writer.add_scalar("dagger/beta", beta, r)
+      writer.add_scalar("dagger/eval_resolve_rate", ev["resolve_rate"], r)
+      writer.add_scalar("dagger/labels_this_round", labels, r)
+      for k, v in stats.interventions.items():
+        writer.add_scalar(f"dagger/interventions/{k}", v, r)
   finally:
     writer.close()
   return results
@@ -242,8 +255,19 @@ def run_dagger_args(parser) -> None:
   parser.add_argument("--workdir", default=None, help="run directory (default: config.workdir)")
 
 
+def setup_logging() -> None:
+  """Our progress at INFO on the console; libraries (orbax, jax, absl) at WARNING."""
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("dagger_jax").setLevel(logging.INFO)
+  try:
+    from absl import logging as absl_logging
+    absl_logging.set_verbosity(absl_logging.WARNING)
+  except ImportError:
+    pass
+
+
 def run_dagger(args, config) -> int:
-  logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+  setup_logging()
   results = run(config, workdir=args.workdir)
   for row in results:
     print(f"round {row['round']}: beta={row['beta']:.3f} labels={row['labels_this_round']} "

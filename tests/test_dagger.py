@@ -1,0 +1,239 @@
+"""DAgger collection on real toy tasks in the real bubblewrap sandbox: the teacher's policy, the
+turn-level mix, labels on every visited state, interventions, resumable collection files."""
+
+import json
+
+import pytest
+
+from configs import demo as demo_config
+from dagger_jax.dagger import collector, intervention, schedule
+from dagger_jax.data.trajectory import Action, read_jsonl
+from dagger_jax.envs import protocol
+from dagger_jax.envs.tasks import toy
+from dagger_jax.policies.base import EpisodeView, Policy
+from dagger_jax.policies.oracle import OracleTeacher
+
+
+@pytest.fixture(scope="module")
+def tasks():
+  return toy.generate(6, 3, split="train")
+
+
+@pytest.fixture
+def config():
+  c = demo_config.get_config()
+  c.rollout.concurrency = 3
+  c.rollout.env_workers = 3
+  return c
+
+
+def _cmd(text: str) -> str:
+  return f"THOUGHT: scripted.\n\n```{protocol.ACTION_FENCE}\n{text}\n```"
+
+
+class Scripted(Policy):
+  """A stand-in student that always proposes the same text (ids are its bytes), so the
+  collector's bookkeeping can be checked turn by turn. The environment, teacher and grading are
+  real."""
+
+  name = "student"
+
+  def __init__(self, text: str):
+    self.text = text
+    self.calls = 0
+
+  def act(self, views):
+    self.calls += 1
+    return [Action(self.text, tuple(self.text.encode())) for _ in views]
+
+
+@pytest.mark.parametrize("kind,expected", [
+    ("exponential", [1.0, 0.5, 0.25, 0.125]),
+    ("linear", [1.0, 2 / 3, 1 / 3, 0.0]),
+    ("constant", [1.0, 1.0, 1.0, 1.0]),
+])
+def test_beta_schedules(config, kind, expected):
+  config.dagger.beta_schedule = kind
+  config.dagger.rounds = 4
+  assert [schedule.beta(r, config.dagger) for r in range(4)] == pytest.approx(expected)
+
+
+def test_beta_schedule_names_a_bad_kind(config):
+  config.dagger.beta_schedule = "cosine"
+  with pytest.raises(ValueError, match="config.dagger.beta_schedule='cosine'"):
+    schedule.beta(0, config.dagger)
+
+
+def test_teacher_alone_resolves_every_task(tasks, config):
+  trajs, stats = collector.collect(tasks, config=config, round_index=0, beta=1.0,
+                                   teacher=OracleTeacher(), student=None, progress=False)
+  assert stats.episodes == len(tasks) and stats.failed == 0
+  assert stats.resolved == len(tasks), [t.outcome for t in trajs]
+  for t in trajs:
+    assert t.outcome.submitted and t.outcome.patch.strip()
+    assert all(turn.actor == "teacher" and turn.reason == "coin" for turn in t.turns)
+    assert t.outcome.teacher_calls == len(t.turns) == t.outcome.turns
+    assert 4 <= len(t.turns) <= config.env.max_turns
+
+
+def test_student_turns_are_labelled_and_interventions_keep_episodes_going(tasks, config):
+  """beta = 0 with a student that only ever runs `ls`: the first `ls` is the student's (with the
+  teacher's label beside it), every repeat is taken over by the teacher (repeat_command), so the
+  episode still resolves."""
+  student = Scripted(_cmd("ls"))
+  trajs, stats = collector.collect(tasks[:3], config=config, round_index=1, beta=0.0,
+                                   teacher=OracleTeacher(), student=student, progress=False)
+  assert stats.resolved == 3
+  assert stats.interventions["repeat_command"] > 0
+  for t in trajs:
+    for k, turn in enumerate(t.turns):
+      if turn.actor == "student":
+        assert turn.action.text == student.text
+        assert turn.label is not None and turn.label.text != student.text
+      else:
+        assert turn.reason == "intervention" and turn.intervention == "repeat_command"
+        assert turn.label is None
+        # the turn before ran `ls` (student) and this proposal was `ls` again
+        assert protocol.parse_action(t.messages[2 + 2 * (k - 1)]["content"]).command == "ls"
+    assert any(turn.actor == "student" for turn in t.turns)
+    assert t.outcome.teacher_calls == len(t.turns)
+
+
+def test_format_errors_rule_takes_over_before_the_episode_would_end(tasks, config):
+  config.env.max_format_errors = 2
+  student = Scripted("no code block at all")
+  trajs, stats = collector.collect(tasks[:2], config=config, round_index=1, beta=0.0,
+                                   teacher=OracleTeacher(), student=student, progress=False)
+  assert stats.exit_status.get("format_errors", 0) == 0
+  assert stats.interventions["format_errors"] > 0 and stats.resolved == 2
+  for t in trajs:
+    actors = [turn.actor for turn in t.turns]
+    assert "student" in actors  # the first malformed turn is the student's, with its label
+    assert actors.count("student") < len(actors)
+
+
+def test_without_interventions_a_bad_student_ends_its_episodes(tasks, config):
+  config.env.max_format_errors = 2
+  trajs, stats = collector.collect(tasks[:2], config=config, round_index=1, beta=0.0,
+                                   teacher=OracleTeacher(), student=Scripted("nothing"),
+                                   interventions=(), progress=False)
+  assert stats.exit_status["format_errors"] == 2 and stats.resolved == 0
+  assert all(turn.actor == "student" and turn.label is not None
+             for t in trajs for turn in t.turns)
+
+
+def test_premature_submit_rule(tasks, config):
+  student = Scripted(_cmd(f"echo {protocol.SUBMIT_SENTINEL}"))
+  trajs, stats = collector.collect(tasks[:2], config=config, round_index=1, beta=0.0,
+                                   teacher=OracleTeacher(), student=student, progress=False)
+  assert stats.interventions["premature_submit"] > 0 and stats.resolved == 2
+  for t in trajs:  # the student's submit is executed only once the teacher would submit too
+    assert [turn.actor for turn in t.turns][-1] == "student"
+    assert t.turns[-1].label is not None
+
+
+def test_the_coin_mixes_actors_per_turn_reproducibly(tasks, config):
+  def run():
+    return collector.collect(tasks, config=config, round_index=2, beta=0.5,
+                             teacher=OracleTeacher(), student=Scripted(_cmd("ls")), seed=7,
+                             interventions=(), grade=False, progress=False)[0]
+  first, second = run(), run()
+  actors = [[turn.actor for turn in t.turns] for t in first]
+  assert actors == [[turn.actor for turn in t.turns] for t in second]
+  flat = [a for row in actors for a in row]
+  assert 0.2 < flat.count("teacher") / len(flat) < 0.8
+
+
+def test_collection_appends_and_resumes(tasks, config, tmp_path):
+  out = tmp_path / "round.jsonl"
+  kw = dict(config=config, round_index=0, beta=1.0, teacher=OracleTeacher(), student=None,
+            out_path=str(out), grade=False, progress=False)
+  collector.collect(tasks[:2], **kw)
+  with open(out, "a") as f:
+    f.write('{"id": "torn li')  # a crash mid-write
+  trajs, stats = collector.collect(tasks[:4], **kw)
+  assert stats.skipped == 2 and stats.episodes == 2 and len(trajs) == 2
+  ids = [t.id for t in read_jsonl(str(out))]  # the torn line is gone, every line parses
+  assert len(ids) == 4 and len(set(ids)) == 4
+  _, stats = collector.collect(tasks[:4], **kw)
+  assert stats.skipped == 4 and stats.episodes == 0
+
+
+def test_a_task_whose_sandbox_cannot_start_costs_only_that_episode(tasks, config):
+  broken = dict(tasks[0], instance_id="broken", repo_files=None, base_commit="0" * 40)
+  trajs, stats = collector.collect([broken, tasks[1]], config=config, round_index=0, beta=1.0,
+                                   teacher=OracleTeacher(), student=None, grade=False,
+                                   progress=False)
+  assert stats.failed == 1 and [t.task_id for t in trajs] == [tasks[1]["instance_id"]]
+
+
+def test_needs_the_policies_its_beta_uses(tasks, config):
+  with pytest.raises(ValueError, match="needs a teacher"):
+    collector.collect(tasks, config=config, round_index=0, beta=0.5, teacher=None,
+                      student=Scripted("x"), progress=False)
+  with pytest.raises(ValueError, match="needs a student"):
+    collector.collect(tasks, config=config, round_index=0, beta=0.5, teacher=OracleTeacher(),
+                      student=None, progress=False)
+
+
+def test_unknown_intervention_rule_is_named():
+  view = EpisodeView({}, [], [])
+  with pytest.raises(ValueError, match="unknown rule 'bogus'"):
+    intervention.check(["bogus"], view, "a", "b", None)
+
+
+def _tiny(config, tmp_path):
+  """The demo at toy scale: 2 rounds of 4 episodes, 6 steps each, a 2-layer 32-wide student."""
+  m = config.model
+  m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 512, 32, 64, 2
+  m.num_heads, m.num_kv_heads, m.head_dim, m.max_position_embeddings = 2, 1, 16, 1024
+  config.data.max_len = 1024
+  config.train.batch_size, config.train.steps, config.train.warmup_steps = 8, 6, 2  # 8 devices
+  config.train.checkpoint_every, config.train.log_every = 3, 3
+  config.sampler.max_new_tokens = 16
+  config.sampler.length_buckets = (256, 512, 1024)
+  config.env.max_turns = 4
+  config.tasks.n_train, config.tasks.n_eval = 8, 3
+  config.dagger.rounds, config.dagger.episodes_per_round, config.dagger.eval_episodes = 2, 4, 3
+  config.workdir = str(tmp_path / "demo")
+  return config
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_and_resume(config, tmp_path, capsys):
+  """The whole experiment on a tiny budget: tasks, tokenizer, collect -> shards -> train ->
+  evaluate for DAgger and SFT, the comparison, the plot; then a second run reads it all back."""
+  import argparse
+
+  from dagger_jax.dagger import demo
+
+  _tiny(config, tmp_path)
+  parser = argparse.ArgumentParser()
+  demo.demo_args(parser)
+  args = parser.parse_args(["--workdir", config.workdir])
+  assert demo.demo(args, config) == 0
+  out = capsys.readouterr().out
+  summary = json.loads(out.strip().splitlines()[-1])
+  assert summary["eval_tasks"] == 3 and "verdict" in summary
+  for m in ("dagger", "sft"):
+    run = tmp_path / "demo" / f"{m}_seed0"
+    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
+    assert [r["round"] for r in rows] == [0, 1]
+    assert rows[1]["beta"] == (0.5 if m == "dagger" else 1.0)
+    assert all((run / "shards" / f"round_{r:03d}" / "manifest.json").exists() for r in (0, 1))
+    assert (run / "eval" / "round_001.json").exists()
+    r1 = read_jsonl(str(run / "trajectories" / "round_001.jsonl"))
+    turns = [turn for t in r1 for turn in t.turns]
+    if m == "sft":
+      assert {turn.actor for turn in turns} == {"teacher"}
+    else:  # beta 0.5: the coin gives the student turns, each with the teacher's label
+      assert "student" in {turn.actor for turn in turns}
+    assert all(turn.label is not None for turn in turns if turn.actor == "student")
+  sft0 = json.loads((tmp_path / "demo" / "sft_seed0" / "metrics.jsonl").read_text().splitlines()[0])
+  assert sft0["copied_from"].endswith("dagger_seed0")  # round 0 is shared, not redone
+  assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
+  # Run again: every round is read back, the same figures come out.
+  assert demo.demo(args, config) == 0
+  again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert {k: v for k, v in again.items() if k != "minutes"} == {
+      k: v for k, v in summary.items() if k != "minutes"}
