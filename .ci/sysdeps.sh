@@ -2,7 +2,8 @@
 # Install Debian packages the project needs, by their package names (e.g. bubblewrap git).
 # As root this runs apt-get; otherwise it stops and prints the exact command to run.
 set -euo pipefail
-declare -A BIN=([bubblewrap]=bwrap [docker.io]=dockerd [git]=git [debootstrap]=debootstrap)
+declare -A BIN=([bubblewrap]=bwrap [docker.io]=dockerd [git]=git [debootstrap]=debootstrap
+                [python3-pytest]=pytest-3)
 missing=()
 for pkg in "$@"; do
   command -v "${BIN[$pkg]:-$pkg}" >/dev/null 2>&1 || missing+=("$pkg")

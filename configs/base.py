@@ -69,6 +69,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.checkpoint_every = 200
   c.train.keep_checkpoints = 3
   c.train.async_checkpoint = True
+  c.train.peak_tflops = 0.0  # device peak for the MFU estimate; 0 = measured matmul peak on CPU
 
   c.sampler = ml_collections.ConfigDict()
   c.sampler.max_new_tokens = 256
@@ -86,6 +87,7 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.env.memory_mb = 2048
   c.env.cpus = 1.0
   c.env.pids = 256
+  c.env.grade_timeout = 900.0  # seconds for one grading test run
 
   c.tasks = ml_collections.ConfigDict()
   c.tasks.source = "toy"  # toy | pypi:NAME | path to a SWE-bench json/jsonl/parquet file
@@ -94,11 +96,13 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.tasks.n_train = 200
   c.tasks.n_eval = 100
   c.tasks.seed = 0
+  c.tasks.pypi_cache = ""  # where pypi:NAME sdists are cached ("" = ~/.cache/dagger_jax/sdists)
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.engine = "jax"  # jax | sglang
   c.rollout.sglang_url = "http://127.0.0.1:30000"
-  c.rollout.concurrency = 16
+  c.rollout.concurrency = 16  # episodes in flight (one student batch per turn)
+  c.rollout.env_workers = 4  # threads running sandbox commands, teacher calls and grading
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.kind = "oracle"  # oracle | openai
