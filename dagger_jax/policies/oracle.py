@@ -10,13 +10,15 @@ Policy, by the state of the working tree:
     clean, not fixed                      -> the first step not yet taken of
                                              run the tests -> find the function -> show its lines
                                              -> apply the fix
+                                             (each command built only from what the conversation
+                                             shows by then, so a student can imitate it)
     fixed                                 -> run the tests, then submit once they passed
 
 Worked example (a toy task whose bug is on line 2 of timing.py, in `join`):
 
     THOUGHT: Run the tests to see what fails.          python3 -m pytest -rA -q ... tests
-    THOUGHT: Find the function join.                   grep -n "def join" timing.py
-    THOUGHT: Show the lines of join.                   nl -ba timing.py | sed -n '1,4p'
+    THOUGHT: Find the function join.                   grep -rn --include="*.py" "def join(" .
+    THOUGHT: Show the function join.                   nl -ba timing.py | sed -n '1,+3p'
     THOUGHT: Fix line 2 of timing.py.                  sed -i '2s/r = m + n + 1/r = m + n/' timing.py
     THOUGHT: Run the tests again to check the fix.     python3 -m pytest -rA -q ... tests
     THOUGHT: The tests pass. Submit.                   echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT
@@ -62,6 +64,7 @@ class Plan:
   file: str
   line: int
   function: str | None
+  def_line: int | None  # the line of `def function(`
   fix_cmd: str
   test_cmd: str
   gold: dict
@@ -78,7 +81,8 @@ class Plan:
     else:
       file, line = _first_hunk(task["patch"])
       fix_cmd = _git_apply_cmd(task["patch"])
-    return cls(file, line, _function_at(task, file, line), fix_cmd, test_cmd, gold)
+    function, def_line = _function_at(task, file, line)
+    return cls(file, line, function, def_line, fix_cmd, test_cmd, gold)
 
 
 def _first_hunk(patch: str) -> tuple[str, int]:
@@ -97,19 +101,20 @@ def _git_apply_cmd(patch: str) -> str:
   return f"git apply <<'{tag}'\n{patch.rstrip(chr(10))}\n{tag}"
 
 
-def _function_at(task: dict, file: str, line: int) -> str | None:
-  """The name of the `def` enclosing `line` in the task's own copy of `file`, when it has one."""
+def _function_at(task: dict, file: str, line: int) -> tuple[str | None, int | None]:
+  """The name and line of the `def` enclosing `line` in the task's own copy of `file`, when it
+  has one."""
   text = (task.get("repo_files") or {}).get(file)
   if text is None:
-    return None
-  name = None
+    return None, None
+  name, where = None, None
   for i, src in enumerate(text.splitlines(), start=1):
     if i > line:
       break
     m = re.match(r"\s*def (\w+)\(", src)
     if m:
-      name = m.group(1)
-  return name
+      name, where = m.group(1), i
+  return name, where
 
 
 def _commands(view: EpisodeView) -> list[str]:
@@ -146,13 +151,18 @@ class OracleTeacher(Policy):
         return protocol.format_action(f"echo {protocol.SUBMIT_SENTINEL}",
                                       "THOUGHT: The tests pass. Submit.")
       return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests again to check the fix.")
-    lo, hi = max(1, plan.line - 2), plan.line + 2
     steps = [(plan.test_cmd, "THOUGHT: Run the tests to see what fails.")]
-    if plan.function:
-      steps.append((f'grep -n "def {plan.function}" {plan.file}',
+    if plan.function and plan.def_line:
+      # Each step only uses what the conversation already shows (the function name is in the
+      # issue, the file and line in grep's answer), so a student can learn to take it.
+      steps.append((f'grep -rn --include="*.py" "def {plan.function}(" .',
                     f"THOUGHT: Find the function {plan.function}."))
-    steps.append((f"nl -ba {plan.file} | sed -n '{lo},{hi}p'",
-                   f"THOUGHT: Show the lines around line {plan.line} of {plan.file}."))
+      steps.append((f"nl -ba {plan.file} | sed -n '{plan.def_line},+3p'",
+                    f"THOUGHT: Show the function {plan.function}."))
+    else:
+      lo, hi = max(1, plan.line - 2), plan.line + 2
+      steps.append((f"nl -ba {plan.file} | sed -n '{lo},{hi}p'",
+                    f"THOUGHT: Show the lines around line {plan.line} of {plan.file}."))
     for command, thought in steps:
       if command not in commands:
         return protocol.format_action(command, thought)
