@@ -23,6 +23,7 @@ Decoding with a KV cache (used by `sampler.py`) goes through `Qwen3.decode`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -129,28 +130,88 @@ def attention_bias(segment_ids_bt: jax.Array, branch_ids_bt: jax.Array) -> jax.A
                    jnp.finfo(jnp.float32).min).astype(jnp.float32)
 
 
+def _block_ranges(t: int, block: int):
+  return [(start, min(start + block, t)) for start in range(0, t, block)]
+
+
+def _block_attention_fwd_core(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block):
+  """Output [b, k, r, h] and each query block's probabilities [b, k, rows, end] (rows r = t x g,
+  query-major); q is pre-scaled, keys come transposed ([b, k, h, s])."""
+  b, kv, r, h = q_bkrh.shape
+  outs, probs = [], []
+  for start, end in _block_ranges(r // groups, block):
+    rows = slice(start * groups, end * groups)
+    scores = jnp.einsum("bkrh,bkhs->bkrs", q_bkrh[:, :, rows], k_bkhs[:, :, :, :end],
+                        preferred_element_type=jnp.float32)
+    bias = jnp.broadcast_to(bias_btt[:, None, start:end, None, :end],
+                            (b, kv, end - start, groups, end))
+    p = jax.nn.softmax(scores + bias.reshape(scores.shape), axis=-1)
+    probs.append(p)
+    outs.append(jnp.einsum("bkrs,bksh->bkrh", p.astype(v_bksh.dtype), v_bksh[:, :, :end],
+                           preferred_element_type=jnp.float32).astype(v_bksh.dtype))
+  return jnp.concatenate(outs, axis=2), probs
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _block_attention(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block):
+  return _block_attention_fwd_core(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block)[0]
+
+
+def _block_attention_fwd(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block):
+  out, probs = _block_attention_fwd_core(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block)
+  return out, (q_bkrh, k_bkhs, v_bksh, out, probs, bias_btt)
+
+
+def _block_attention_bwd(groups, block, residuals, dout_bkrh):
+  """Softmax attention backward from the saved probabilities, block by block; every matmul
+  takes both operands in row-major order (x^T operands are small [h, rows] transposes)."""
+  q_bkrh, k_bkhs, v_bksh, out_bkrh, probs, bias_btt = residuals
+  f32 = jnp.float32
+  b, kv, r, h = q_bkrh.shape
+  t = r // groups
+  delta_bkr = jnp.sum(dout_bkrh.astype(f32) * out_bkrh.astype(f32), axis=-1)
+  dout_t = jnp.swapaxes(dout_bkrh, 2, 3)  # [b, k, h, r]
+  q_t = jnp.swapaxes(q_bkrh, 2, 3)
+  v_t = jnp.swapaxes(v_bksh, 2, 3)  # [b, k, h, s]
+  k_bksh = jnp.swapaxes(k_bkhs, 2, 3)
+  dq, dk_t, dv_t = [], jnp.zeros((b, kv, h, t), f32), jnp.zeros((b, kv, h, t), f32)
+  for (start, end), p in zip(_block_ranges(t, block), probs):
+    rows = slice(start * groups, end * groups)
+    pad = ((0, 0), (0, 0), (0, 0), (0, t - end))
+    dv_t = dv_t + jnp.pad(jnp.einsum("bkhr,bkrs->bkhs", dout_t[..., rows], p.astype(dout_t.dtype),
+                                     preferred_element_type=f32), pad)
+    dp = jnp.einsum("bkrh,bkhs->bkrs", dout_bkrh[:, :, rows], v_t[..., :end],
+                    preferred_element_type=f32)
+    ds = (p * (dp - delta_bkr[:, :, rows, None])).astype(q_bkrh.dtype)
+    dq.append(jnp.einsum("bkrs,bksh->bkrh", ds, k_bksh[:, :, :end], preferred_element_type=f32))
+    dk_t = dk_t + jnp.pad(jnp.einsum("bkhr,bkrs->bkhs", q_t[..., rows], ds,
+                                     preferred_element_type=f32), pad)
+  return (jnp.concatenate(dq, axis=2).astype(q_bkrh.dtype), dk_t.astype(k_bkhs.dtype),
+          jnp.swapaxes(dv_t, 2, 3).astype(v_bksh.dtype), jnp.zeros_like(bias_btt))
+
+
+_block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
+
+
 def causal_block_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
                            bias_b1tt: jax.Array, block: int = 128) -> jax.Array:
   """Training self-attention over a (packed, branched) row, skipping the upper-right blocks.
 
   The mask is causal in row order, so queries [i, j) only need keys [0, j): with t = 4 blocks
   this does 10/16 of the t x t work, in the backward pass too. (b, k) are the einsums' batch
-  dimensions and (s, h) stay contiguous, which XLA:CPU runs much faster than [b, s, k, h].
-  Scores and softmax in float32; `bias_b1tt` from `attention_bias`.
+  dimensions and each kv head's g queries of a position are adjacent rows ([b, k, t x g, h]), so
+  a query block is a contiguous row range. Scores and softmax in float32; `bias_b1tt` from
+  `attention_bias`. A custom VJP computes the backward pass from the saved probabilities with
+  row-major matmul operands only (XLA:CPU runs transposed-operand batch matmuls slowly).
   """
   b, t, n, h = q_btnh.shape
   kv = k_btkh.shape[2]
-  q_bkgth = (q_btnh * (h ** -0.5)).reshape(b, t, kv, n // kv, h).transpose(0, 2, 3, 1, 4)
-  k_bksh, v_bksh = k_btkh.transpose(0, 2, 1, 3), v_btkh.transpose(0, 2, 1, 3)
-  outs = []
-  for start in range(0, t, block):
-    end = min(start + block, t)
-    scores = jnp.einsum("bkgth,bksh->bkgts", q_bkgth[:, :, :, start:end], k_bksh[:, :, :end],
-                        preferred_element_type=jnp.float32)
-    scores = scores + bias_b1tt[:, :, None, start:end, :end]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v_bksh.dtype)
-    outs.append(jnp.einsum("bkgts,bksh->bkgth", probs, v_bksh[:, :, :end]))
-  return jnp.concatenate(outs, axis=3).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
+  g = n // kv
+  q_bkrh = (q_btnh * (h ** -0.5)).reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4)
+  q_bkrh = q_bkrh.reshape(b, kv, t * g, h)
+  k_bkhs, v_bksh = k_btkh.transpose(0, 2, 3, 1), v_btkh.transpose(0, 2, 1, 3)
+  out_bkrh = _block_attention(q_bkrh, k_bkhs, v_bksh, bias_b1tt[:, 0], g, block)
+  return out_bkrh.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
 
 
 @jax.tree_util.register_dataclass
