@@ -237,3 +237,9 @@ def test_demo_end_to_end_and_resume(config, tmp_path, capsys):
   again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert {k: v for k, v in again.items() if k != "minutes"} == {
       k: v for k, v in summary.items() if k != "minutes"}
+
+
+def test_wilson_interval_is_honest_at_zero():
+  from dagger_jax.dagger.demo import wilson
+  assert wilson(0.0, 50) == pytest.approx((0.0, 0.0713), abs=1e-4)  # not the plain s.e.'s 0
+  assert wilson(0.5, 50) == pytest.approx((0.3664, 0.6336), abs=1e-4)

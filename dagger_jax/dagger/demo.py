@@ -110,16 +110,21 @@ def _use_shared_tokenizer(config: Any, shared: str, run_dir: str) -> None:
     shutil.copytree(src, dst)
 
 
-def stderr_of_rate(p: float, n: int) -> float:
-  """Binomial standard error of a resolve rate measured on n tasks."""
-  return math.sqrt(max(p * (1 - p), 0.0) / n) if n else float("nan")
+def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+  """95% Wilson interval of a resolve rate measured on n tasks (sensible at 0% and 100% too,
+  where the plain standard error is 0)."""
+  if not n:
+    return float("nan"), float("nan")
+  centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+  half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+  return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def table(results: dict[str, list[list[dict]]]) -> str:
   """Held-out resolve rate per round, mean over seeds, side by side."""
   methods = [m for m in METHODS if results.get(m)]
   rounds = max(len(runs[0]) for runs in results.values() if runs)
-  head = f"{'round':>5} " + " ".join(f"{m + ' beta':>11} {m + ' labels':>13} {m + ' resolved':>15}"
+  head = f"{'round':>5} " + " ".join(f"{m + ' beta':>11} {m + ' labels':>13} {m + ' resolved':>20}"
                                      for m in methods)
   lines = [head, "-" * len(head)]
   for r in range(rounds):
@@ -130,9 +135,9 @@ def table(results: dict[str, list[list[dict]]]) -> str:
                    if len(run) > r) / max(1, len(rows))
       rate = sum(x["eval_resolve_rate"] for x in rows) / max(1, len(rows))
       n = sum(x["eval_episodes"] for x in rows)
-      se = stderr_of_rate(rate, n)
+      lo, hi = wilson(rate, n)
       cells.append(f"{rows[0]['beta']:>11.3f} {labels:>13.0f} "
-                   f"{100 * rate:>8.1f}%±{100 * se:>4.1f}")
+                   f"{100 * rate:>5.1f}% [{100 * lo:>4.1f},{100 * hi:>5.1f}]")
     lines.append(f"{r:>5} " + " ".join(cells))
   return "\n".join(lines)
 
@@ -192,7 +197,7 @@ def demo(args, config) -> int:
       print(f"== {m}, seed {seed} -> {run_dir}", flush=True)
       results[m].append(loop.run(c, workdir=run_dir))
   text = table(results)
-  print("\nheld-out resolve rate of the student alone (mean over seeds ± binomial s.e.):")
+  print("\nheld-out resolve rate of the student alone (mean over seeds, [95% Wilson interval]):")
   print(text)
   summary: dict[str, Any] = {"demo": config.name, "seeds": args.seeds,
                              "minutes": round((time.time() - start) / 60, 1)}
@@ -202,14 +207,13 @@ def demo(args, config) -> int:
   n = sum(run[-1]["eval_episodes"] for run in next(iter(results.values())))
   summary["eval_tasks"] = n
   if len(results) == 2:
-    gap = summary["dagger_final"] - summary["sft_final"]
-    se = math.hypot(stderr_of_rate(summary["dagger_final"], n),
-                    stderr_of_rate(summary["sft_final"], n))
+    a, b = summary["dagger_final"], summary["sft_final"]
+    gap, pooled = a - b, (a + b) / 2
+    se = math.sqrt(pooled * (1 - pooled) * 2 / n) if n else float("nan")  # two-proportion test
     verdict = ("DAgger ahead" if gap > 2 * se else "SFT ahead" if gap < -2 * se else
                "no difference beyond noise (2 s.e.)")
-    print(f"\nfinal round: DAgger {100 * summary['dagger_final']:.1f}% vs SFT "
-          f"{100 * summary['sft_final']:.1f}% (difference {100 * gap:+.1f} points, "
-          f"s.e. {100 * se:.1f}): {verdict}")
+    print(f"\nfinal round: DAgger {100 * a:.1f}% vs SFT {100 * b:.1f}% on {n} held-out tasks "
+          f"(difference {100 * gap:+.1f} points, s.e. {100 * se:.1f}): {verdict}")
     summary["verdict"] = verdict
   if not args.no_plot:
     path = plot(results, os.path.join(workdir, "demo.png"))
