@@ -243,3 +243,28 @@ def test_wilson_interval_is_honest_at_zero():
   from dagger_jax.dagger.demo import wilson
   assert wilson(0.0, 50) == pytest.approx((0.0, 0.0713), abs=1e-4)  # not the plain s.e.'s 0
   assert wilson(0.5, 50) == pytest.approx((0.3664, 0.6336), abs=1e-4)
+
+
+@pytest.mark.parametrize("key,value", [("teacher.kind", "openai"), ("rollout.engine", "sglang")])
+def test_dagger_refuses_parts_not_built_yet(config, tmp_path, key, value):
+  from dagger_jax.dagger import loop
+  group, name = key.split(".")
+  config[group][name] = value
+  with pytest.raises(NotImplementedError, match=f"config.{key}='{value}'"):
+    loop.run(config, workdir=str(tmp_path))
+  assert not any(tmp_path.iterdir())  # refused before any work
+
+
+def test_round0_student_is_the_model_training_starts_from(config, tmp_path):
+  import jax
+  import numpy as np
+
+  from dagger_jax.dagger import loop
+  from dagger_jax.model.params_io import pure_params
+  from dagger_jax.train.trainer import Trainer, mesh_from_config
+
+  _tiny(config, tmp_path)
+  acting = pure_params(loop._acting_model(config, str(tmp_path), 0))
+  start = Trainer(config, mesh_from_config(config.mesh)).init_state(config.seed).params
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+               acting, start)

@@ -136,38 +136,55 @@ def evaluate(config, workdir, round_index, student, tokenizer, eval_tasks) -> di
   return summary
 
 
-def _student(config, params, tokenizer):
-  from dagger_jax.model.params_io import model_from_params
-  from dagger_jax.model.qwen3 import Qwen3Config
+def _student(config, model, tokenizer):
   from dagger_jax.policies.jax_policy import JaxPolicy
 
-  model = model_from_params(Qwen3Config.from_config(config.model), params)
   return JaxPolicy(model, tokenizer, config.sampler, enable_thinking=config.data.enable_thinking,
                    seed=config.seed, max_prompt_len=config.model.max_position_embeddings
                    - config.sampler.max_new_tokens)
 
 
-def _initial_params(config):
-  """Round 0's student: the base model (`config.model.init_from`) or a random init."""
-  import jax
+def _acting_model(config, workdir, round_index):
+  """The student acting in round r: round r-1's last checkpoint, for round 0 the base model
+  (`config.model.init_from`) or a random init from `config.seed`."""
   from flax import nnx
 
-  from dagger_jax.model.params_io import load_params, pure_params
+  from dagger_jax.model.params_io import load_params
   from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
+  from dagger_jax.train.trainer import checkpoint_dir
 
+  model_config = Qwen3Config.from_config(config.model)
+  if round_index > 0:
+    return load_params(checkpoint_dir(workdir, round_index - 1), config=model_config)
   if config.model.init_from:
-    return pure_params(load_params(config.model.init_from))
-  model = Qwen3(Qwen3Config.from_config(config.model), rngs=nnx.Rngs(config.seed))
-  return jax.device_get(pure_params(model))
+    return load_params(config.model.init_from, config=model_config)
+  import jax
+
+  # Trainer.init_state(config.seed)'s init (equal up to jit's float rounding): where round 0's
+  # training starts
+  return Qwen3(model_config, rngs=nnx.Rngs(params=jax.random.PRNGKey(config.seed)))
+
+
+def _check_supported(config) -> None:
+  """Config values the schema accepts but this loop does not run yet."""
+  if config.teacher.kind != "oracle":
+    raise NotImplementedError(f"config.teacher.kind={config.teacher.kind!r}: only the scripted "
+                              f"'oracle' teacher is built so far")
+  if config.rollout.engine != "jax":
+    raise NotImplementedError(f"config.rollout.engine={config.rollout.engine!r}: only the "
+                              f"in-process 'jax' sampler is built so far")
 
 
 def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> list[dict]:
   """Runs (or resumes) every round; returns one metrics dict per round."""
   from tensorboardX import SummaryWriter
 
+  from dagger_jax.model.params_io import model_from_params
+  from dagger_jax.model.qwen3 import Qwen3Config
   from dagger_jax.policies.oracle import OracleTeacher
   from dagger_jax.train import trainer
 
+  _check_supported(config)
   workdir = workdir or config.workdir
   os.makedirs(workdir, exist_ok=True)
   d = config.dagger
@@ -182,36 +199,34 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
       done_rows = {row["round"]: row for row in map(json.loads, filter(str.strip, f))}
-  params = None
+  model = None  # the student after the last round trained in this process
   results = []
   try:
     for r, beta in enumerate(betas):
       if r in done_rows:  # finished before (resumed run): its checkpoint feeds round r+1
         results.append(done_rows[r])
-        params = None
+        model = None
         log.info("round %d: done before (%s)", r, metrics_path)
         continue
       t0 = time.time()
       student = None
       if beta < 1:
-        if params is None:
-          params = _previous_params(config, workdir, r, trainer)
-        student = _student(config, params, tokenizer)
+        student = _student(config, model or _acting_model(config, workdir, r), tokenizer)
       tasks = _round_tasks(train_tasks, r, d.episodes_per_round)
       traj_path, stats = _collect_round(config, workdir, r, beta, tasks, teacher, student,
                                         tokenizer, seed=config.seed * 1_000_003 + r * 10_007)
+      trajs = read_jsonl(traj_path)  # this round's episodes, including any from before a resume
       shard = shards_lib.shard_dir(workdir, r)
       if not os.path.exists(os.path.join(shard, shards_lib.MANIFEST)):
-        shards_lib.build_shards(read_jsonl(traj_path), tokenizer, config.data, shard, round=r)
+        shards_lib.build_shards(trajs, tokenizer, config.data, shard, round=r)
       collect_s = time.time() - t0
       result = trainer.train(config, [shards_lib.shard_dir(workdir, i) for i in range(r + 1)],
                              workdir=workdir, round_index=r, progress=progress,
                              log=lambda m: log.info("%s", m))
-      params = result.state.params
+      model = model_from_params(Qwen3Config.from_config(config.model), result.state.params)
       train_s = time.time() - t0 - collect_s
-      ev = evaluate(config, workdir, r, _student(config, params, tokenizer), tokenizer, eval_tasks)
-      with open(traj_path) as f:
-        labels = sum(1 for line in f for _ in json.loads(line)["turns"])
+      ev = evaluate(config, workdir, r, _student(config, model, tokenizer), tokenizer, eval_tasks)
+      labels = sum(len(t.turns) for t in trajs)
       row = {"round": r, "beta": beta, "labels_this_round": labels,
              "train_loss": result.history[-1]["loss"] if result.history else None,
              "eval_resolve_rate": ev["resolve_rate"], "eval_resolved": ev["resolved"],
@@ -231,24 +246,6 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
   finally:
     writer.close()
   return results
-
-
-def _previous_params(config, workdir, round_index, trainer):
-  """The student acting in round r: round r-1's trained params, else the initial params."""
-  if round_index == 0:
-    return _initial_params(config)
-  prev = trainer.checkpoint_dir(workdir, round_index - 1)
-  from dagger_jax.train import checkpoint
-  from dagger_jax.train.trainer import Trainer, mesh_from_config
-
-  t = Trainer(config, mesh_from_config(config.mesh))
-  ckpt = checkpoint.Checkpointer(prev, keep=config.train.keep_checkpoints, async_save=False)
-  if ckpt.latest_step() is None:
-    raise FileNotFoundError(f"round {round_index} needs round {round_index - 1}'s checkpoint in "
-                            f"{prev}")
-  arrays, _ = ckpt.restore(t.abstract_state, items=("params",))
-  ckpt.close()
-  return arrays["params"]
 
 
 def run_dagger_args(parser) -> None:
