@@ -23,11 +23,13 @@ on them) are made once in `<workdir>/shared` and used by both runs, so they see 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import math
 import os
 import shutil
+import statistics
 import time
 from typing import Any
 
@@ -56,6 +58,9 @@ def method_config(config: Any, method: str, seed: int, shared: str, workdir: str
   c.workdir = workdir
   c.tasks.train_file = c.tasks.train_file or os.path.join(shared, "tasks", "train.jsonl")
   c.tasks.eval_file = c.tasks.eval_file or os.path.join(shared, "tasks", "eval.jsonl")
+  if c.data.tokenizer == "demo-bpe":  # the one trained in `shared`, by path
+    from dagger_jax.data.tokenizer import DEMO_DIRNAME
+    c.data.tokenizer = os.path.join(shared, DEMO_DIRNAME)
   if method == "sft":
     c.dagger.beta_schedule = "constant"
     c.dagger.beta0 = 1.0
@@ -73,7 +78,6 @@ def _prepare_shared(config: Any, shared: str) -> None:
 
 def _share_round0(dagger_dir: str, sft_dir: str) -> None:
   """SFT's round 0 is DAgger's round 0 (beta = 1 in both): copy it instead of redoing it."""
-  from dagger_jax.data import tokenizer as tokenizer_lib
   from dagger_jax.data.shards import shard_dir
   from dagger_jax.train.trainer import checkpoint_dir
 
@@ -84,9 +88,7 @@ def _share_round0(dagger_dir: str, sft_dir: str) -> None:
   if row0["round"] != 0 or row0["beta"] != 1.0:
     return
   pairs = [(shard_dir(dagger_dir, 0), shard_dir(sft_dir, 0)),
-           (checkpoint_dir(dagger_dir, 0), checkpoint_dir(sft_dir, 0)),
-           (os.path.join(dagger_dir, tokenizer_lib.DEMO_DIRNAME),
-            os.path.join(sft_dir, tokenizer_lib.DEMO_DIRNAME))]
+           (checkpoint_dir(dagger_dir, 0), checkpoint_dir(sft_dir, 0))]
   for name in ("trajectories/round_000.jsonl", "eval/round_000.jsonl", "eval/round_000.json"):
     pairs.append((os.path.join(dagger_dir, name), os.path.join(sft_dir, name)))
   for src, dst in pairs:
@@ -99,15 +101,9 @@ def _share_round0(dagger_dir: str, sft_dir: str) -> None:
     f.write(json.dumps({**row0, "copied_from": dagger_dir}) + "\n")
 
 
-def _use_shared_tokenizer(config: Any, shared: str, run_dir: str) -> None:
-  from dagger_jax.data import tokenizer as tokenizer_lib
-
-  if config.data.tokenizer != "demo-bpe":
-    return
-  src = os.path.join(shared, tokenizer_lib.DEMO_DIRNAME)
-  dst = os.path.join(run_dir, tokenizer_lib.DEMO_DIRNAME)
-  if not os.path.exists(dst):
-    shutil.copytree(src, dst)
+def cumulative_labels(run: list[dict]) -> list[int]:
+  """Teacher labels collected up to and including each round of one run."""
+  return list(itertools.accumulate(row["labels_this_round"] for row in run))
 
 
 def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
@@ -130,9 +126,9 @@ def table(results: dict[str, list[list[dict]]]) -> str:
   for r in range(rounds):
     cells = []
     for m in methods:
-      rows = [run[r] for run in results[m] if len(run) > r]
-      labels = sum(sum(x["labels_this_round"] for x in run[:r + 1]) for run in results[m]
-                   if len(run) > r) / max(1, len(rows))
+      runs = [run for run in results[m] if len(run) > r]
+      rows = [run[r] for run in runs]
+      labels = statistics.mean(cumulative_labels(run)[r] for run in runs)
       rate = sum(x["eval_resolve_rate"] for x in rows) / max(1, len(rows))
       n = sum(x["eval_episodes"] for x in rows)
       lo, hi = wilson(rate, n)
@@ -155,11 +151,7 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
   colors = {"dagger": "tab:blue", "sft": "tab:orange"}
   for m, runs in results.items():
     for i, run in enumerate(runs):
-      labels, total = [], 0
-      for row in run:
-        total += row["labels_this_round"]
-        labels.append(total)
-      ax.plot(labels, [100 * row["eval_resolve_rate"] for row in run], "o-", color=colors[m],
+      ax.plot(cumulative_labels(run), [100 * row["eval_resolve_rate"] for row in run], "o-", color=colors[m],
               alpha=1.0 if i == 0 else 0.5, label=m if i == 0 else None)
   ax.set_xlabel("teacher labels (cumulative)")
   ax.set_ylabel("held-out resolved (%), student alone")
@@ -191,7 +183,6 @@ def demo(args, config) -> int:
     for m in methods:
       run_dir = os.path.join(workdir, f"{m}_seed{seed}")
       c = method_config(config, m, seed, shared, run_dir)
-      _use_shared_tokenizer(c, shared, run_dir)
       if m == "sft" and "dagger" in methods:
         _share_round0(os.path.join(workdir, f"dagger_seed{seed}"), run_dir)
       print(f"== {m}, seed {seed} -> {run_dir}", flush=True)
@@ -203,7 +194,7 @@ def demo(args, config) -> int:
                              "minutes": round((time.time() - start) / 60, 1)}
   for m, runs in results.items():
     summary[f"{m}_final"] = sum(run[-1]["eval_resolve_rate"] for run in runs) / len(runs)
-    summary[f"{m}_labels"] = sum(sum(r["labels_this_round"] for r in run) for run in runs) / len(runs)
+    summary[f"{m}_labels"] = statistics.mean(cumulative_labels(run)[-1] for run in runs)
   n = sum(run[-1]["eval_episodes"] for run in next(iter(results.values())))
   summary["eval_tasks"] = n
   if len(results) == 2:
