@@ -11,6 +11,11 @@ MFU = achieved FLOP/s / peak, with FLOPs per token = 6 * matmul params + 12 * la
 head_dim * seq_len (`trainer.flops_per_token`) and the peak = the best float32 matmul rate
 measured in this run (JAX and torch, 2048^3). The last line printed is one JSON object.
 
+Host memory: by default both sides run after `dagger_jax.hostmem.keep_host_memory()` (what the
+`dagger-jax` CLI does), so freed host memory is reused rather than mmapped and faulted in afresh
+every step; `--system-malloc` leaves glibc's defaults (XLA's step then spends ~0.3 s per step
+in the kernel faulting pages, PyTorch's ~0.14 s).
+
 On a loaded machine the wall-clock ratio flatters us: torch's OpenMP threads busy-wait and lose
 far more to other processes than XLA's pool does. The JSON also carries process CPU seconds per
 step, which load changes much less (run with OMP_WAIT_POLICY=PASSIVE so that torch's spinning
@@ -30,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from dagger_jax import configlib
+from dagger_jax import configlib, hostmem
 from dagger_jax.model.qwen3 import Qwen3Config
 from dagger_jax.train import trainer as T
 
@@ -120,8 +125,12 @@ def main() -> None:
   p.add_argument("--quick", action="store_true", help="3 rounds of 2 steps (under a minute)")
   p.add_argument("--rounds", type=int, default=7)
   p.add_argument("--steps", type=int, default=3, help="steps per framework per round")
+  p.add_argument("--system-malloc", action="store_true",
+                 help="leave glibc's allocator as it is (default: dagger_jax.hostmem."
+                      "keep_host_memory(), as the dagger-jax CLI does; applies to both sides)")
   a = p.parse_args()
   rounds, steps = (3, 2) if a.quick else (a.rounds, a.steps)
+  host_memory_kept = False if a.system_malloc else hostmem.keep_host_memory()
 
   config = _config()
   ours, ref = Ours(config), Torch(config.model)
@@ -153,7 +162,8 @@ def main() -> None:
                     "torch_mfu": round(mfu["torch"], 4), "peak_gflops": peak_flops / 1e9,
                     "cpu_s_per_step": round(statistics.median(cpu["ours"]), 3),
                     "torch_cpu_s_per_step": round(statistics.median(cpu["torch"]), 3),
-                    "compile_s": round(compile_s, 2), "threads": torch.get_num_threads(),
+                    "compile_s": round(compile_s, 2), "host_memory_kept": host_memory_kept,
+                    "threads": torch.get_num_threads(),
                     "cpus": os.cpu_count(), "quick": a.quick}))
 
 

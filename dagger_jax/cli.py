@@ -16,7 +16,7 @@ import os
 import sys
 from typing import Sequence
 
-from dagger_jax import configlib
+from dagger_jax import configlib, hostmem
 
 # (words) -> ("module:function", one-line help)
 VERBS: dict[tuple[str, ...], tuple[str, str]] = {
@@ -130,6 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
   target, help_ = VERBS[words]
   module_name, fn_name = target.split(":")
+  hostmem.keep_host_memory()  # before any verb starts the JAX backend (see hostmem.py)
   module = importlib.import_module(module_name)
   fn = getattr(module, fn_name)
   parser = argparse.ArgumentParser(
