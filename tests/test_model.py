@@ -146,7 +146,8 @@ def test_rope_matches_transformers():
   b, t, n, h = 2, 9, 3, 16
   rng = np.random.RandomState(0)
   q, k = rng.randn(2, b, t, n, h).astype(np.float32)
-  positions = np.stack([np.arange(t), [0, 1, 2, 3, 4, 2, 3, 4, 5]]).astype(np.int32)  # a branch
+  # a row ending at the table's last position, and one with a branch
+  positions = np.stack([np.arange(4096 - t, 4096), [0, 1, 2, 3, 4, 2, 3, 4, 5]]).astype(np.int32)
   hf_config = transformers.Qwen3Config(head_dim=h, num_attention_heads=n,
                                        rope_parameters={"rope_type": "default",
                                                         "rope_theta": 1_000_000.0})
@@ -154,9 +155,9 @@ def test_rope_matches_transformers():
   cos, sin = emb(torch.zeros(1), torch.from_numpy(positions.astype(np.int64)))
   to_bnth = lambda x: torch.from_numpy(x).transpose(1, 2)
   want_q, want_k = modeling_qwen3.apply_rotary_pos_emb(to_bnth(q), to_bnth(k), cos, sin)
-  assert_close_rel(rope(jnp.asarray(q), jnp.asarray(positions), 1_000_000.0),
+  assert_close_rel(rope(jnp.asarray(q), jnp.asarray(positions), 1_000_000.0, 4096),
                    want_q.transpose(1, 2).numpy())
-  assert_close_rel(rope(jnp.asarray(k), jnp.asarray(positions), 1_000_000.0),
+  assert_close_rel(rope(jnp.asarray(k), jnp.asarray(positions), 1_000_000.0, 4096),
                    want_k.transpose(1, 2).numpy())
 
 
@@ -165,12 +166,18 @@ def test_rope_scores_depend_on_relative_position_only():
   q, k = (jnp.asarray(rng.randn(1, 1, 1, 16).astype(np.float32)) for _ in range(2))
 
   def score(m, n):
-    at = lambda x, p: rope(x, jnp.full((1, 1), p, jnp.int32), 10_000.0)
+    at = lambda x, p: rope(x, jnp.full((1, 1), p, jnp.int32), 10_000.0, 128)
     return float(jnp.sum(at(q, m) * at(k, n)))
 
   assert score(7, 3) == pytest.approx(score(104, 100), rel=1e-5)
   assert score(7, 3) != pytest.approx(score(7, 4), rel=1e-3)
-  np.testing.assert_allclose(rope(q, jnp.zeros((1, 1), jnp.int32), 10_000.0), q)  # identity at 0
+  np.testing.assert_allclose(rope(q, jnp.zeros((1, 1), jnp.int32), 10_000.0, 128), q)  # identity at 0
+
+
+def test_rope_position_beyond_the_table_is_nan_not_a_wrong_rotation():
+  q = jnp.ones((1, 2, 1, 8), jnp.float32)
+  out = rope(q, jnp.array([[15, 16]], jnp.int32), 10_000.0, 16)
+  assert np.isfinite(np.asarray(out[0, 0])).all() and np.isnan(np.asarray(out[0, 1])).all()
 
 
 # ----------------------------------------------------------------------------- the attention rule
