@@ -106,6 +106,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ConfigError(
         f"config.model.num_heads={m.num_heads} must be a multiple of "
         f"config.model.num_kv_heads={m.num_kv_heads} (grouped-query attention)")
+  data = config.get("data")
+  if (m is not None and data is not None and data.get("max_len")
+      and data.max_len > m.max_position_embeddings):
+    raise ConfigError(
+        f"config.data.max_len={data.max_len} exceeds config.model.max_position_embeddings="
+        f"{m.max_position_embeddings} (a row's positions must have rotary embeddings)")
   mesh = config.get("mesh")
   if mesh is not None:
     for axis in ("data", "fsdp", "tensor"):

@@ -46,6 +46,7 @@ def test_override_applies():
     (["--config.train.lr=-1"], "train.lr"),
     (["--config.env.sandbox=ssh"], "env.sandbox"),
     (["--config.mesh.data=0"], "mesh.data"),
+    (["--config.data.max_len=8192"], "data.max_len=8192 exceeds config.model.max_position"),
     (["--config", "does/not/exist.py"], "does/not/exist.py"),
 ])
 def test_bad_config_names_the_problem(args, needle):

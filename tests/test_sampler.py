@@ -288,6 +288,7 @@ def test_prefill_then_decode_equals_full_forward(pair):
     (dict(temperature=-1.0), "temperature=-1.0"),
     (dict(top_p=0.0), "top_p=0.0"),
     (dict(stop_token_ids=[VOCAB]), "stop_token_ids"),
+    (dict(prompts=[[1] * 250], max_new_tokens=7), "exceeds the model's max_position_embeddings"),
 ])
 def test_bad_arguments_are_named(pair, kwargs, message):
   _, model = pair

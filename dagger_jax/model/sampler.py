@@ -204,6 +204,10 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
       raise ValueError(f"generate: prompt {i} has a token id outside [0, {vocab})")
   if max_new_tokens < 1:
     raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+  longest, limit = max(len(x) for x in prompts), model.config.max_position_embeddings
+  if longest + max_new_tokens > limit:
+    raise ValueError(f"generate: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} "
+                     f"exceeds the model's max_position_embeddings={limit} (shorten the prompt)")
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                      f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
