@@ -307,6 +307,8 @@ def test_state_left_by_a_killed_process_is_reaped(repo):
   dead.wait()  # its pid names the leftovers of a "killed" sandbox owner
   stale_tmp = os.path.join(sbx.tempfile.gettempdir(), f"dagger-jax-bwrap-{dead.pid}-x1")
   os.makedirs(os.path.join(stale_tmp, "tmp"))
+  stale_task = os.path.join(sbx.tempfile.gettempdir(), f"dagger-jax-task-{dead.pid}-x3")
+  os.makedirs(os.path.join(stale_task, "repo"))
   mine = os.path.join(sbx.tempfile.gettempdir(), f"dagger-jax-bwrap-{os.getpid()}-x2")
   os.makedirs(mine)
   stale_cgroup = f"/sys/fs/cgroup/pids/dagger-jax-{dead.pid}-deadbeef"
@@ -318,13 +320,14 @@ def test_state_left_by_a_killed_process_is_reaped(repo):
   try:
     with BwrapSandbox(str(repo)) as sb:
       assert sb.run("echo ok").output == "ok\n"
-    assert not os.path.exists(stale_tmp)
+    assert not os.path.exists(stale_tmp) and not os.path.exists(stale_task)
     assert os.path.exists(mine)  # a live process's state is left alone
     if stale_cgroup is not None:
       assert not os.path.exists(stale_cgroup)
   finally:
     sbx.shutil.rmtree(mine, ignore_errors=True)
     sbx.shutil.rmtree(stale_tmp, ignore_errors=True)
+    sbx.shutil.rmtree(stale_task, ignore_errors=True)
 
 
 _FD_PROBE = textwrap.dedent("""

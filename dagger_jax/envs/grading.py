@@ -76,12 +76,13 @@ def task_sandbox(task: dict, env_config: Any, **limit_overrides) -> Iterator[San
   otherwise the task is materialized into a temporary directory, which bwrap binds (or docker
   copies into the base image) at /testbed, and which is removed afterwards.
   """
-  from dagger_jax.envs.sandbox import make_sandbox
+  from dagger_jax.envs.sandbox import make_sandbox, reap_stale
   if env_config.sandbox == "docker" and task.get("image"):
     with make_sandbox(env_config, image=task["image"], **limit_overrides) as sb:
       yield sb
     return
-  tmp = tempfile.mkdtemp(prefix="dagger_jax_task_")
+  reap_stale(tempfile.gettempdir(), rmtree=True)  # checkouts of SIGKILLed runs
+  tmp = tempfile.mkdtemp(prefix=f"dagger-jax-task-{os.getpid()}-")
   try:
     repo = os.path.join(tmp, "repo")
     materialize(task, repo)

@@ -262,13 +262,13 @@ def _run_process(argv: list[str], *, timeout: float, max_output_chars: int,
                     duration_s=time.monotonic() - start, elided_chars=elided)
 
 
-_STALE_NAME = re.compile(r"^dagger-jax-(?:bwrap-|tmp-)?(\d+)-")
+_STALE_NAME = re.compile(r"^dagger-jax-(?:bwrap-|tmp-|task-)?(\d+)-")
 _REAPED_DIRS: set[str] = set()
 
 
-def _reap_stale(parent: str, rmtree: bool) -> None:
-  """Once per process and folder: removes sandbox state dirs / cgroups that a SIGKILLed process
-  (named by the pid in their name) left behind."""
+def reap_stale(parent: str, rmtree: bool) -> None:
+  """Once per process and folder: removes sandbox state dirs, task checkouts and cgroups that a
+  SIGKILLed process (named by the pid in their name) left behind."""
   if parent in _REAPED_DIRS:
     return
   _REAPED_DIRS.add(parent)
@@ -396,7 +396,7 @@ class _Cgroup:
     try:
       for mount, own_path, files in plan:
         parent = os.path.join(mount, own_path.lstrip("/"))
-        _reap_stale(parent, rmtree=False)
+        reap_stale(parent, rmtree=False)
         d = os.path.join(parent, name)
         os.mkdir(d)
         made.append(d)
@@ -585,7 +585,7 @@ class BwrapSandbox(Sandbox):
     self._closed = False
     self._lock = threading.Lock()  # one command at a time
     self._seq = 0
-    _reap_stale(tempfile.gettempdir(), rmtree=True)
+    reap_stale(tempfile.gettempdir(), rmtree=True)
     self._state = tempfile.mkdtemp(prefix=f"dagger-jax-bwrap-{os.getpid()}-")
     self._tmp = os.path.join(self._state, "tmp")  # the sandbox's private /tmp
     self._io = os.path.join(self._state, "io")  # per-command output FIFOs
