@@ -1,6 +1,6 @@
 """`dagger-jax demo`: a complete small DAgger experiment on CPU, with its SFT baseline.
 
-    dagger-jax demo --config configs/demo.py                 # ~10 minutes on 2 cores
+    dagger-jax demo --config configs/demo.py                 # ~17 minutes on 2 cores
     dagger-jax demo --config configs/demo.py --seeds 3       # the same, 3 seeds (3x the time)
 
 Two runs with the same budget of rounds, episodes per round and gradient steps per round:
@@ -149,10 +149,18 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
     return None
   fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
   colors = {"dagger": "tab:blue", "sft": "tab:orange"}
+  top = 0.0
   for m, runs in results.items():
     for i, run in enumerate(runs):
-      ax.plot(cumulative_labels(run), [100 * row["eval_resolve_rate"] for row in run], "o-", color=colors[m],
-              alpha=1.0 if i == 0 else 0.5, label=m if i == 0 else None)
+      x = cumulative_labels(run)
+      rates = [row["eval_resolve_rate"] for row in run]
+      lo, hi = zip(*(wilson(r, row["eval_episodes"]) for r, row in zip(rates, run)))
+      ax.plot(x, [100 * r for r in rates], "o-", color=colors[m], alpha=1.0 if i == 0 else 0.5,
+              label=f"{m} (95% Wilson band)" if i == 0 else None)
+      ax.fill_between(x, [100 * v for v in lo], [100 * v for v in hi], color=colors[m],
+                      alpha=0.15 if i == 0 else 0.07, linewidth=0)
+      top = max(top, *(100 * v for v in hi))
+  ax.set_ylim(0, min(100, max(10.0, 1.1 * top)))  # rates are >= 0; 0% is a floor, not a centre
   ax.set_xlabel("teacher labels (cumulative)")
   ax.set_ylabel("held-out resolved (%), student alone")
   ax.set_title("DAgger vs SFT on the same budget")
