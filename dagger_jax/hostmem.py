@@ -10,9 +10,9 @@ in and zeroes every page again: measured on the 2-core CPU machine, 170k minor p
 `keep_host_memory()` tells glibc (`mallopt`) to serve every size from the main arena's heap and to
 never hand freed memory back, so once the heap has grown to the process's peak (a few steps) the
 same pages are reused: 0 faults, and the step takes ~0.81 s instead of ~1.0 s (PyTorch's ~0.97
--> ~0.84 s in the same process). The cost: the process keeps
-its peak heap (RSS does not shrink after a peak) and all threads share one arena (allocation-heavy
-threads may contend; XLA and PyTorch allocate few, large blocks).
+-> ~0.84 s in the same process). The cost: the process keeps its peak heap (RSS does not shrink
+after a peak) and all threads share one arena (allocation-heavy threads may contend; XLA and
+PyTorch allocate few, large blocks).
 
 Call it before the JAX backend starts (before the first `jax.devices()` or computation): a thread
 keeps the arena it first allocated from, and XLA's worker threads start with the backend. The

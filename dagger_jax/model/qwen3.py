@@ -107,13 +107,17 @@ def rope_table(head_dim: int, theta: float, max_positions: int) -> tuple[np.ndar
   and sin are taken here once, on the host (float64, rounded to float32). Computing them in the
   graph instead costs ~4% of a CPU training step (`benchmarks/train_step.py`): XLA fuses the cos
   and sin into every consumer, so each layer's q and k, forward and backward, evaluate them again
-  per element. The tables are compile-time constants (2 x 1 MiB for 4096 positions x head_dim 128).
+  per element. The tables are compile-time constants: 2 x 1 MiB for 4096 positions x head_dim 128
+  (2 x 10 MiB at Qwen3's 40960 positions). Read-only: the cache hands out the same arrays.
   """
   inv_freq = (1.0 / (np.float32(theta) ** (np.arange(0, head_dim, 2, dtype=np.float32)
                                            / np.float32(head_dim)))).astype(np.float32)
   angles = np.arange(max_positions, dtype=np.float32)[:, None] * inv_freq[None, :]
-  angles = angles.astype(np.float64)
-  return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
+  tables = (np.cos(angles.astype(np.float64)).astype(np.float32),
+            np.sin(angles.astype(np.float64)).astype(np.float32))
+  for table in tables:
+    table.flags.writeable = False
+  return tables
 
 
 def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float,
