@@ -147,22 +147,19 @@ def _student(config, model, tokenizer):
 def _acting_model(config, workdir, round_index):
   """The student acting in round r: round r-1's last checkpoint, for round 0 the base model
   (`config.model.init_from`) or a random init from `config.seed`."""
-  from flax import nnx
+  import jax
 
   from dagger_jax.model.params_io import load_params
-  from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
-  from dagger_jax.train.trainer import checkpoint_dir
+  from dagger_jax.model.qwen3 import Qwen3Config
+  from dagger_jax.train.trainer import checkpoint_dir, init_model
 
   model_config = Qwen3Config.from_config(config.model)
   if round_index > 0:
     return load_params(checkpoint_dir(workdir, round_index - 1), config=model_config)
   if config.model.init_from:
     return load_params(config.model.init_from, config=model_config)
-  import jax
-
-  # Trainer.init_state(config.seed)'s init (equal up to jit's float rounding): where round 0's
-  # training starts
-  return Qwen3(model_config, rngs=nnx.Rngs(params=jax.random.PRNGKey(config.seed)))
+  # where round 0's training starts (Trainer.init_state(config.seed); equal up to jit rounding)
+  return init_model(model_config, jax.random.PRNGKey(config.seed))
 
 
 def _check_supported(config) -> None:

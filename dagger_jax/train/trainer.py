@@ -72,6 +72,12 @@ def flops_per_token(c: Qwen3Config, seq_len: int) -> float:
   return 6.0 * matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
+def init_model(model_config: Qwen3Config, rng: jax.Array) -> Qwen3:
+  """The random student a run starts from (`Trainer.init_state` and the DAgger loop's round-0
+  student both call this, so they are the same model)."""
+  return Qwen3(model_config, rngs=nnx.Rngs(params=rng))
+
+
 class Trainer:
   """Builds the sharded state and the compiled step for `config` on `mesh`."""
 
@@ -114,7 +120,7 @@ class Trainer:
     return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), rng)
 
   def _init_state(self, rng) -> TrainState:
-    model = Qwen3(self.model_config, rngs=nnx.Rngs(params=rng))
+    model = init_model(self.model_config, rng)
     return self._state_from_params(nnx.to_pure_dict(nnx.state(model)), rng)
 
   def init_state(self, seed: int) -> TrainState:
