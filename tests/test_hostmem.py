@@ -36,15 +36,23 @@ def _median_faults_per_call(mode: str, **env) -> tuple[str, int]:
   return kept, int(faults)
 
 
-def test_kept_host_memory_is_reused_instead_of_faulted_in_again():
+@pytest.fixture(scope="module")
+def default_faults():
+  """The control: with glibc's defaults each call maps its 64 MiB output afresh (16384 faults of
+  4 KiB pages; fewer where transparent huge pages are always on)."""
+  kept, faults = _median_faults_per_call("default")
+  assert kept == "False"
+  if faults < 1000:
+    pytest.skip(f"this machine's default allocator faults only {faults} times per call")
+  return faults
+
+
+def test_kept_host_memory_is_reused_instead_of_faulted_in_again(default_faults):
   kept, faults = _median_faults_per_call("keep")
   assert kept == "True"
-  assert faults < 200, faults  # the 64 MiB output reuses an earlier call's pages
-  kept, default_faults = _median_faults_per_call("default")
-  assert kept == "False"
-  assert default_faults > 8000, default_faults  # 16384 pages of 4 KiB, mapped afresh per call
+  assert faults < 200, (faults, default_faults)  # the output reuses an earlier call's pages
 
 
-def test_environment_opts_out():
+def test_environment_opts_out(default_faults):
   kept, faults = _median_faults_per_call("keep", DAGGER_JAX_MALLOC="system")
-  assert kept == "False" and faults > 8000
+  assert kept == "False" and faults > default_faults / 2, (faults, default_faults)
