@@ -76,42 +76,6 @@ def test_teacher_alone_resolves_every_task(tasks, config):
     assert 4 <= len(t.turns) <= config.env.max_turns
 
 
-def test_student_turns_are_labelled_and_interventions_keep_episodes_going(tasks, config):
-  """beta = 0 with a student that only ever runs `ls`: the first `ls` is the student's (with the
-  teacher's label beside it), every repeat is taken over by the teacher (repeat_command), so the
-  episode still resolves."""
-  student = Scripted(_cmd("ls"))
-  trajs, stats = collector.collect(tasks[:3], config=config, round_index=1, beta=0.0,
-                                   teacher=OracleTeacher(), student=student, progress=False)
-  assert stats.resolved == 3
-  assert stats.interventions["repeat_command"] > 0
-  for t in trajs:
-    for k, turn in enumerate(t.turns):
-      if turn.actor == "student":
-        assert turn.action.text == student.text
-        assert turn.label is not None and turn.label.text != student.text
-      else:
-        assert turn.reason == "intervention" and turn.intervention == "repeat_command"
-        assert turn.label is None
-        # the turn before ran `ls` (student) and this proposal was `ls` again
-        assert protocol.parse_action(t.messages[2 + 2 * (k - 1)]["content"]).command == "ls"
-    assert any(turn.actor == "student" for turn in t.turns)
-    assert t.outcome.teacher_calls == len(t.turns)
-
-
-def test_format_errors_rule_takes_over_before_the_episode_would_end(tasks, config):
-  config.env.max_format_errors = 2
-  student = Scripted("no code block at all")
-  trajs, stats = collector.collect(tasks[:2], config=config, round_index=1, beta=0.0,
-                                   teacher=OracleTeacher(), student=student, progress=False)
-  assert stats.exit_status.get("format_errors", 0) == 0
-  assert stats.interventions["format_errors"] > 0 and stats.resolved == 2
-  for t in trajs:
-    actors = [turn.actor for turn in t.turns]
-    assert "student" in actors  # the first malformed turn is the student's, with its label
-    assert actors.count("student") < len(actors)
-
-
 def test_without_interventions_a_bad_student_ends_its_episodes(tasks, config):
   config.env.max_format_errors = 2
   trajs, stats = collector.collect(tasks[:2], config=config, round_index=1, beta=0.0,

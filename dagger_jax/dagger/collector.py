@@ -16,6 +16,24 @@ and the turn is recorded as `Turn(actor, action=executed, label, reason, interve
 Each finished episode is appended to `out_path` at once (JSON Lines), so a crash loses at most
 the episodes in flight; `collect` called again with the same arguments skips those already there.
 An episode whose sandbox fails is logged, counted and left out, never fatal to the others.
+
+Only a submitted episode is graded. This is the convention of mini-swe-agent's SWE-bench runner
+(mini-swe-agent 2.4.6, `minisweagent/run/benchmarks/swebench.py::process_instance`): it writes
+`info["submission"]` of `DefaultAgent.run()` as the instance's `model_patch` in preds.json, and
+`minisweagent/agents/default.py` sets that submission to "" on every stop that is not a submission
+(`LimitsExceeded` at the step or cost limit, `TimeExceeded`, `RepeatedFormatError`, an uncaught
+exception), so the harness grades an empty patch and the instance does not resolve, whatever the
+working tree holds. Here an episode that ends on `max_turns` or `format_errors`:
+
+    outcome.submitted = False
+    outcome.resolved  = False     (None when grade=False), without running the grader
+    outcome.patch     = the working tree's diff when it stopped, kept for inspection only;
+                        it is not a submission: `model_patch(traj)` gives "" for it, as
+                        mini-swe-agent's preds.json would
+
+so "resolved" never exceeds "submitted", and no grading sandbox is spent on unsubmitted episodes.
+`CollectStats.resolve_rate` is resolved / episodes with a verdict (unsubmitted ones count as
+unresolved), SWE-bench's "% resolved".
 """
 
 from __future__ import annotations
@@ -44,18 +62,20 @@ class CollectStats:
   skipped: int = 0  # already in the output file (resumed)
   submitted: int = 0
   resolved: int = 0
-  graded: int = 0
+  graded: int = 0  # submitted patches run through the grader
+  scored: int = 0  # episodes with a verdict: the graded ones and, when grading, the unsubmitted
   turns: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   interventions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   exit_status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
 
   @property
   def resolve_rate(self) -> float:
-    return self.resolved / self.graded if self.graded else 0.0
+    return self.resolved / self.scored if self.scored else 0.0
 
   def summary(self) -> dict[str, Any]:
     return {"episodes": self.episodes, "failed": self.failed, "skipped": self.skipped,
-            "submitted": self.submitted, "graded": self.graded, "resolved": self.resolved,
+            "submitted": self.submitted, "graded": self.graded, "scored": self.scored,
+            "resolved": self.resolved,
             "resolve_rate": self.resolve_rate, "turns": dict(self.turns),
             "interventions": dict(self.interventions), "exit_status": dict(self.exit_status)}
 
@@ -75,6 +95,18 @@ class _Episode:
 
   def view(self) -> EpisodeView:
     return EpisodeView(self.task, self.messages, self.assistant_ids, self.env)
+
+
+def model_patch(traj: Trajectory) -> str:
+  """The patch a SWE-bench prediction should carry for this episode (preds.json `model_patch`):
+  the submitted patch, or "" for an episode that never submitted (see the module docstring).
+
+  >>> cut = Outcome(submitted=False, patch="diff --git a/x.py b/x.py ...", resolved=False)
+  >>> model_patch(Trajectory("t/r0/s0", "t", 0, 0, 1.0, ({"role": "user", "content": "fix"},),
+  ...                        (), cut))
+  ''
+  """
+  return traj.outcome.patch if traj.outcome.submitted else ""
 
 
 def episode_id(task: dict, round_index: int, seed: int) -> str:
@@ -108,7 +140,11 @@ def collect(tasks: Sequence[dict], *, config: Any, round_index: int, beta: float
             out_path: str | None = None, grade: bool = True, tokenizer=None,
             interventions: Sequence[str] | None = None, progress: bool = True
             ) -> tuple[list[Trajectory], CollectStats]:
-  """Runs one episode per task (see the module docstring); returns trajectories and stats."""
+  """Runs one episode per task (see the module docstring); returns trajectories and stats.
+
+  `grade`: grade the patch of each submitted episode (unsubmitted ones are unresolved without
+  grading); False leaves every `outcome.resolved` None.
+  """
   from tqdm import tqdm
 
   if beta > 0 and teacher is None:
@@ -176,7 +212,8 @@ def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, s
       stats.episodes += 1
       stats.submitted += int(traj.outcome.submitted)
       if traj.outcome.resolved is not None:
-        stats.graded += 1
+        stats.scored += 1
+        stats.graded += int(traj.outcome.submitted)
         stats.resolved += int(traj.outcome.resolved)
       out.append(traj)
     return out
@@ -228,13 +265,26 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
 
 
 def _finish(e: _Episode, round_index: int, beta: float, grade: bool) -> Trajectory | None:
-  try:
-    patch = e.env.submission()
-    resolved = e.env.grade().resolved if grade else None
-  except Exception as err:
-    log.error("episode %s: could not take or grade the submission: %s", e.id, err)
-    return None
+  """The episode's trajectory; grades its patch only if it submitted (module docstring)."""
   submitted = e.env.exit_status == "submitted"
+  try:
+    patch = e.env.submission()  # taken at submission; else the working tree's diff now
+  except Exception as err:
+    if submitted:  # cannot happen in practice: the patch was taken when the agent submitted
+      log.error("episode %s: could not take the submission: %s", e.id, err)
+      return None
+    log.warning("episode %s (%s): could not take the working tree's diff for inspection: %s",
+                e.id, e.env.exit_status, err)
+    patch = ""
+  resolved = None
+  if grade and not submitted:
+    resolved = False  # an unsubmitted episode's model_patch is "": it cannot resolve
+  elif grade:
+    try:
+      resolved = e.env.grade().resolved
+    except Exception as err:
+      log.error("episode %s: could not grade the submission: %s", e.id, err)
+      return None
   outcome = Outcome(submitted=submitted, patch=patch, resolved=resolved, turns=len(e.turns),
                     teacher_calls=e.teacher_calls, teacher_tokens=e.teacher_tokens)
   return Trajectory(id=e.id, task_id=e.task["instance_id"], round=round_index, seed=e.seed,

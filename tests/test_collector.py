@@ -1,0 +1,184 @@
+"""The collector's resolve convention, on real toy tasks in the real bubblewrap sandbox: only a
+submitted episode is graded (mini-swe-agent's SWE-bench runner writes model_patch "" for an
+episode that stops on a limit), so an episode cut at max_turns never resolves, even with the fix
+in its working tree. Also the intervention rules, whose tests need episodes long enough for the
+teacher to reach its submit."""
+
+import pytest
+
+from configs import demo as demo_config
+from dagger_jax.dagger import collector
+from dagger_jax.data.trajectory import Action
+from dagger_jax.envs import grading, protocol
+from dagger_jax.envs.tasks import toy
+from dagger_jax.policies.base import Policy
+from dagger_jax.policies.oracle import OracleTeacher
+
+
+@pytest.fixture(scope="module")
+def tasks():
+  return toy.generate(2, 11, split="train")
+
+
+@pytest.fixture
+def config():
+  c = demo_config.get_config()
+  c.rollout.concurrency = 2
+  c.rollout.env_workers = 2
+  c.env.max_turns = 2
+  return c
+
+
+class FixThenMaybeSubmit(Policy):
+  """Turn 1 applies the task's gold patch with `git apply`; turn 2 submits for the tasks named in
+  `submit_ids` and runs `git status` for the others (which then stop at max_turns = 2)."""
+
+  name = "student"
+
+  def __init__(self, submit_ids=()):
+    self.submit_ids = set(submit_ids)
+
+  def act(self, views):
+    actions = []
+    for v in views:
+      if not any(m["role"] == "assistant" for m in v.messages):
+        command = f"git apply <<'PATCH_EOF'\n{v.task['patch']}PATCH_EOF"
+      elif v.task["instance_id"] in self.submit_ids:
+        command = f"echo {protocol.SUBMIT_SENTINEL}"
+      else:
+        command = "git status --short"
+      text = protocol.format_action(command, "THOUGHT: scripted.")
+      actions.append(Action(text, tuple(text.encode())))
+    return actions
+
+
+@pytest.fixture
+def grade_calls(monkeypatch):
+  """Counts the patches `grading.grade` is asked to grade (the real grader still runs)."""
+  calls = []
+  real = grading.grade
+
+  def counting(task, patch, *args, **kwargs):
+    calls.append(task["instance_id"])
+    return real(task, patch, *args, **kwargs)
+
+  monkeypatch.setattr(grading, "grade", counting)
+  return calls
+
+
+def test_only_submitted_episodes_are_graded(tasks, config, grade_calls):
+  """Both episodes fix the bug; only the first submits. The second stops at max_turns: it is not
+  graded and does not resolve, although grading its working-tree diff would resolve it."""
+  submitter, quitter = tasks[0]["instance_id"], tasks[1]["instance_id"]
+  trajs, stats = collector.collect(tasks, config=config, round_index=0, beta=0.0, teacher=None,
+                                   student=FixThenMaybeSubmit({submitter}), progress=False)
+  by_task = {t.task_id: t for t in trajs}
+  assert stats.episodes == 2 and stats.failed == 0
+  assert dict(stats.exit_status) == {"submitted": 1, "max_turns": 1}
+  assert (stats.submitted, stats.graded, stats.resolved, stats.scored) == (1, 1, 1, 2)
+  assert stats.resolve_rate == 0.5 and stats.summary()["scored"] == 2
+  assert grade_calls == [submitter]  # no grading sandbox spent on the unsubmitted episode
+
+  sub, cut = by_task[submitter].outcome, by_task[quitter].outcome
+  assert sub.submitted and sub.resolved and sub.turns == 2
+  assert collector.model_patch(by_task[submitter]) == sub.patch
+  assert not cut.submitted and cut.resolved is False and cut.turns == 2
+  # The diff stays in the trajectory for inspection, but it is not the episode's prediction ...
+  gold_added = [line for line in tasks[1]["patch"].splitlines()
+                if line.startswith("+") and not line.startswith("+++")]
+  assert gold_added and all(line in cut.patch.splitlines() for line in gold_added)
+  assert collector.model_patch(by_task[quitter]) == ""
+  # ... and grading it would have resolved the task (the old rule counted this as resolved).
+  assert grading.grade(tasks[1], cut.patch, grading.sandbox_factory(config.env)).resolved
+
+
+def test_without_grading_nothing_gets_a_verdict(tasks, config, grade_calls):
+  trajs, stats = collector.collect(tasks, config=config, round_index=0, beta=0.0, teacher=None,
+                                   student=FixThenMaybeSubmit({tasks[0]["instance_id"]}),
+                                   grade=False, progress=False)
+  assert [t.outcome.resolved for t in trajs] == [None, None] and grade_calls == []
+  assert (stats.submitted, stats.graded, stats.scored, stats.resolve_rate) == (1, 0, 0, 0.0)
+
+
+# ----------------------------------------------------------------------------- interventions
+# (moved from test_dagger.py, where they asserted `resolved`, true only because unsubmitted
+# episodes used to be graded: with a student turn between the oracle's test run and its submit
+# the oracle runs the tests again instead of submitting, so these episodes end at max_turns.
+# They check the labels and take-overs, and that the teacher's fix lands in the tree.)
+
+
+@pytest.fixture(scope="module")
+def oracle_tasks():
+  return toy.generate(3, 3, split="train")
+
+
+@pytest.fixture
+def demo_config3():
+  c = demo_config.get_config()
+  c.rollout.concurrency = 3
+  c.rollout.env_workers = 3
+  return c
+
+
+def _fixed_in_tree(task, patch: str) -> bool:
+  """Whether the working-tree diff holds every line the gold patch adds."""
+  added = [line for line in task["patch"].splitlines()
+           if line.startswith("+") and not line.startswith("+++")]
+  return bool(added) and all(line in patch.splitlines() for line in added)
+
+
+def _cmd(text: str) -> str:
+  return f"THOUGHT: scripted.\n\n```{protocol.ACTION_FENCE}\n{text}\n```"
+
+
+class Scripted(Policy):
+  """A stand-in student that always proposes the same text (ids are its bytes)."""
+
+  name = "student"
+
+  def __init__(self, text: str):
+    self.text = text
+
+  def act(self, views):
+    return [Action(self.text, tuple(self.text.encode())) for _ in views]
+
+
+def test_student_turns_are_labelled_and_interventions_keep_episodes_going(oracle_tasks,
+                                                                          demo_config3):
+  """beta = 0 with a student that only ever runs `ls`: the first `ls` is the student's (with the
+  teacher's label beside it), every repeat is taken over by the teacher (repeat_command), so the
+  episode still makes progress: the teacher's fix is in the tree at the end."""
+  student = Scripted(_cmd("ls"))
+  trajs, stats = collector.collect(oracle_tasks, config=demo_config3, round_index=1, beta=0.0,
+                                   teacher=OracleTeacher(), student=student, grade=False,
+                                   progress=False)
+  assert stats.episodes == 3
+  assert all(_fixed_in_tree(task, t.outcome.patch) for task, t in zip(oracle_tasks, trajs))
+  assert stats.interventions["repeat_command"] > 0
+  for t in trajs:
+    for k, turn in enumerate(t.turns):
+      if turn.actor == "student":
+        assert turn.action.text == student.text
+        assert turn.label is not None and turn.label.text != student.text
+      else:
+        assert turn.reason == "intervention" and turn.intervention == "repeat_command"
+        assert turn.label is None
+        # the turn before ran `ls` (student) and this proposal was `ls` again
+        assert protocol.parse_action(t.messages[2 + 2 * (k - 1)]["content"]).command == "ls"
+    assert any(turn.actor == "student" for turn in t.turns)
+    assert t.outcome.teacher_calls == len(t.turns)
+
+
+def test_format_errors_rule_takes_over_before_the_episode_would_end(oracle_tasks, demo_config3):
+  demo_config3.env.max_format_errors = 2
+  student = Scripted("no code block at all")
+  trajs, stats = collector.collect(oracle_tasks[:2], config=demo_config3, round_index=1, beta=0.0,
+                                   teacher=OracleTeacher(), student=student, grade=False,
+                                   progress=False)
+  assert stats.exit_status.get("format_errors", 0) == 0
+  assert stats.interventions["format_errors"] > 0
+  assert all(_fixed_in_tree(task, t.outcome.patch) for task, t in zip(oracle_tasks, trajs))
+  for t in trajs:
+    actors = [turn.actor for turn in t.turns]
+    assert "student" in actors  # the first malformed turn is the student's, with its label
+    assert actors.count("student") < len(actors)
