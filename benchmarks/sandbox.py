@@ -85,7 +85,7 @@ def bench_bwrap(repo: str, n: int, n_starts: int) -> dict:
 
 
 def bench_docker(repo: str, n: int, n_starts: int) -> dict:
-  from dagger_jax.envs import images
+  from dagger_jax.envs.sandbox import images
   image = images.ensure_base_image()
   starts, execs = [], {c: [] for c in COMMANDS}
   for i in range(n_starts):

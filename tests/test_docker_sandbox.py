@@ -18,13 +18,13 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 @pytest.fixture(scope="module")
 def image():
-  from dagger_jax.envs import images
+  from dagger_jax.envs.sandbox import images
   return images.ensure_base_image()  # built once (about a minute), then cached by tag
 
 
 @pytest.fixture(scope="module")
 def client():
-  return sbx._docker_client()
+  return sbx.docker_client()
 
 
 def _exists(client, container_id) -> bool:
@@ -63,7 +63,7 @@ def test_base_image_has_the_toolchain(image, repo):
 
 def test_base_image_is_cached(image, client):
   t0 = time.monotonic()
-  from dagger_jax.envs import images
+  from dagger_jax.envs.sandbox import images
   assert images.ensure_base_image() == image
   assert time.monotonic() - t0 < 10  # found by tag, not rebuilt
   assert client.images.get(image).labels["dagger-jax.image"] == image

@@ -1,9 +1,11 @@
 """The bubblewrap sandbox, for real (bwrap from the system), and the unsafe local one."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 
@@ -11,10 +13,10 @@ import pytest
 
 from configs import base
 from dagger_jax.envs import sandbox as sbx
-from dagger_jax.envs.sandbox import BwrapSandbox, ExecResult, SandboxError, SandboxLimits
+from dagger_jax.envs.sandbox import BwrapSandbox, ExecResult, SandboxError, SandboxLimits, process
 
 pytestmark = pytest.mark.skipif(
-    not os.path.exists("/usr/bin/bwrap") and sbx.shutil.which("bwrap") is None,
+    not os.path.exists("/usr/bin/bwrap") and shutil.which("bwrap") is None,
     reason="bubblewrap is not installed (`make sysdeps`)")
 
 
@@ -243,7 +245,7 @@ def test_unsafe_local_kills_the_group_on_timeout(repo):
 
 
 def test_output_cap_keeps_head_and_tail_of_multibyte_text():
-  cap = sbx._OutputCap(limit=7)
+  cap = process.OutputCap(limit=7)
   text = "αβγδεζηθικλμνξοπ"  # 2 bytes per character, fed one byte at a time
   for b in text.encode():
     cap.feed(bytes([b]))
@@ -302,21 +304,21 @@ def test_a_sandbox_that_cannot_start_says_why(tmp_path):
       sb.run("true")
 
 
-def test_state_left_by_a_killed_process_is_reaped(repo):
+def test_state_left_by_a_killed_process_is_reaped(repo, monkeypatch):
   dead = subprocess.Popen(["true"])
   dead.wait()  # its pid names the leftovers of a "killed" sandbox owner
-  stale_tmp = os.path.join(sbx.tempfile.gettempdir(), f"dagger-jax-bwrap-{dead.pid}-x1")
+  stale_tmp = os.path.join(tempfile.gettempdir(), f"dagger-jax-bwrap-{dead.pid}-x1")
   os.makedirs(os.path.join(stale_tmp, "tmp"))
-  stale_task = os.path.join(sbx.tempfile.gettempdir(), f"dagger-jax-task-{dead.pid}-x3")
+  stale_task = os.path.join(tempfile.gettempdir(), f"dagger-jax-task-{dead.pid}-x3")
   os.makedirs(os.path.join(stale_task, "repo"))
-  mine = os.path.join(sbx.tempfile.gettempdir(), f"dagger-jax-bwrap-{os.getpid()}-x2")
+  mine = os.path.join(tempfile.gettempdir(), f"dagger-jax-bwrap-{os.getpid()}-x2")
   os.makedirs(mine)
   stale_cgroup = f"/sys/fs/cgroup/pids/dagger-jax-{dead.pid}-deadbeef"
   try:
     os.mkdir(stale_cgroup)
   except OSError:
     stale_cgroup = None  # no writable v1 pids hierarchy here
-  sbx._REAPED_DIRS.clear()
+  monkeypatch.setattr(process, "_REAPED_DIRS", set())  # reaping runs once per process
   try:
     with BwrapSandbox(str(repo)) as sb:
       assert sb.run("echo ok").output == "ok\n"
@@ -325,9 +327,9 @@ def test_state_left_by_a_killed_process_is_reaped(repo):
     if stale_cgroup is not None:
       assert not os.path.exists(stale_cgroup)
   finally:
-    sbx.shutil.rmtree(mine, ignore_errors=True)
-    sbx.shutil.rmtree(stale_tmp, ignore_errors=True)
-    sbx.shutil.rmtree(stale_task, ignore_errors=True)
+    shutil.rmtree(mine, ignore_errors=True)
+    shutil.rmtree(stale_tmp, ignore_errors=True)
+    shutil.rmtree(stale_task, ignore_errors=True)
 
 
 _FD_PROBE = textwrap.dedent("""

@@ -29,6 +29,7 @@ from swebench.harness.grading import (get_eval_tests_report, get_logs_eval,
                                       get_resolution_status)
 from swebench.types import TestSpec
 
+from dagger_jax.envs.sandbox import make_sandbox, reap_stale
 from dagger_jax.envs.tasks import TaskError, materialize, patch_files
 
 # The harness's chain (swebench.harness.run_evaluation.GIT_APPLY_CMDS), with a reset in between.
@@ -76,7 +77,6 @@ def task_sandbox(task: dict, env_config: Any, **limit_overrides) -> Iterator[San
   otherwise the task is materialized into a temporary directory, which bwrap binds (or docker
   copies into the base image) at /testbed, and which is removed afterwards.
   """
-  from dagger_jax.envs.sandbox import make_sandbox, reap_stale
   if env_config.sandbox == "docker" and task.get("image"):
     with make_sandbox(env_config, image=task["image"], **limit_overrides) as sb:
       yield sb

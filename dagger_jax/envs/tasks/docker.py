@@ -15,6 +15,7 @@ import os
 import subprocess
 import tempfile
 
+from dagger_jax.envs.sandbox import images
 from dagger_jax.envs.tasks import materialize
 
 INSTANCE_WORKDIR = "/testbed"
@@ -29,7 +30,6 @@ def instance_image_tag(task: dict) -> str:
 def build_instance_image(task: dict, base_image: str | None = None, *,
                          rebuild: bool = False) -> str:
   """`docker build`s the task's instance image FROM the base image (once); returns its tag."""
-  from dagger_jax.envs import images
   tag = instance_image_tag(task)
   if not rebuild and images.image_exists(tag):
     return tag

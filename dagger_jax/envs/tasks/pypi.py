@@ -32,6 +32,7 @@ import tempfile
 import zipfile
 from typing import Any, Callable, Iterator
 
+from dagger_jax.envs.sandbox import make_sandbox
 from dagger_jax.envs.tasks import build_repo, git, snapshot_commit, write_files
 
 P2P_SAMPLE = 25  # PASS_TO_PASS tests kept per task
@@ -332,7 +333,6 @@ def generate(spec: str, n: int, seed: int, *, out_path: str, env_config: Any,
 
   Raises PypiError when the library has no usable tests or no mutation breaks one.
   """
-  from dagger_jax.envs.sandbox import make_sandbox
   cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dagger_jax", "sdists")
   name, version, src = fetch_sdist(spec, cache_dir)
   repo_dir = os.path.join(os.path.dirname(os.path.abspath(out_path)), "repos",

@@ -21,7 +21,8 @@ import shutil
 import subprocess
 import tempfile
 
-from dagger_jax.envs.sandbox import SandboxError, _docker_client
+from dagger_jax.envs.sandbox.base import SandboxError
+from dagger_jax.envs.sandbox.docker import docker_client
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,8 @@ def debian_mirror() -> str:
 
 
 def image_exists(tag: str, client=None) -> bool:
-  import docker
-  client = client or _docker_client()
+  import docker  # lazy: the optional docker SDK (see sandbox/docker.py)
+  client = client or docker_client()
   try:
     client.images.get(tag)
     return True
@@ -69,7 +70,7 @@ def image_exists(tag: str, client=None) -> bool:
 
 def ensure_base_image(tag: str = BASE_TAG, *, mirror: str | None = None) -> str:
   """Returns `tag`, building the image first when docker does not have it."""
-  client = _docker_client()
+  client = docker_client()
   if image_exists(tag, client):
     return tag
   lock_path = os.path.join(tempfile.gettempdir(), "dagger-jax-image-build.lock")
@@ -82,11 +83,11 @@ def ensure_base_image(tag: str = BASE_TAG, *, mirror: str | None = None) -> str:
 
 def build_base_image(tag: str, *, mirror: str, client=None) -> None:
   """debootstrap a minimal bookworm root with BASE_PACKAGES and `docker import` it as `tag`."""
-  client = client or _docker_client()
+  client = client or docker_client()
   if os.geteuid() != 0:
     raise ImageBuildError(
-        f"building {tag} needs root (debootstrap); run once as root: "
-        f"`sudo python -c 'from dagger_jax.envs.images import ensure_base_image as e; e()'`")
+        f"building {tag} needs root (debootstrap); run once as root: `sudo python -c "
+        "'from dagger_jax.envs.sandbox.images import ensure_base_image as e; e()'`")
   if shutil.which("debootstrap") is None:
     raise ImageBuildError(
         f"building {tag} needs debootstrap: `sudo apt-get install -y debootstrap`")

@@ -1,0 +1,68 @@
+"""Sandboxes that run an agent's bash commands: bubblewrap (local), docker, and an unsafe local one.
+
+One interface for all three, so episode code never knows which it runs on:
+
+    with make_sandbox(config.env, host_workdir="/tmp/task-repo") as sb:
+      r = sb.run("python -m pytest -q")      # `bash -lc` in sb.workdir
+      r.returncode, r.output, r.timed_out    # output = stdout+stderr interleaved, capped
+
+Every command gets a wall-clock limit (`SandboxLimits.command_timeout`, or `run(..., timeout=)`):
+past it the whole command is killed (its process group / PID namespace / every process in the
+container but init), and `ExecResult.timed_out` is set. Output is captured up to
+`max_output_chars`; past that only the first and last `max_output_chars // 2` characters are kept
+and `ExecResult.elided_chars` says how many were dropped in between (no marker is inserted:
+`protocol.format_observation` writes the note the agent sees).
+
+- `BwrapSandbox` (bwrap.py, limits through cgroup.py): bubblewrap over the host task tree;
+  read-only system, private /tmp, no network, own namespaces.
+- `DockerSandbox` (docker.py; base image from images.py): one container per sandbox.
+- `UnsafeLocalSandbox` (local.py): a plain subprocess in the host tree, no isolation.
+
+The interface, limits and errors are in base.py; output capture, process groups and the reaping
+of state left by SIGKILLed processes in process.py. This module picks one (`make_sandbox`) and
+re-exports the public names.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from dagger_jax.envs.sandbox import images
+from dagger_jax.envs.sandbox.base import (SANDBOX_ENV, ExecResult, Sandbox, SandboxError,
+                                          SandboxLimits)
+from dagger_jax.envs.sandbox.bwrap import BWRAP_INSTALL_HINT, BwrapSandbox, check_bwrap
+from dagger_jax.envs.sandbox.docker import (LABEL, DockerSandbox, docker_client,
+                                            reap_orphan_containers)
+from dagger_jax.envs.sandbox.local import UnsafeLocalSandbox
+from dagger_jax.envs.sandbox.process import reap_stale
+
+__all__ = [
+    "BWRAP_INSTALL_HINT", "LABEL", "SANDBOX_ENV", "BwrapSandbox", "DockerSandbox", "ExecResult",
+    "Sandbox", "SandboxError", "SandboxLimits", "UnsafeLocalSandbox", "check_bwrap",
+    "docker_client", "make_sandbox", "reap_orphan_containers", "reap_stale",
+]
+
+
+def make_sandbox(env_config: Any, host_workdir: str | None = None, *, image: str | None = None,
+                 workdir: str = "/testbed", **limit_overrides) -> Sandbox:
+  """The sandbox `config.env.sandbox` names (bwrap | docker | unsafe_local), limits from config.env.
+
+  bwrap / unsafe_local run over `host_workdir`; docker starts `image` (the base image when None)
+  and copies `host_workdir` in when given.
+  """
+  limits = SandboxLimits.from_config(env_config, **limit_overrides)
+  kind = env_config.sandbox
+  if kind == "bwrap":
+    if host_workdir is None:
+      raise ValueError("make_sandbox: config.env.sandbox=bwrap needs a host_workdir")
+    return BwrapSandbox(host_workdir, limits, workdir=workdir)
+  if kind == "docker":
+    if image is None:
+      image = images.ensure_base_image()
+    return DockerSandbox(image, workdir, limits, host_workdir_to_copy_in=host_workdir)
+  if kind == "unsafe_local":
+    if host_workdir is None:
+      raise ValueError("make_sandbox: config.env.sandbox=unsafe_local needs a host_workdir")
+    return UnsafeLocalSandbox(host_workdir, limits)
+  raise ValueError(f"config.env.sandbox={kind!r}: must be one of "
+                   "('bwrap', 'docker', 'unsafe_local')")
