@@ -2,6 +2,8 @@
 
 import glob
 import json
+import shutil
+import struct
 import subprocess
 import sys
 
@@ -120,6 +122,77 @@ def test_overfits_a_small_real_dataset(data, tmp_path):
   assert final["tokens_per_s"] > 0 and 0 < final["mfu"] < 1
   assert glob.glob(f"{tmp_path}/tensorboard/events.out.tfevents.*")
   assert (tmp_path / "checkpoints" / "round_000" / "150").is_dir()  # the final save
+
+
+def _tensorboard_events(logdir: str) -> list:
+  """Every event of every event file under `logdir`, in the order they were written.
+
+  The `tensorboard` package is not a dependency, so this reads TFRecords itself: per record a
+  uint64 length, a uint32 CRC, the serialized `Event` and another CRC (CRCs not checked).
+  """
+  from tensorboardX.proto.event_pb2 import Event
+  events = []
+  for path in glob.glob(f"{logdir}/events.out.tfevents.*"):
+    with open(path, "rb") as f:
+      data = f.read()
+    i = 0
+    while i < len(data):
+      (n,) = struct.unpack("<Q", data[i:i + 8])
+      events.append(Event.FromString(data[i + 12:i + 12 + n]))
+      i += 12 + n + 4
+  return sorted(events, key=lambda e: e.wall_time)
+
+
+def _scalar_steps(events, tag: str) -> list[tuple[int, float]]:
+  return [(e.step, v.simple_value) for e in events for v in e.summary.value if v.tag == tag]
+
+
+class _Killed(Exception):
+  pass
+
+
+@pytest.mark.slow  # four short training runs: ~30 s on 2 cores
+def test_tensorboard_steps_continue_across_rounds_and_resume(data, tmp_path, monkeypatch):
+  # Round 0 trains 6 steps, round 1 ten: round 1's global steps start after round 0's 6 (what it
+  # trained, not round 1's config.train.steps). Then round 1 again in a copy of the run with
+  # round 0 done, killed after step 7 and resumed from its step-5 checkpoint: the same global
+  # steps, the same values, and the resumed writer purges what comes after the checkpoint.
+  config = data[0].copy_and_resolve_references()
+  config.train.update(steps=6, log_every=5, checkpoint_every=5)
+  quiet = dict(progress=False, log=lambda _: None)
+  run, other = str(tmp_path / "run"), str(tmp_path / "resumed")
+  round0 = T.train(config, data[1], workdir=run, round_index=0, **quiet)
+  config.train.steps = 10
+  round1 = T.train(config, data[1], workdir=run, round_index=1, **quiet)
+  assert [(h["step"], h["global_step"]) for h in round0.history] == [(1, 1), (5, 5), (6, 6)]
+  assert [(h["step"], h["global_step"]) for h in round1.history] == [(1, 7), (5, 11), (10, 16)]
+  assert (round0.step_offset, round1.step_offset) == (0, 6)
+  loss = _scalar_steps(_tensorboard_events(f"{run}/tensorboard"), "train/loss")
+  assert [s for s, _ in loss] == [1, 5, 6, 7, 11, 16]  # in the order written: one rising axis
+  np.testing.assert_allclose([v for _, v in loss],
+                             [h["loss"] for h in round0.history + round1.history], rtol=1e-6)
+
+  shutil.copytree(T.checkpoint_dir(run, 0), T.checkpoint_dir(other, 0))
+  step = T.Trainer.step
+  calls = []
+
+  def dies_after_step_7(self, state, batch):
+    if len(calls) == 7:
+      raise _Killed
+    calls.append(1)
+    return step(self, state, batch)
+
+  monkeypatch.setattr(T.Trainer, "step", dies_after_step_7)
+  with pytest.raises(_Killed):
+    T.train(config, data[1], workdir=other, round_index=1, **quiet)
+  monkeypatch.setattr(T.Trainer, "step", step)
+  resumed = T.train(config, data[1], workdir=other, round_index=1, **quiet)
+  assert [(h["step"], h["global_step"]) for h in resumed.history] == [(6, 12), (10, 16)]
+  assert resumed.history[-1]["loss"] == round1.history[-1]["loss"]
+  events = _tensorboard_events(f"{other}/tensorboard")
+  assert [s for s, _ in _scalar_steps(events, "train/loss")] == [7, 11, 12, 16]
+  purges = [e.step for e in events if e.HasField("session_log")]
+  assert purges == [12]  # TensorBoard hides what a killed run logged after its checkpoint (>= 12)
 
 
 def test_block_skipping_attention_equals_full_masked_attention():

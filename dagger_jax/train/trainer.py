@@ -14,6 +14,14 @@ How a round starts (`config.train.continue_from`), in this order:
   3. otherwise the base model: `config.model.init_from` (an Orbax params checkpoint written by
      `dagger_jax.model.hf.save_params`) or a random init from `config.seed`.
 
+TensorBoard (`<workdir>/tensorboard`, `train/*` scalars): one x-axis across rounds. Round r's step
+s is logged at global step `global_step_offset(workdir, r, config.train.steps) + s`, the offset
+being the steps rounds 0..r-1 actually trained (the step of each one's latest checkpoint), so
+round 1 of a run whose round 0 trained 6 steps logs at 7, 8, ... even if it trains 10 steps
+itself. A resumed round reads the same offset (earlier rounds' checkpoints do not change) and so
+logs the same global steps; its writer purges what the killed process logged after its last
+checkpoint (`purge_step`), which the resumed run logs again.
+
 Sharding: parameters carry logical axes (`model/sharding.py`); their shardings, the optimizer
 state's (the same per parameter, scalars replicated) and the batch's (`P(None, ('data', 'fsdp'))`
 over [micro-batch, rows, length]) are fixed before anything is compiled. The state is created
@@ -62,6 +70,32 @@ def mesh_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = No
 
 def checkpoint_dir(workdir: str, round_index: int) -> str:
   return os.path.join(workdir, "checkpoints", f"round_{round_index:03d}")
+
+
+def global_step_offset(workdir: str, round_index: int, steps_per_round: int) -> int:
+  """The TensorBoard step just before round `round_index`'s first: what rounds 0..r-1 trained.
+
+  Each earlier round counts the step of its latest checkpoint in `checkpoint_dir(workdir, i)`
+  (`train` always saves a round's last step, so a finished round counts all its steps, whatever
+  `config.train.steps` was then); a round with no checkpoint there (trained in another workdir)
+  counts `steps_per_round`. Only earlier rounds are read, and training round r never changes
+  them, so an interrupted and resumed round r gets the same offset as an uninterrupted one.
+
+  >>> global_step_offset("/nonexistent", 0, 100)  # round 0 starts at 0
+  0
+  >>> global_step_offset("/nonexistent", 2, 100)  # no checkpoints: rounds 0 and 1 of 100 steps
+  200
+  """
+  offset = 0
+  for i in range(round_index):
+    directory = checkpoint_dir(workdir, i)
+    latest = None
+    if os.path.isdir(directory):  # (opening a Checkpointer would create a missing directory)
+      previous = checkpoint.Checkpointer(directory, async_save=False)
+      latest = previous.latest_step()
+      previous.close()
+    offset += steps_per_round if latest is None else latest
+  return offset
 
 
 def flops_per_token(c: Qwen3Config, seq_len: int) -> float:
@@ -202,7 +236,8 @@ class TrainResult:
   round_index: int
   steps: int  # steps taken in this round (== config.train.steps when complete)
   checkpoint_dir: str
-  history: list[dict[str, float]]  # the logged metrics
+  history: list[dict[str, float]]  # the logged metrics: `step` (in the round), `global_step`, ...
+  step_offset: int = 0  # TensorBoard's step before this round's first (`global_step_offset`)
 
 
 def _initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int, reader,
@@ -259,7 +294,13 @@ def base_params(trainer: Trainer, init_from: str) -> Any:
 
 def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: int = 0,
           log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
-  """Trains `config.train.steps` steps of round `round_index` on `shard_dirs` (see module doc)."""
+  """Trains `config.train.steps` steps of round `round_index` on `shard_dirs` (see module doc).
+
+  Logged rows (`TrainResult.history`, and `train/*` in TensorBoard at `global_step`) come every
+  `config.train.log_every` steps, at the last step and at a process's first step. With round 0
+  of 6 steps done and `steps=10, log_every=5`, round 1 logs `step` 1, 5, 10 at `global_step` 7,
+  11, 16; killed after step 7 (checkpoint at 5) and resumed, it logs 6, 10 at 12, 16.
+  """
   from tensorboardX import SummaryWriter
   from tqdm import tqdm
 
@@ -274,8 +315,13 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   state = _initial_state(trainer, config, workdir, round_index, reader, ckpt, log)
   params_io.write_model_config(trainer.model_config, ckpt.directory)  # loadable by load_params
   start = int(state.step)
+  offset = global_step_offset(workdir, round_index, t.steps)
   chief = jax.process_index() == 0
-  writer = SummaryWriter(os.path.join(workdir, "tensorboard")) if chief else None
+  writer = None
+  if chief:  # a resumed round hides what the killed process logged after its checkpoint
+    writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                           purge_step=offset + start + 1 if start else None,
+                           filename_suffix=f".round_{round_index:03d}")  # unique within a second
   flops = flops_per_token(trainer.model_config, reader.row_len)
   peak = (float(t.get("peak_tflops", 0.0)) * 1e12 or peak_flops(mesh)) if chief else 0.0
   bar = tqdm(total=t.steps, initial=start, disable=not (progress and chief), desc="train",
@@ -297,10 +343,10 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
         else:
           metrics["compile_and_first_step_s"] = now - last_time
         last_time, last_step = now, done
-        history.append({"step": done, **metrics})
+        history.append({"step": done, "global_step": offset + done, **metrics})
         if writer is not None:
           for k, v in metrics.items():
-            writer.add_scalar(f"train/{k}", v, done)
+            writer.add_scalar(f"train/{k}", v, offset + done)
         bar.set_postfix(loss=f"{metrics['loss']:.4f}", lr=f"{metrics['lr']:.2e}")
       bar.update(1)
       if done % t.checkpoint_every == 0 or done == t.steps:
@@ -311,7 +357,7 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
     ckpt.close()
     if writer is not None:
       writer.close()
-  return TrainResult(state, round_index, int(state.step), ckpt.directory, history)
+  return TrainResult(state, round_index, int(state.step), ckpt.directory, history, offset)
 
 
 @functools.lru_cache(maxsize=None)
