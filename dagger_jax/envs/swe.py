@@ -23,6 +23,10 @@ rebuilds. `StepResult.info` says what happened:
   returncode, timed_out, duration_s   of the command
   submitted      the command printed the submit sentinel (the episode ends)
   exit_status    None while the episode goes on; then "submitted", "format_errors" or "max_turns"
+
+With `config.env.normalize_durations` the command output is passed through `normalize_durations`
+before it becomes the observation (grading and `info` see the real output): pytest prints its run
+time in its summary line, so two runs of one seed would otherwise show the agent different text.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import re
 from typing import Any, Callable, ContextManager
 
 from dagger_jax.envs import protocol
@@ -44,6 +49,56 @@ SandboxContext = Callable[[dict], ContextManager[Sandbox]]
 _DIFF_EXCLUDES = (":(exclude,glob)**/__pycache__/**", ":(exclude,glob)**/*.pyc",
                   ":(exclude,glob)**/.pytest_cache/**")
 _SUBMISSION_INDEX = "/tmp/.dagger_jax_submission_index"
+
+
+# pytest's last line: counts, then the session's duration (`format_session_duration` in
+# _pytest/terminal.py: "0.04s", from 60 s on "61.20s (0:01:01)"; pytest < 5.1: "0.04 seconds"),
+# between "=" fills unless -q; with --color=yes every part is wrapped in ANSI colour codes.
+_ANSI_RE = re.compile(r"\x1b\[[0-9;]*m")
+_PYTEST_WIDTH = 80  # shutil.get_terminal_size's fallback, when stdout is not a terminal
+_ANSI = rf"(?:{_ANSI_RE.pattern})*"
+_PYTEST_SUMMARY_RE = re.compile(
+    rf"^(?P<lead>{_ANSI})(?:(?P<lfill>=+) )?(?P<stats>{_ANSI}(?:\d|no )[^\n]*?) in \d+\.\d+"
+    rf"(?P<unit>s(?: \(\d+:\d\d:\d\d\))?| seconds)(?P<mid>{_ANSI})(?: (?P<rfill>=+))?"
+    rf"(?P<tail>{_ANSI}[ \t\r]*)$", re.MULTILINE)
+
+
+def normalize_durations(output: str) -> str:
+  """`output` with the duration of every pytest summary line set to 0.00 s.
+
+  Summary lines are those of pytest's shape (a count or "no ...", " in 1.23s" at the end,
+  perhaps between "=" fills); the fills are re-centred to the line's width as pytest would have
+  printed them for 0.00 s, so the result depends on the tests' outcome only. A line too long for
+  its terminal (one "=" a side) does not tell the width: it is re-centred on 80 columns, pytest's
+  width without a terminal (as in a sandbox).
+
+  >>> normalize_durations("....F\\n1 failed, 4 passed in 0.04s\\n")
+  '....F\\n1 failed, 4 passed in 0.00s\\n'
+  >>> normalize_durations("========= 2 passed in 61.20s (0:01:01) =========")
+  '============== 2 passed in 0.00s ==============='
+  >>> normalize_durations("== 1 passed, 1 warnings in 0.31 seconds ==")  # pytest < 5.1
+  '== 1 passed, 1 warnings in 0.00 seconds =='
+  >>> normalize_durations("build done in 0.04s")  # not a pytest line
+  'build done in 0.04s'
+  """
+  def zero(m: re.Match) -> str:
+    duration = " in 0.00" + ("s" if m["unit"].startswith("s") else " seconds")
+    title = m["stats"] + duration + m["mid"]
+    if not (m["lfill"] and m["rfill"]):  # -q (no fills), or not a line pytest centred
+      left = f"{m['lfill']} " if m["lfill"] else ""
+      right = f" {m['rfill']}" if m["rfill"] else ""
+      return f"{m['lead']}{left}{title}{right}{m['tail']}"
+    # pytest's TerminalWriter.sep: N = (width - len(title) - 2) // 2 fills a side, one more "="
+    # on the right when it fits.
+    width = len(_ANSI_RE.sub("", m[0].rstrip(" \t\r")))
+    if len(m["lfill"]) == 1:  # the title overflowed
+      width = _PYTEST_WIDTH
+    visible = len(_ANSI_RE.sub("", title))
+    n = max((width - visible - 2) // 2, 1)
+    right = "=" * (n + (2 * n + visible + 3 <= width))
+    return f"{m['lead']}{'=' * n} {title} {right}{m['tail']}"
+
+  return _PYTEST_SUMMARY_RE.sub(zero, output)
 
 
 class EpisodeError(RuntimeError):
@@ -146,6 +201,8 @@ class SweEnv:
         self._patch = self._diff()
         observation = ""
       else:
+        if self.config.get("normalize_durations", False):  # the agent's view only
+          result = dataclasses.replace(result, output=normalize_durations(result.output))
         observation = protocol.format_observation(
             result, output_limit=self.config.output_limit, command=parsed.command, timeout=timeout)
     if not self.done and self.turn >= self.config.max_turns:
