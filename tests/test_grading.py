@@ -29,7 +29,7 @@ def factory(env_config):
 
 @pytest.fixture(scope="module")
 def tasks():
-  return toy.generate(4, seed=11)
+  return toy.generate(2, seed=11) + toy.generate(2, seed=11, family="toy-arith")
 
 
 def _diff_after(task, tmp_path, shell: str) -> str:
@@ -49,7 +49,9 @@ def test_gold_resolves_and_empty_does_not(tasks, factory):
     assert not empty.resolved and empty.patch_applied
     assert set(empty.f2p.values()) == {"FAILED"}, empty.log
     assert set(empty.p2p.values()) == {"PASSED"}
-    assert ">>>>> Start Test Output" in empty.log and "short test summary" in empty.log
+    assert ">>>>> Start Test Output" in empty.log
+    if task["family"] == "toy-arith":  # pytest; `toy` runs the repository's own runner
+      assert "short test summary" in empty.log
 
 
 def test_fix_that_breaks_another_function_is_not_resolved(tasks, factory, tmp_path):

@@ -78,10 +78,20 @@ def test_snapshot_hash_is_gits_commit(tmp_path):
   assert T.snapshot_hash(files) == T.snapshot_commit(str(tmp_path))
 
 
-def test_toy_statement_does_not_leak_the_patch(toy_tasks):
-  for t in toy_tasks:
+def test_toy_arith_statement_does_not_leak_the_patch():
+  """`toy-arith` gives values only; `toy` gives the correct line on purpose (test_toy_imitable)."""
+  for t in toy.generate(12, seed=7, family="toy-arith"):
     assert t["bug"]["new"] not in t["problem_statement"]
     assert t["bug"]["file"] not in t["problem_statement"]
+    assert t["test_cmd"] == toy.PYTEST_CMD and "run_tests.py" not in t["repo_files"]
+
+
+def test_toy_families_are_distinct_and_checked():
+  a, b = toy.generate(3, seed=7), toy.generate(3, seed=7, family="toy-arith")
+  assert all(t["family"] == "toy" and t["instance_id"].startswith("toy__") for t in a)
+  assert all(t["family"] == "toy-arith" and t["instance_id"].startswith("toy_arith__") for t in b)
+  with pytest.raises(ValueError, match="unknown toy family 'toy-x'"):
+    toy.generate(1, 0, family="toy-x")
 
 
 # ---------------------------------------------------------------------------------------------

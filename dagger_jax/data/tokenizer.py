@@ -32,6 +32,8 @@ PAD = "<|endoftext|>"
 # comes first so that it gets id 0.
 DEMO_SPECIAL_TOKENS = (PAD, "<|im_start|>", END_OF_TURN, "<think>", "</think>")
 DEMO_DIRNAME = "tokenizer"
+# How the demo BPE splits text before merging (see train_demo_tokenizer).
+IDENTIFIER_SPLIT = r"[A-Za-z_]+ ?|[0-9]|[^A-Za-z_0-9\s]+ ?|\s+"
 
 
 class TokenizerError(RuntimeError):
@@ -106,11 +108,18 @@ def train_demo_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1
   `<|im_start|>`, `<|im_end|>` = eos, `<think>`, `</think>`), so any text round-trips (byte level)
   and `apply_chat_template` works as with the real tokenizer. Deterministic for the same texts.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
   from transformers import PreTrainedTokenizerFast
 
   bpe = Tokenizer(models.BPE())
-  bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  # Identifiers, single digits, single punctuation marks and runs of white space are split apart
+  # before the byte-level mapping, so a name is the same tokens wherever it appears (after a
+  # space, a quote, a slash or `def `) and a number is its digits: copying a name or a line
+  # number from the context is copying tokens. (GPT-2's ByteLevel split glues a leading space to
+  # a word, so ` spread` and `"spread` would start with different tokens.)
+  bpe.pre_tokenizer = pre_tokenizers.Sequence([
+      pre_tokenizers.Split(Regex(IDENTIFIER_SPLIT), behavior="isolated"),
+      pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
   bpe.decoder = decoders.ByteLevel()
   trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(DEMO_SPECIAL_TOKENS),
                                 initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),

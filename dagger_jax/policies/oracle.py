@@ -4,24 +4,27 @@ It is what makes DAgger testable and demonstrable without a GPU: it labels every
 visits, including states the student broke. It is privileged: besides the conversation it looks
 at the working tree's current diff (`env.submission()`, read-only).
 
-Policy, by the state of the working tree:
+Policy, by the state of the working tree and the last command:
 
-    damaged (a diff that is not the fix)  -> restore the touched files (`git checkout -- FILES`)
-    clean, not fixed                      -> the first step not yet taken of
-                                             run the tests -> find the function -> show its lines
-                                             -> apply the fix
-                                             (each command built only from what the conversation
-                                             shows by then, so a student can imitate it)
-    fixed                                 -> run the tests, then submit once they passed
+    changed, tests not run since        -> run the tests
+    changed, tests ran: passed and the
+      change is the fix                 -> submit
+    changed, tests ran: anything else   -> restore the touched files (`git checkout -- FILES`)
+    clean                               -> the first step not yet taken of
+                                           find the function -> show its lines -> apply the fix
+                                           (each command built only from what the conversation
+                                           shows by then, so a student can imitate it; after a
+                                           restore the lines are shown again before the edit)
 
-Worked example (a toy task whose bug is on line 2 of timing.py, in `join`):
+So after a student's bad edit the teacher's labels are: run the tests, restore, show, fix, test,
+submit; every decision can be read off the conversation (the test output says whether the
+change worked). Worked example (a `toy` task whose bug is on line 2 of timing.py, in `join_rate`):
 
-    THOUGHT: Run the tests to see what fails.          python3 -m pytest -rA -q ... tests
-    THOUGHT: Find the function join.                   grep -rn --include="*.py" "def join(" .
-    THOUGHT: Show the function join.                   nl -ba timing.py | sed -n '1,+3p'
-    THOUGHT: Fix line 2 of timing.py.                  sed -i '2s/r = m + n + 1/r = m + n/' timing.py
-    THOUGHT: Run the tests again to check the fix.     python3 -m pytest -rA -q ... tests
-    THOUGHT: The tests pass. Submit.                   echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT
+    THOUGHT: Find the function join_rate.          grep -rn "def join_rate(" .
+    THOUGHT: Show the function join_rate.          nl -ba timing.py | sed -n '1,+3p'
+    THOUGHT: Fix line 2 of timing.py.              sed -i '2s/.*/    r = m + n/' timing.py
+    THOUGHT: Run the tests to check the change.    python3 run_tests.py
+    THOUGHT: The tests pass. Submit.               echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT
 
 The fix is the task's one-line `bug.fix_cmd` when it has one (toy tasks); otherwise the gold
 patch applied with `git apply` from a heredoc.
@@ -127,6 +130,14 @@ def _commands(view: EpisodeView) -> list[str]:
   return out
 
 
+def _restored_at(commands: list[str]) -> int:
+  """Index of the first command after the last `git checkout` (0 when there was none)."""
+  for i in range(len(commands) - 1, -1, -1):
+    if commands[i].startswith("git checkout"):
+      return i + 1
+  return 0
+
+
 class OracleTeacher(Policy):
   """The scripted expert (see the module docstring)."""
 
@@ -139,31 +150,32 @@ class OracleTeacher(Policy):
     plan = Plan.of(view.task)
     diff = changed_lines(view.env.submission()) if view.env is not None else {}
     commands = _commands(view)
-    if diff and diff != plan.gold:
-      files = " ".join(sorted(diff))
-      return protocol.format_action(f"git checkout -- {files}",
-                                    "THOUGHT: My earlier edit broke the code. Restore the files.")
-    if diff == plan.gold:
-      last_obs = view.messages[-1]["content"] if view.messages[-1]["role"] == "user" else ""
-      tests_passed = (commands and commands[-1] == plan.test_cmd
-                      and last_obs.startswith("<returncode>0</returncode>"))
-      if tests_passed:
+    last_obs = view.messages[-1]["content"] if view.messages[-1]["role"] == "user" else ""
+    tested = bool(commands) and commands[-1] == plan.test_cmd
+    if diff:
+      if not tested:  # the tree changed since the tests last ran: see what the change did
+        return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests to check the change.")
+      if diff == plan.gold and last_obs.startswith("<returncode>0</returncode>"):
         return protocol.format_action(f"echo {protocol.SUBMIT_SENTINEL}",
                                       "THOUGHT: The tests pass. Submit.")
-      return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests again to check the fix.")
-    steps = [(plan.test_cmd, "THOUGHT: Run the tests to see what fails.")]
+      files = " ".join(sorted(diff))
+      return protocol.format_action(f"git checkout -- {files}",
+                                    "THOUGHT: The change broke the tests. Restore the files.")
+    # A clean tree: the first step not yet taken. Each one only uses what the conversation
+    # already shows (the function name is in the issue, the file and line in grep's answer), so
+    # a student can learn to take it; after a restore the lines are shown again before the edit.
+    since_restore = commands[_restored_at(commands):]
+    steps = []
     if plan.function and plan.def_line:
-      # Each step only uses what the conversation already shows (the function name is in the
-      # issue, the file and line in grep's answer), so a student can learn to take it.
-      steps.append((f'grep -rn --include="*.py" "def {plan.function}(" .',
+      steps.append((f'grep -rn "def {plan.function}(" .', commands,
                     f"THOUGHT: Find the function {plan.function}."))
-      steps.append((f"nl -ba {plan.file} | sed -n '{plan.def_line},+3p'",
+      steps.append((f"nl -ba {plan.file} | sed -n '{plan.def_line},+3p'", since_restore,
                     f"THOUGHT: Show the function {plan.function}."))
     else:
       lo, hi = max(1, plan.line - 2), plan.line + 2
-      steps.append((f"nl -ba {plan.file} | sed -n '{lo},{hi}p'",
+      steps.append((f"nl -ba {plan.file} | sed -n '{lo},{hi}p'", since_restore,
                     f"THOUGHT: Show the lines around line {plan.line} of {plan.file}."))
-    for command, thought in steps:
-      if command not in commands:
+    for command, done, thought in steps:
+      if command not in done:
         return protocol.format_action(command, thought)
     return protocol.format_action(plan.fix_cmd, f"THOUGHT: Fix line {plan.line} of {plan.file}.")

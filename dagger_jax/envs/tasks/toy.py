@@ -1,19 +1,37 @@
 """`toy` tasks: small generated Python repositories with a one-line bug, sized for a CPU student.
 
-Each repository holds one module of 3-5 two-argument functions (randomised module, function and
-argument names, flat or package layout), a distractor module, a README and pytest tests. One line
-of one function carries a bug of one of `BUG_KINDS`; every bug is fixed by a one-line
-`sed -i 'Ns/old/new/' FILE` (given as `bug.fix_cmd`). The visible tests fail on the bug; the
-`test_patch` adds more assertions (the grader's hidden checks). FAIL_TO_PASS is the buggy
-function's test, PASS_TO_PASS every other test.
+Each repository holds one module of 3-5 two-argument functions (generated function names such as
+`blend_range`, random argument names, flat or package layout), a distractor module, a README,
+tests, and a small test runner. One line of one function carries a bug of one of `BUG_KINDS`.
+FAIL_TO_PASS is the buggy function's test, PASS_TO_PASS every other test; `test_patch` adds more
+assertions (the grader's hidden checks). Two families share the generator:
+
+`toy` (the default; imitable). The statement names the function and gives its correct line, so
+every step of the fix can be read off the conversation: the name from the statement, the file and
+line from `grep`'s answer, the new line from the statement. A perfect imitator resolves every task
+(tests/test_toy_imitable.py proves it with a teacher that reads only the conversation). The tests
+run with the repository's own `run_tests.py` (one `PASSED` / `FAILED` line per test in pytest's
+`-rA` form, so swebench's pytest log parser grades it; no timings, so the output is a function of
+the code; ~20 ms instead of pytest's ~170 ms, which is most of a CPU episode's cost).
+
+  statement:  "Bug in `shift`: shift(3, 5) gives 15 instead of -2. The line should read
+               `return s - t`."
+  grep -rn "def shift(" .              ->  ./ledger.py:4:def shift(s, t):
+  nl -ba ledger.py | sed -n '4,+3p'    ->  4  def shift(s, t):  /  5      return s * t  / ...
+  fix_cmd:    sed -i '5s/.*/    return s - t/' ledger.py
+
+`toy-arith` (harder). The statement gives only a call and two values (`shift(3, 5)` returns 15, but
+it should return -2); the fix must be worked out (which operator, which constant plus or minus
+one), and `fix_cmd` is `sed -i '5s/return s \\* t/return s - t/' ledger.py`, from the gold patch.
+Its tests run with pytest. Kept for stronger students.
 
 Worked example (one generated module, bug kind `operator`, line 5):
 
-  def merge(p, q):          # tests/test_ledger.py::test_merge  -> PASS_TO_PASS
+  def merge_stock(p, q):    # tests/test_ledger.py::test_merge_stock  -> PASS_TO_PASS
       return p + q
                             # `old`: "return s * t"   `new`: "return s - t"
-  def shift(s, t):          # fix_cmd: sed -i '5s/return s \\* t/return s - t/' ledger.py
-      return s * t          # tests/test_ledger.py::test_shift  -> FAIL_TO_PASS
+  def shift(s, t):          # tests/test_ledger.py::test_shift        -> FAIL_TO_PASS
+      return s * t
 
 Splits. A task's split is a function of its content (a hash of the buggy repository), so `train`
 and `test` files generated with any seeds never share a task.
@@ -28,9 +46,41 @@ import re
 
 from dagger_jax.envs.tasks import diff_files, snapshot_hash
 
+FAMILIES = ("toy", "toy-arith")
 BUG_KINDS = ("operator", "comparison", "constant", "swapped_args", "off_by_one")
-TEST_CMD = "python3 -m pytest -rA -q -p no:cacheprovider tests"
+TEST_CMD = "python3 run_tests.py"  # `toy`: the repository's own runner (see RUNNER)
+PYTEST_CMD = "python3 -m pytest -rA -q -p no:cacheprovider tests"  # `toy-arith`
 HELD_OUT_FRACTION = 4  # one task in this many (by content hash) belongs to the `test` split
+
+# The `toy` repositories' test runner: every `test_*` function of `tests/test_*.py`, one line per
+# test in pytest's `-rA` form (a failed assert shows its source line), then a summary line.
+RUNNER = """\
+import importlib.util, pathlib, sys, traceback
+sys.path.insert(0, ".")
+sys.dont_write_bytecode = True
+failed = passed = 0
+for path in sorted(pathlib.Path("tests").glob("test_*.py")):
+    try:
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    except Exception as e:
+        failed += 1
+        print(f"ERROR {path} - {type(e).__name__}: {e}")
+        continue
+    for name in sorted(n for n in vars(module) if n.startswith("test_")):
+        try:
+            getattr(module, name)()
+        except Exception as e:
+            failed += 1
+            line = traceback.extract_tb(e.__traceback__)[-1].line
+            print(f"FAILED {path}::{name} - {line if isinstance(e, AssertionError) else repr(e)}")
+        else:
+            passed += 1
+            print(f"PASSED {path}::{name}")
+print(f"{failed} failed, {passed} passed" if failed else f"{passed} passed")
+sys.exit(1 if failed else 0)
+"""
 
 _MODULES = ("ledger", "geometry", "scoring", "metrics", "pricing", "inventory", "timing",
             "physics", "grades", "budget", "weather", "routes", "energy", "census", "stocks",
@@ -39,6 +89,11 @@ _PACKAGES = ("core", "lib", "app", "tools", "calc")
 _VERBS = ("merge", "shift", "blend", "scale", "clamp", "combine", "spread", "offset", "pick",
           "weigh", "span", "mix", "stack", "trim", "gap", "boost", "fold", "join", "split_sum",
           "lift", "drop", "tally", "rate", "score", "bound", "step", "pair_sum", "cross", "reach")
+_NOUNS = ("range", "stock", "price", "total", "score", "count", "rate", "level", "depth", "width",
+          "speed", "cost", "load", "gain", "loss", "share", "limit", "delta", "index", "angle",
+          "weight", "margin", "budget", "credit", "demand", "supply", "volume", "height", "factor",
+          "signal", "window", "bucket", "record", "sample", "metric", "reward", "charge",
+          "energy", "number")
 _ARGS = (("a", "b"), ("x", "y"), ("m", "n"), ("p", "q"), ("s", "t"), ("u", "v"), ("i", "j"),
          ("lo", "hi"), ("left", "right"), ("first", "second"))
 
@@ -47,11 +102,22 @@ _EXPRS = ("A + B", "A - B", "A * B", "A * B + K", "(A + B) * K", "A - B - K", "A
           "A if A > B else B", "A if A < B else B", "sum(range(A, B + 1))", "A * A + B",
           "abs(A - B)", "(A - B) * K", "max(A - B, 0)", "min(A + K, B)")
 
-_STATEMENTS = (
+_ARITH_STATEMENTS = (
     "`{f}({x}, {y})` returns {got}, but it should return {want}.",
     "Bug: {f}({x}, {y}) gives {got} instead of {want}.",
     "The tests for `{f}` fail: for example {f}({x}, {y}) should be {want}, not {got}.",
     "{f} is broken. Calling {f}({x}, {y}) returned {got}; the expected result is {want}.",
+)
+
+
+# `toy`: the statement also gives the correct line, so the fix is copied, not worked out.
+_STATEMENTS = (
+    "Bug in `{f}`: {f}({x}, {y}) gives {got} instead of {want}. The line should read `{new}`.",
+    "`{f}({x}, {y})` returns {got}, but it should return {want}. Its line should read `{new}`.",
+    "The tests for `{f}` fail: {f}({x}, {y}) should be {want}, not {got}. "
+    "The line should be `{new}`.",
+    "{f} is broken: calling {f}({x}, {y}) returned {got}, expected {want}. "
+    "The correct line is `{new}`.",
 )
 
 
@@ -150,10 +216,24 @@ def _draw_fns(rng: random.Random, k: int, names: list[str]) -> list[_Fn]:
   return fns
 
 
-def _one_task(rng: random.Random, split: str) -> dict | None:
+def _names(rng: random.Random, family: str, k: int) -> list[str]:
+  """k distinct function names: `toy-arith` draws from 29 verbs, `toy` from ~1500 generated
+  verb_noun identifiers (so that copying the name from the statement pays more than
+  memorising frequent names)."""
+  if family == "toy-arith":
+    return rng.sample(_VERBS, k)
+  names: list[str] = []
+  while len(names) < k:
+    name = f"{rng.choice(_VERBS)}_{rng.choice(_NOUNS)}"
+    if name not in names:
+      names.append(name)
+  return names
+
+
+def _one_task(rng: random.Random, split: str, family: str = "toy") -> dict | None:
   """Draws one task; None when it has no detectable bug or is of the other split."""
   mod, other = rng.sample(_MODULES, 2)
-  names = rng.sample(_VERBS, 7)
+  names = _names(rng, family, 7)
   fns = _draw_fns(rng, rng.randint(3, 5), names)
   distractors = _draw_fns(rng, 2, names[5:])
   # Bug kind first (uniform over the kinds this module allows), then a function and a mutation.
@@ -184,9 +264,11 @@ def _one_task(rng: random.Random, split: str) -> dict | None:
   visible = {f.name: _test_lines(f, fixed_pairs[f.name][:2]) for f in fns + distractors}
   hidden = {f.name: _test_lines(f, fixed_pairs[f.name]) for f in fns + distractors}
   other_src, _ = _module_text(distractors, {})
+  imitable = family == "toy"
+  test_cmd = TEST_CMD if imitable else PYTEST_CMD
   files = {
       ".gitignore": "__pycache__/\n.pytest_cache/\n",
-      "README.md": f"# {mod}\n\nSmall helpers for {mod}. Run the tests with `{TEST_CMD}`.\n",
+      "README.md": f"# {mod}\n\nSmall helpers for {mod}. Run the tests with `{test_cmd}`.\n",
       mod_path: bad_src,
       other_path: other_src,
       test_mod: _test_file(imp(mod, fns), fns, visible),
@@ -194,21 +276,29 @@ def _one_task(rng: random.Random, split: str) -> dict | None:
   }
   if pkg:
     files[f"{pkg}/__init__.py"] = ""
+  if imitable:
+    files["run_tests.py"] = RUNNER
   files = dict(sorted(files.items()))
   digest = hashlib.sha256(repr(sorted(files.items())).encode()).hexdigest()
   if ("test" if int(digest[:8], 16) % HELD_OUT_FRACTION == 0 else "train") != split:
     return None
   x, y = pairs[0]
-  statement = rng.choice(_STATEMENTS).format(f=target.name, x=x, y=y,
-                                             got=repr(target.call(x, y, buggy)),
-                                             want=repr(target.call(x, y)))
+  statement = rng.choice(_STATEMENTS if imitable else _ARITH_STATEMENTS).format(
+      f=target.name, x=x, y=y, got=repr(target.call(x, y, buggy)), want=repr(target.call(x, y)),
+      new=new_line)
+  if imitable:  # the whole line is replaced: nothing of the old line needs escaping
+    assert not set(new_line) & set("\\/&'"), new_line
+    fix_cmd = f"sed -i '{line}s/.*/    {new_line}/' {mod_path}"
+  else:
+    fix_cmd = (f"sed -i '{line}s/{_sed_escape(old_line)}/"
+               f"{_sed_escape(new_line, replacement=True)}/' {mod_path}")
   patch = diff_files({mod_path: bad_src}, {mod_path: good_src})
   test_patch = diff_files(
       {test_mod: files[test_mod], test_other: files[test_other]},
       {test_mod: _test_file(imp(mod, fns), fns, hidden),
        test_other: _test_file(imp(other, distractors), distractors, hidden)})
   return {
-      "instance_id": f"toy__{mod}-{digest[:10]}",
+      "instance_id": f"{family.replace('-', '_')}__{mod}-{digest[:10]}",
       "repo": f"toy/{mod}",
       "base_commit": snapshot_hash(files),
       "problem_statement": statement,
@@ -218,27 +308,30 @@ def _one_task(rng: random.Random, split: str) -> dict | None:
       "PASS_TO_PASS": sorted([f"{test_mod}::test_{f.name}" for f in fns if f is not target] +
                              [f"{test_other}::test_{f.name}" for f in distractors]),
       "version": "0",
-      "test_cmd": TEST_CMD,
+      "test_cmd": test_cmd,
       "split": split,
       "repo_files": files,
       "bug": {"kind": kind, "file": mod_path, "line": line, "old": old_line, "new": new_line,
-              "fix_cmd": f"sed -i '{line}s/{_sed_escape(old_line)}/"
-                         f"{_sed_escape(new_line, replacement=True)}/' {mod_path}"},
+              "fix_cmd": fix_cmd},
+      "family": family,
   }
 
 
-def generate(n: int, seed: int, split: str = "train") -> list[dict]:
-  """n distinct toy tasks of one split ("train" | "test"), deterministic in (n, seed, split)."""
+def generate(n: int, seed: int, split: str = "train", family: str = "toy") -> list[dict]:
+  """n distinct tasks of one family (`FAMILIES`) and split ("train" | "test"), deterministic in
+  (n, seed, split, family)."""
   if split not in ("train", "test"):
     raise ValueError(f"toy split must be 'train' or 'test', got {split!r}")
-  rng = random.Random(f"toy:{seed}:{split}")
+  if family not in FAMILIES:
+    raise ValueError(f"unknown toy family {family!r} (known: {', '.join(FAMILIES)})")
+  rng = random.Random(f"toy:{seed}:{split}" if family == "toy-arith" else f"{family}:{seed}:{split}")
   tasks: dict[str, dict] = {}
   for _ in range(200 * n + 100):
     if len(tasks) == n:
       break
-    task = _one_task(rng, split)
+    task = _one_task(rng, split, family)
     if task is not None:
       tasks.setdefault(task["instance_id"], task)
   if len(tasks) < n:
-    raise RuntimeError(f"toy: drew only {len(tasks)} distinct {split} tasks of {n}")
+    raise RuntimeError(f"{family}: drew only {len(tasks)} distinct {split} tasks of {n}")
   return list(tasks.values())
