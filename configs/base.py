@@ -88,6 +88,8 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.env.cpus = 1.0
   c.env.pids = 256
   c.env.grade_timeout = 900.0  # seconds for one grading test run
+  c.env.scratch_dir = ""  # sandbox state and task checkouts ("" = the system temp dir; /dev/shm
+                          # makes small repositories much cheaper to create and remove)
   # Rewrite pytest's summary duration (" in 1.23s") to " in 0.00s" in observations (not in
   # grading), so that runs of one seed see the same text (envs/swe.py: normalize_durations).
   c.env.normalize_durations = False
@@ -120,4 +122,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.dagger.episodes_per_round = 100
   c.dagger.interventions = ("repeat_command", "format_errors", "premature_submit")
   c.dagger.eval_episodes = 100
+  c.dagger.eval_every = 1  # evaluate after every n-th round (and the last)
+  c.dagger.eval_split = "test"  # test: the held-out tasks | validation: pick configs on these
+  # Cumulative teacher labels per round (one entry per round; empty = episodes_per_round
+  # episodes). With a budget a round collects the shortest run of episodes that reaches it, so
+  # methods compared on one budget see the same number of labelled states (the demo sets it).
+  c.dagger.label_budget = ()
+
+  # `dagger-jax pretrain`: a base for a small student, from random exploration transcripts of
+  # fresh `toy` repositories (no teacher labels, no held-out tasks; dagger/pretrain.py).
+  c.pretrain = ml_collections.ConfigDict()
+  c.pretrain.out = "runs/base"  # where the base (params/, tokenizer/, base.json) is written
+  c.pretrain.repos = 2000  # explored repositories (one transcript each)
+  c.pretrain.turns = 10  # commands per transcript
+  c.pretrain.seed = 99  # the repositories' seed (not a task seed of any run)
+  c.pretrain.steps = 1500
+  c.pretrain.lr = 2e-3
+  c.pretrain.warmup_steps = 50
   return c

@@ -1,9 +1,19 @@
-"""The CPU demo: a complete small DAgger experiment in minutes on 2 cores.
+"""The CPU demo: DAgger vs SFT vs on-policy labelling on one teacher-label budget, in minutes.
 
-    dagger-jax demo --config configs/demo.py
+    dagger-jax demo --config configs/demo.py                 # what `make demo` runs
+    dagger-jax pretrain --config configs/demo.py --out assets/demo_base   # rebuild the base
+
+The student is a ~0.9M-parameter Qwen3-architecture model that starts from a committed base
+(`assets/demo_base`: params + its BPE tokenizer, pretrained on random exploration transcripts of
+fresh toy repositories by `dagger-jax pretrain`; no teacher labels, no held-out tasks). The tasks
+are the imitable `toy` family: every teacher action can be read off the conversation.
 """
 
+import os
+
 from configs import base
+
+BASE_DIR = "assets/demo_base"
 
 
 def get_config(arg: str = ""):
@@ -11,7 +21,7 @@ def get_config(arg: str = ""):
   c.name = "demo"
   c.workdir = "runs/demo"
   m = c.model
-  m.vocab_size = 1024  # small BPE tokenizer trained on the toy-task corpus
+  m.vocab_size = 1024  # the base's BPE tokenizer (trained on its pretraining corpus)
   m.hidden_size = 128
   m.intermediate_size = 384
   m.num_layers = 4
@@ -20,23 +30,35 @@ def get_config(arg: str = ""):
   m.head_dim = 32
   m.rope_theta = 10_000.0
   m.max_position_embeddings = 4096
-  c.data.tokenizer = "demo-bpe"
-  c.data.max_len = 1536  # one toy episode (~1.1-1.5k tokens) per row
+  m.init_from = f"{BASE_DIR}/params"
+  c.data.tokenizer = f"{BASE_DIR}/tokenizer"
+  c.data.max_len = 1536  # two teacher episodes (~600-700 tokens each) per row
   c.train.batch_size = 2
-  c.train.lr = 2e-3
+  c.train.lr = 1e-3
   c.train.warmup_steps = 20
   c.train.steps = 300  # per round
   c.train.weight_decay = 0.01
   c.train.checkpoint_every = 150
-  c.sampler.max_new_tokens = 96
-  c.env.max_turns = 8
+  c.sampler.max_new_tokens = 80  # the longest teacher turn (a fix) is ~55 tokens
+  c.env.max_turns = 10  # the straight path is 5 turns; one recovery takes 4 more
   c.env.command_timeout = 10.0
   c.env.output_limit = 2000
+  c.env.normalize_durations = True  # same seed, same observations (toy's runner prints none)
+  c.env.scratch_dir = "/dev/shm" if os.path.isdir("/dev/shm") else ""  # tiny repos: tmpfs
   c.tasks.source = "toy"
-  c.tasks.n_train = 200
-  c.tasks.n_eval = 100
+  c.tasks.n_train = 600
+  c.tasks.n_eval = 200
   c.dagger.rounds = 3
   c.dagger.episodes_per_round = 60
-  c.dagger.eval_episodes = 50
-  c.rollout.concurrency = 60  # the whole round in one wave: one student batch per turn
+  c.dagger.eval_episodes = 200
+  c.rollout.concurrency = 200  # the whole evaluation in one wave: one student batch per turn
+  c.rollout.env_workers = 4
+
+  # `dagger-jax pretrain`: the committed base (assets/demo_base) was built with these.
+  p = c.pretrain
+  p.out = BASE_DIR
+  p.repos = 1200
+  p.turns = 8
+  p.steps = 1200
+  p.lr = 2e-3
   return c

@@ -22,6 +22,8 @@ from dagger_jax import configlib, hostmem
 VERBS: dict[tuple[str, ...], tuple[str, str]] = {
     ("demo",): ("dagger_jax.dagger.demo:demo",
                 "Run the complete small DAgger experiment on CPU (what `make demo` runs)."),
+    ("pretrain",): ("dagger_jax.dagger.pretrain:pretrain",
+                    "Build the demo student's base model from exploration transcripts (no labels)."),
     ("dagger",): ("dagger_jax.dagger.loop:run_dagger",
                   "Run DAgger rounds: collect -> aggregate -> train -> sync weights -> evaluate."),
     ("train",): ("dagger_jax.train.trainer:train_cli",

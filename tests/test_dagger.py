@@ -150,14 +150,17 @@ def _tiny(config, tmp_path):
   """The demo at toy scale: 2 rounds of 4 episodes, 6 steps each, a 2-layer 32-wide student."""
   m = config.model
   m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 512, 32, 64, 2
-  m.num_heads, m.num_kv_heads, m.head_dim, m.max_position_embeddings = 2, 1, 16, 1024
-  config.data.max_len = 1024
+  m.num_heads, m.num_kv_heads, m.head_dim, m.max_position_embeddings = 2, 1, 16, 2048
+  config.data.max_len = 2048
   config.train.batch_size, config.train.steps, config.train.warmup_steps = 8, 6, 2  # 8 devices
   config.train.checkpoint_every, config.train.log_every = 3, 3
   config.sampler.max_new_tokens = 16
-  config.sampler.length_buckets = (256, 512, 1024)
+  config.sampler.length_buckets = (512, 1024, 2048)
+  m.init_from = ""  # a random tiny student with a BPE trained in the run (not the demo's base)
+  config.data.tokenizer = "demo-bpe"
   config.env.max_turns = 4
-  config.tasks.n_train, config.tasks.n_eval = 8, 3
+  config.rollout.concurrency = 4
+  config.tasks.n_train, config.tasks.n_eval = 16, 3
   config.dagger.rounds, config.dagger.episodes_per_round, config.dagger.eval_episodes = 2, 4, 3
   config.workdir = str(tmp_path / "demo")
   return config
@@ -178,29 +181,35 @@ def test_demo_end_to_end_and_resume(config, tmp_path, capsys):
   assert demo.demo(args, config) == 0
   out = capsys.readouterr().out
   summary = json.loads(out.strip().splitlines()[-1])
-  assert summary["eval_tasks"] == 3 and "verdict" in summary
-  for m in ("dagger", "sft"):
+  assert summary["heldout_tasks"] == 3 and "verdict_seed0" in summary["dagger_minus_sft"]
+  assert set(summary["methods"]) == {"dagger", "sft", "onpolicy"}
+  runs = {m: [json.loads(line) for line in open(tmp_path / "demo" / f"{m}_seed0" / "metrics.jsonl")]
+          for m in summary["methods"]}
+  for m, rows in runs.items():
     run = tmp_path / "demo" / f"{m}_seed0"
-    rows = [json.loads(line) for line in open(run / "metrics.jsonl")]
     assert [r["round"] for r in rows] == [0, 1]
-    assert rows[1]["beta"] == (0.5 if m == "dagger" else 1.0)
+    assert rows[1]["beta"] == {"dagger": 0.5, "sft": 1.0, "onpolicy": 0.0}[m]
     assert all((run / "shards" / f"round_{r:03d}" / "manifest.json").exists() for r in (0, 1))
     assert (run / "eval" / "round_001.json").exists()
     r1 = read_jsonl(str(run / "trajectories" / "round_001.jsonl"))
     turns = [turn for t in r1 for turn in t.turns]
-    if m == "sft":
-      assert {turn.actor for turn in turns} == {"teacher"}
-    else:  # beta 0.5: the coin gives the student turns, each with the teacher's label
-      assert "student" in {turn.actor for turn in turns}
+    actors = {turn.actor for turn in turns}
+    assert actors == {"sft": {"teacher"}, "onpolicy": {"student"}}.get(m, actors)
+    assert "student" in actors or m == "sft"
     assert all(turn.label is not None for turn in turns if turn.actor == "student")
-  sft0 = json.loads((tmp_path / "demo" / "sft_seed0" / "metrics.jsonl").read_text().splitlines()[0])
-  assert sft0["copied_from"].endswith("dagger_seed0")  # round 0 is shared, not redone
+    # equal label budgets: every method's cumulative labels within 5% of DAgger's, every round
+    for r in (0, 1):
+      want = runs["dagger"][r]["labels_cumulative"]
+      assert abs(rows[r]["labels_cumulative"] - want) <= 0.05 * want, (m, r)
+    if m != "dagger":  # the three methods share round 0: copied, not redone
+      assert rows[0]["copied_from"].endswith("dagger_seed0")
+      assert {k: v for k, v in rows[0].items() if k != "copied_from"} == runs["dagger"][0]
   assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
   # Run again: every round is read back, the same figures come out.
   assert demo.demo(args, config) == 0
   again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert {k: v for k, v in again.items() if k != "minutes"} == {
-      k: v for k, v in summary.items() if k != "minutes"}
+  assert {k: v for k, v in again.items() if k != "wall_s"} == {
+      k: v for k, v in summary.items() if k != "wall_s"}
 
 
 def test_wilson_interval_is_honest_at_zero():

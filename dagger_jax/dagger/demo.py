@@ -1,23 +1,30 @@
-"""`dagger-jax demo`: a complete small DAgger experiment on CPU, with its SFT baseline.
+"""`dagger-jax demo`: DAgger against SFT and on-policy labelling, on one teacher-label budget.
 
-    dagger-jax demo --config configs/demo.py                 # ~17 minutes on 2 cores
-    dagger-jax demo --config configs/demo.py --seeds 3       # the same, 3 seeds (3x the time)
+    dagger-jax demo --config configs/demo.py                 # what `make demo` runs
+    dagger-jax demo --config configs/demo.py --seeds 3       # the same on 3 seeds
 
-Two runs with the same budget of rounds, episodes per round and gradient steps per round:
+Three runs from the same base student (`config.model.init_from`, built by `dagger-jax pretrain`)
+and the same round 0 (teacher-only episodes, beta = 1, trained once and copied):
 
-    dagger   beta_r from config.dagger (the demo: 1, 0.5, 0.25, ...), teacher labels on the
-             states the mixed policy visits
-    sft      beta = 1 every round: teacher-only episodes (behaviour cloning on the teacher's own
-             states), the baseline DAgger is meant to beat
+    dagger     beta_r from config.dagger (the demo: 1, 0.5, 0.25), interventions by rule, the
+               teacher labels every state the mixed policy visits
+    sft        beta = 1 every round: teacher-only episodes (behaviour cloning)
+    onpolicy   beta = 0 after round 0, no interventions: the student acts alone and the teacher
+               labels its states
 
-Round 0 (beta = 1) is the same experiment in both, so the SFT run starts from a copy of the
-DAgger run's round 0. After every round the student is evaluated alone (beta = 0, greedy) on
-held-out tasks. The demo prints a table (held-out resolve rate by round and cumulative teacher
-labels), writes `<workdir>/demo.png` and `<workdir>/demo.json`, and its last line is one JSON
-object. Like every run it resumes: run it again and finished rounds are read back, not redone.
+Equal label budgets: DAgger runs first; each other method's round r collects the shortest run of
+episodes whose teacher labels reach DAgger's cumulative labels at round r
+(`config.dagger.label_budget`), so a win never comes from more labels. Every method trains the
+same number of steps per round on the aggregate of its rounds. After every round the student is
+evaluated alone (beta = 0, greedy) on `config.dagger.eval_episodes` held-out tasks; an episode
+that hits `env.max_turns` without submitting counts as unresolved (mini-swe-agent's SWE-bench
+convention: its prediction has no patch).
 
-The tasks (config.tasks, toy bug-fix repositories) and the tokenizer (config.data, a BPE trained
-on them) are made once in `<workdir>/shared` and used by both runs, so they see the same data.
+The demo prints a table per method and round (beta, labels, episodes, trained tokens, steps,
+held-out resolved with a 95% Wilson interval), where the time went, DAgger minus SFT on the last
+round with its standard error, and for several seeds the mean +- std per method. It writes
+`<workdir>/demo.png` and `<workdir>/demo.json`; its last line is one JSON object. Like every
+run it resumes: run it again and finished rounds are read back, not redone.
 """
 
 from __future__ import annotations
@@ -31,27 +38,32 @@ import os
 import shutil
 import statistics
 import time
-from typing import Any
+from typing import Any, Sequence
 
 log = logging.getLogger(__name__)
 
-METHODS = ("dagger", "sft")
+METHODS = ("dagger", "sft", "onpolicy")
+COLORS = {"dagger": "#1f77b4", "sft": "#d62728", "onpolicy": "#2ca02c"}
 
 
 def demo_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--workdir", default=None,
                       help="run directory (default: config.workdir); one sub-folder per method "
-                      "and seed")
+                      "and seed, tasks in shared/")
   parser.add_argument("--seeds", type=int, default=1,
                       help="repeat the comparison with seeds config.seed, config.seed+1, ...")
-  parser.add_argument("--only", choices=METHODS, default=None,
-                      help="run one method only (no comparison)")
+  parser.add_argument("--methods", default=",".join(METHODS),
+                      help=f"comma-separated subset of {', '.join(METHODS)} (dagger always runs: "
+                      "it sets the label budget)")
   parser.add_argument("--no-plot", action="store_true", help="skip demo.png")
 
 
-def method_config(config: Any, method: str, seed: int, shared: str, workdir: str) -> Any:
-  """The config of one run: `config` with its seed, its workdir, the shared tasks, and for the
-  SFT baseline a constant beta of 1."""
+def method_config(config: Any, method: str, seed: int, shared: str, workdir: str,
+                  label_budget: Sequence[int] = ()) -> Any:
+  """The config of one run: `config` with its seed, its workdir, the shared tasks, the
+  method's beta schedule and interventions, and (sft, onpolicy) DAgger's label budget."""
+  if method not in METHODS:
+    raise ValueError(f"unknown demo method {method!r} (known: {', '.join(METHODS)})")
   c = config.copy_and_resolve_references()
   c.unlock()
   c.seed = seed
@@ -62,13 +74,17 @@ def method_config(config: Any, method: str, seed: int, shared: str, workdir: str
     from dagger_jax.data.tokenizer import DEMO_DIRNAME
     c.data.tokenizer = os.path.join(shared, DEMO_DIRNAME)
   if method == "sft":
-    c.dagger.beta_schedule = "constant"
-    c.dagger.beta0 = 1.0
+    c.dagger.beta_schedule, c.dagger.beta0 = "constant", 1.0
+  elif method == "onpolicy":  # 1, 0, 0, ...: teacher-only round 0, then the student alone
+    c.dagger.beta_schedule, c.dagger.beta0, c.dagger.beta_decay = "exponential", 1.0, 0.0
+    c.dagger.interventions = ()
+  if method != "dagger":
+    c.dagger.label_budget = tuple(int(x) for x in label_budget)
   return c
 
 
 def _prepare_shared(config: Any, shared: str) -> None:
-  """Tasks and (for demo-bpe) the tokenizer, made once for every run of the demo."""
+  """Tasks (and, for demo-bpe, a tokenizer) made once for every run of the demo."""
   from dagger_jax.dagger import loop
 
   train_tasks, _ = loop.load_or_make_tasks(config, shared)  # generated there unless given
@@ -76,28 +92,29 @@ def _prepare_shared(config: Any, shared: str) -> None:
     loop.ensure_tokenizer(config, shared, loop.tokenizer_corpus(config, train_tasks))
 
 
-def _share_round0(dagger_dir: str, sft_dir: str) -> None:
-  """SFT's round 0 is DAgger's round 0 (beta = 1 in both): copy it instead of redoing it."""
+def _share_round0(dagger_dir: str, run_dir: str) -> None:
+  """Round 0 is the same experiment in every method (beta = 1, the same episodes and steps):
+  copy DAgger's instead of redoing it."""
   from dagger_jax.data.shards import shard_dir
   from dagger_jax.train.trainer import checkpoint_dir
 
-  if os.path.exists(os.path.join(sft_dir, "metrics.jsonl")):
+  if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
     return
   with open(os.path.join(dagger_dir, "metrics.jsonl")) as f:
     row0 = json.loads(f.readline())
   if row0["round"] != 0 or row0["beta"] != 1.0:
     return
-  pairs = [(shard_dir(dagger_dir, 0), shard_dir(sft_dir, 0)),
-           (checkpoint_dir(dagger_dir, 0), checkpoint_dir(sft_dir, 0))]
+  pairs = [(shard_dir(dagger_dir, 0), shard_dir(run_dir, 0)),
+           (checkpoint_dir(dagger_dir, 0), checkpoint_dir(run_dir, 0))]
   for name in ("trajectories/round_000.jsonl", "eval/round_000.jsonl", "eval/round_000.json"):
-    pairs.append((os.path.join(dagger_dir, name), os.path.join(sft_dir, name)))
+    pairs.append((os.path.join(dagger_dir, name), os.path.join(run_dir, name)))
   for src, dst in pairs:
     if not os.path.exists(src) or os.path.exists(dst):
       continue
     os.makedirs(os.path.dirname(dst), exist_ok=True)
     (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
-  os.makedirs(sft_dir, exist_ok=True)
-  with open(os.path.join(sft_dir, "metrics.jsonl"), "w") as f:
+  os.makedirs(run_dir, exist_ok=True)
+  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
     f.write(json.dumps({**row0, "copied_from": dagger_dir}) + "\n")
 
 
@@ -116,30 +133,89 @@ def wilson(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
   return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def difference(a: float, b: float, n: int) -> tuple[float, float]:
+  """a - b for two resolve rates measured on the same n tasks by different students, and its
+  standard error sqrt(a(1-a)/n + b(1-b)/n) (unpooled; 0 only when both are 0% or 100%)."""
+  return a - b, math.sqrt((a * (1 - a) + b * (1 - b)) / n) if n else float("nan")
+
+
 def table(results: dict[str, list[list[dict]]]) -> str:
-  """Held-out resolve rate per round, mean over seeds, side by side."""
-  methods = [m for m in METHODS if results.get(m)]
-  rounds = max(len(runs[0]) for runs in results.values() if runs)
-  head = f"{'round':>5} " + " ".join(f"{m + ' beta':>11} {m + ' labels':>13} {m + ' resolved':>20}"
-                                     for m in methods)
+  """One line per method and round (mean over seeds): beta, cumulative labels, episodes,
+  trained tokens (aggregate), steps, held-out resolved [95% Wilson interval over all seeds]."""
+  head = (f"{'method':<9} {'round':>5} {'beta':>5} {'labels':>7} {'episodes':>8} "
+          f"{'trained tok':>11} {'steps':>5}  {'held-out resolved':<28}")
   lines = [head, "-" * len(head)]
-  for r in range(rounds):
-    cells = []
-    for m in methods:
-      runs = [run for run in results[m] if len(run) > r]
+  for m, runs in results.items():
+    for r in range(min(len(run) for run in runs)):
       rows = [run[r] for run in runs]
+      evaluated = all(x["eval_episodes"] for x in rows)
+      k = sum(x["eval_resolved"] or 0 for x in rows)
+      n = sum(x["eval_episodes"] or 0 for x in rows)
+      lo, hi = wilson(k / n if n else 0.0, n)
       labels = statistics.mean(cumulative_labels(run)[r] for run in runs)
-      rate = sum(x["eval_resolve_rate"] for x in rows) / max(1, len(rows))
-      n = sum(x["eval_episodes"] for x in rows)
-      lo, hi = wilson(rate, n)
-      cells.append(f"{rows[0]['beta']:>11.3f} {labels:>13.0f} "
-                   f"{100 * rate:>5.1f}% [{100 * lo:>4.1f},{100 * hi:>5.1f}]")
-    lines.append(f"{r:>5} " + " ".join(cells))
+      episodes = statistics.mean(x.get("episodes_this_round", 0) for x in rows)
+      tokens = statistics.mean(x.get("trained_tokens_aggregate", 0) for x in rows)
+      steps = sum(x.get("steps", 0) for x in runs[0][:r + 1])
+      cell = (f"{k:>4}/{n:<4} {100 * k / max(n, 1):5.1f}% [{100 * lo:4.1f}, {100 * hi:5.1f}]"
+              if evaluated else "(not evaluated)")
+      lines.append(f"{m:<9} {r:>5} {rows[0]['beta']:>5.2f} {labels:>7.0f} {episodes:>8.0f} "
+                   f"{tokens:>11.0f} {steps:>5}  {cell}")
   return "\n".join(lines)
 
 
+def time_table(results: dict[str, list[list[dict]]]) -> str:
+  """Where the time went: seconds per phase, summed over seeds, per method and round."""
+  lines = [f"{'method':<9} {'round':>5} {'collect':>8} {'render':>7} {'train':>7} {'evaluate':>9}"]
+  for m, runs in results.items():
+    for r in range(min(len(run) for run in runs)):
+      rows = [run[r] for run in runs if "copied_from" not in run[r]]
+      if not rows:
+        lines.append(f"{m:<9} {r:>5} {'(round 0 copied from dagger)':>34}")
+        continue
+      t = {k: sum(x.get(f"{k}_s", 0.0) for x in rows) for k in ("collect", "render", "train",
+                                                                 "eval")}
+      lines.append(f"{m:<9} {r:>5} {t['collect']:>8.0f} {t['render']:>7.0f} {t['train']:>7.0f} "
+                   f"{t['eval']:>9.0f}")
+  return "\n".join(lines)
+
+
+def summarize(results: dict[str, list[list[dict]]], wall_s: float) -> dict[str, Any]:
+  """The demo's figures: per method the last round's held-out resolve rate (mean over seeds,
+  per seed, std) and labels; DAgger minus SFT with its standard error and the verdict."""
+  out: dict[str, Any] = {"methods": {}}
+  n = results["dagger"][0][-1]["eval_episodes"]
+  for m, runs in results.items():
+    rates = [run[-1]["eval_resolve_rate"] for run in runs]
+    out["methods"][m] = {
+        "heldout_resolve": statistics.mean(rates), "per_seed": rates,
+        "std": statistics.stdev(rates) if len(rates) > 1 else 0.0,
+        "teacher_labels": statistics.mean(cumulative_labels(run)[-1] for run in runs),
+        "trained_tokens": statistics.mean(run[-1].get("trained_tokens_aggregate", 0)
+                                          for run in runs),
+        "steps": sum(row.get("steps", 0) for row in runs[0])}
+  out["heldout_tasks"] = n
+  out["seeds"] = len(results["dagger"])
+  if "sft" in results:
+    gaps = [a[-1]["eval_resolve_rate"] - b[-1]["eval_resolve_rate"]
+            for a, b in zip(results["dagger"], results["sft"])]
+    first_gap, se = difference(results["dagger"][0][-1]["eval_resolve_rate"],
+                               results["sft"][0][-1]["eval_resolve_rate"], n)
+    verdict = ("DAgger ahead beyond 2 s.e." if first_gap > 2 * se else
+               "SFT ahead beyond 2 s.e." if first_gap < -2 * se else
+               "no difference beyond 2 s.e.")
+    out["dagger_minus_sft"] = {"seed0": first_gap, "se_seed0": se, "verdict_seed0": verdict,
+                               "per_seed": gaps, "mean": statistics.mean(gaps),
+                               "std": statistics.stdev(gaps) if len(gaps) > 1 else 0.0,
+                               "dagger_ahead_every_seed": all(g > 0 for g in gaps)}
+  out["wall_s"] = round(wall_s, 1)
+  return out
+
+
 def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
-  """Held-out resolve rate against cumulative teacher labels, one line per method and seed."""
+  """The lab-meeting figure: (a) held-out resolve rate against cumulative teacher labels, one
+  line per method (mean over seeds) with 95% Wilson intervals and each round's beta marked;
+  (b-d) the training rounds: episodes resolved under the collecting policy, teacher take-overs by
+  rule, and the loss."""
   try:
     import matplotlib
     matplotlib.use("Agg")
@@ -147,27 +223,56 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
   except ImportError:
     log.warning("matplotlib is not installed (pip install matplotlib): no plot")
     return None
-  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
-  colors = {"dagger": "tab:blue", "sft": "tab:orange"}
+  fig = plt.figure(figsize=(12, 5), dpi=120)
+  grid = fig.add_gridspec(3, 2, width_ratios=(1.6, 1), hspace=0.45, wspace=0.18)
+  ax = fig.add_subplot(grid[:, 0])
+  side = [fig.add_subplot(grid[i, 1]) for i in range(3)]
+  seeds = len(results["dagger"])
+  n = results["dagger"][0][-1]["eval_episodes"]
   top = 0.0
+  offsets = {m: (i - 1) * 0.012 for i, m in enumerate(METHODS)}  # keep error bars apart
   for m, runs in results.items():
-    for i, run in enumerate(runs):
-      x = cumulative_labels(run)
-      rates = [row["eval_resolve_rate"] for row in run]
-      lo, hi = zip(*(wilson(r, row["eval_episodes"]) for r, row in zip(rates, run)))
-      ax.plot(x, [100 * r for r in rates], "o-", color=colors[m], alpha=1.0 if i == 0 else 0.5,
-              label=f"{m} (95% Wilson band)" if i == 0 else None)
-      ax.fill_between(x, [100 * v for v in lo], [100 * v for v in hi], color=colors[m],
-                      alpha=0.15 if i == 0 else 0.07, linewidth=0)
-      top = max(top, *(100 * v for v in hi))
-  ax.set_ylim(0, min(100, max(10.0, 1.1 * top)))  # rates are >= 0; 0% is a floor, not a centre
+    rounds = min(len(run) for run in runs)
+    shown = [r for r in range(rounds) if all(run[r]["eval_episodes"] for run in runs)]
+    x = [statistics.mean(cumulative_labels(run)[r] for run in runs) for r in shown]
+    k = [sum(run[r]["eval_resolved"] for run in runs) for r in shown]
+    tot = [sum(run[r]["eval_episodes"] for run in runs) for r in shown]
+    y = [100 * a / b for a, b in zip(k, tot)]
+    lo, hi = zip(*(wilson(a / b, b) for a, b in zip(k, tot)))
+    span = max(x) - min(x) or 1.0
+    xs = [v + offsets.get(m, 0.0) * span for v in x]
+    ax.errorbar(xs, y, yerr=[[v - 100 * l for v, l in zip(y, lo)],
+                             [100 * h - v for v, h in zip(y, hi)]],
+                fmt="o-", color=COLORS.get(m), capsize=3, lw=2, ms=6, label=m)
+    for i, r in enumerate(shown):
+      ax.annotate(f"r{r} β={runs[0][r]['beta']:g}", (xs[i], y[i]), textcoords="offset points",
+                  xytext=(6, -12), fontsize=7, color=COLORS.get(m))
+    top = max(top, *(100 * v for v in hi))
+    rows = [[run[r] for run in runs] for r in range(rounds)]
+    rs = list(range(rounds))
+    side[0].plot(rs, [100 * statistics.mean(x_["train_resolved"] / max(1, x_["episodes_this_round"])
+                                            for x_ in rr) for rr in rows],
+                 "o-", color=COLORS.get(m), label=m)
+    side[1].plot(rs, [statistics.mean(sum(x_.get("interventions", {}).values()) for x_ in rr)
+                      for rr in rows], "o-", color=COLORS.get(m))
+    side[2].plot(rs, [statistics.mean(x_["train_loss"] for x_ in rr if x_["train_loss"] is not None)
+                      if any(x_["train_loss"] is not None for x_ in rr) else float("nan")
+                      for rr in rows], "o-", color=COLORS.get(m))
+  ax.set_ylim(0, min(100, max(10.0, 1.1 * top)))
   ax.set_xlabel("teacher labels (cumulative)")
-  ax.set_ylabel("held-out resolved (%), student alone")
-  ax.set_title("DAgger vs SFT on the same budget")
+  ax.set_ylabel("held-out resolved (%), student alone, greedy")
+  ax.set_title(f"DAgger vs SFT vs on-policy on one label budget\n"
+               f"n = {n} held-out tasks, {seeds} seed(s), 95% Wilson intervals", fontsize=10)
   ax.grid(alpha=0.3)
-  ax.legend()
-  fig.tight_layout()
-  fig.savefig(path)
+  ax.legend(loc="upper left")
+  for a, title in zip(side, ("training episodes resolved (%)", "teacher take-overs by rule",
+                             "train loss (teacher tokens)")):
+    a.set_title(title, fontsize=9)
+    a.grid(alpha=0.3)
+    a.set_xticks(range(max(len(r) for r in results["dagger"])))
+    a.tick_params(labelsize=8)
+  side[2].set_xlabel("round", fontsize=8)
+  fig.savefig(path, bbox_inches="tight")
   plt.close(fig)
   return path
 
@@ -180,40 +285,50 @@ def demo(args, config) -> int:
   _enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
   shared = os.path.join(workdir, "shared")
   start = time.time()
-  methods = [args.only] if args.only else list(METHODS)
-  print(f"demo: {', '.join(methods)} x {args.seeds} seed(s), {config.dagger.rounds} rounds of "
-        f"{config.dagger.episodes_per_round} episodes and {config.train.steps} steps each, "
-        f"held-out: {config.dagger.eval_episodes} tasks; writing {workdir}", flush=True)
+  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown:
+    raise ValueError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
+  methods = ["dagger"] + [m for m in METHODS[1:] if m in methods]
+  print(f"demo: {', '.join(methods)} x {args.seeds} seed(s), {config.dagger.rounds} rounds, "
+        f"{config.dagger.episodes_per_round} DAgger episodes and {config.train.steps} steps per "
+        f"round, {config.dagger.eval_episodes} {config.dagger.eval_split}-split tasks; "
+        f"writing {workdir}", flush=True)
   _prepare_shared(config, shared)
   results: dict[str, list[list[dict]]] = {m: [] for m in methods}
   for s in range(args.seeds):
     seed = int(config.seed) + s
+    dagger_dir = os.path.join(workdir, f"dagger_seed{seed}")
+    budget: list[int] = []
     for m in methods:
       run_dir = os.path.join(workdir, f"{m}_seed{seed}")
-      c = method_config(config, m, seed, shared, run_dir)
-      if m == "sft" and "dagger" in methods:
-        _share_round0(os.path.join(workdir, f"dagger_seed{seed}"), run_dir)
+      c = method_config(config, m, seed, shared, run_dir, budget)
+      if m != "dagger":
+        _share_round0(dagger_dir, run_dir)
       print(f"== {m}, seed {seed} -> {run_dir}", flush=True)
       results[m].append(loop.run(c, workdir=run_dir))
-  text = table(results)
-  print("\nheld-out resolve rate of the student alone (mean over seeds, [95% Wilson interval]):")
-  print(text)
-  summary: dict[str, Any] = {"demo": config.name, "seeds": args.seeds,
-                             "minutes": round((time.time() - start) / 60, 1)}
-  for m, runs in results.items():
-    summary[f"{m}_final"] = sum(run[-1]["eval_resolve_rate"] for run in runs) / len(runs)
-    summary[f"{m}_labels"] = statistics.mean(cumulative_labels(run)[-1] for run in runs)
-  n = sum(run[-1]["eval_episodes"] for run in next(iter(results.values())))
-  summary["eval_tasks"] = n
-  if len(results) == 2:
-    a, b = summary["dagger_final"], summary["sft_final"]
-    gap, pooled = a - b, (a + b) / 2
-    se = math.sqrt(pooled * (1 - pooled) * 2 / n) if n else float("nan")  # two-proportion test
-    verdict = ("DAgger ahead" if gap > 2 * se else "SFT ahead" if gap < -2 * se else
-               "no difference beyond noise (2 s.e.)")
-    print(f"\nfinal round: DAgger {100 * a:.1f}% vs SFT {100 * b:.1f}% on {n} held-out tasks "
-          f"(difference {100 * gap:+.1f} points, s.e. {100 * se:.1f}): {verdict}")
-    summary["verdict"] = verdict
+      if m == "dagger":
+        budget = cumulative_labels(results[m][-1])
+  print(f"\nper method and round ({config.dagger.eval_split} split, student alone; "
+        f"mean over {args.seeds} seed(s)):")
+  print(table(results))
+  print("\nwhere the time went (seconds):")
+  print(time_table(results))
+  summary = summarize(results, time.time() - start)
+  if "dagger_minus_sft" in summary:
+    g = summary["dagger_minus_sft"]
+    print(f"\nlast round, seed {config.seed}: DAgger {100 * results['dagger'][0][-1]['eval_resolve_rate']:.1f}% "
+          f"vs SFT {100 * results['sft'][0][-1]['eval_resolve_rate']:.1f}% on "
+          f"{summary['heldout_tasks']} tasks: difference {100 * g['seed0']:+.1f} points, "
+          f"s.e. {100 * g['se_seed0']:.1f}: {g['verdict_seed0']}")
+  if args.seeds > 1:
+    for m, v in summary["methods"].items():
+      print(f"{m:<9} {100 * v['heldout_resolve']:5.1f}% +- {100 * v['std']:.1f} "
+            f"(seeds: {', '.join(f'{100 * r:.1f}' for r in v['per_seed'])})")
+    if "dagger_minus_sft" in summary:
+      g = summary["dagger_minus_sft"]
+      print(f"DAgger - SFT: {100 * g['mean']:+.1f} +- {100 * g['std']:.1f} points; DAgger ahead "
+            f"on every seed: {g['dagger_ahead_every_seed']}")
   if not args.no_plot:
     path = plot(results, os.path.join(workdir, "demo.png"))
     if path:

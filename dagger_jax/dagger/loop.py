@@ -28,8 +28,11 @@ flight and the steps since the last checkpoint.
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import json
 import logging
+import math
 import os
 import time
 from typing import Any, Callable
@@ -37,7 +40,7 @@ from typing import Any, Callable
 from dagger_jax.dagger import collector, schedule
 from dagger_jax.data import shards as shards_lib
 from dagger_jax.data import tokenizer as tokenizer_lib
-from dagger_jax.data.trajectory import read_jsonl
+from dagger_jax.data.trajectory import Trajectory, read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -49,30 +52,45 @@ def _path(workdir: str, *parts: str) -> str:
 
 
 def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict]]:
-  """Training and held-out tasks: from `config.tasks.{train,eval}_file`, or generated once."""
+  """Training and evaluation tasks: from `config.tasks.{train,eval}_file`, or generated once.
+
+  The evaluation tasks are the held-out ones (`config.dagger.eval_split="test"`), or the
+  validation ones (`"validation"`: tasks of the test split drawn with another seed, none of them
+  held out) on which a config is chosen, so that the held-out split is never tuned on.
+  """
   from dagger_jax.envs import tasks as tasks_lib
+  from dagger_jax.envs.tasks import toy
 
   t = config.tasks
-  out = []
-  for split, file, n, seed in (("train", t.train_file, t.n_train, t.seed),
-                               ("eval", t.eval_file, t.n_eval, t.seed + 1)):
+  eval_split = config.dagger.eval_split
+  if eval_split not in ("test", "validation"):
+    raise ValueError(f"config.dagger.eval_split={eval_split!r}: not 'test' or 'validation'")
+  wanted = [("train", t.train_file, t.n_train, t.seed), ("eval", t.eval_file, t.n_eval, t.seed + 1)]
+  if eval_split == "validation":
+    wanted.append(("validation", "", t.n_eval, t.seed + 2))
+  out = {}
+  for split, file, n, seed in wanted:
     path = file or os.path.join(workdir, "tasks", f"{split}.jsonl")
     if not os.path.exists(path):
       if file:
         raise FileNotFoundError(f"config.tasks.{split}_file={file}: no such file")
-      if t.source != "toy":
+      if t.source not in toy.FAMILIES:
         raise ValueError(f"config.tasks.source={t.source!r}: generate the tasks first "
                          f"(dagger-jax tasks generate) and set config.tasks.{split}_file")
-      from dagger_jax.envs.tasks import toy
       split_name = "train" if split == "train" else "test"
-      tasks_lib.save_tasks(_path(path), toy.generate(n, seed, split=split_name))
-    out.append(tasks_lib.load_tasks(path))
-  return out[0], out[1]
+      tasks = toy.generate(n + (n if split == "validation" else 0), seed, split=split_name,
+                           family=t.source)
+      if split == "validation":  # never a held-out task
+        held_out = {x["instance_id"] for x in out["eval"]}
+        tasks = [x for x in tasks if x["instance_id"] not in held_out][:n]
+      tasks_lib.save_tasks(_path(path), tasks)
+    out[split] = tasks_lib.load_tasks(path)
+  return out["train"], out["validation" if eval_split == "validation" else "eval"]
 
 
-def _round_tasks(tasks: list[dict], round_index: int, n: int) -> list[dict]:
-  """Round r takes the next n tasks, cycling through the training set."""
-  return [tasks[(round_index * n + i) % len(tasks)] for i in range(n)]
+def _round_tasks(tasks: list[dict], start: int, n: int) -> list[dict]:
+  """The n tasks after the first `start` a run has used, cycling through the training set."""
+  return [tasks[(start + i) % len(tasks)] for i in range(n)]
 
 
 def ensure_tokenizer(config: Any, workdir: str, corpus: Callable[[], list[str]]):
@@ -107,12 +125,60 @@ def tokenizer_corpus(config: Any, train_tasks: list[dict],
   return corpus
 
 
-def _collect_round(config, workdir, round_index, beta, tasks, teacher, student, tokenizer, seed):
+def _collect_round(config, workdir, round_index, beta, train_tasks, start, teacher, student,
+                   tokenizer, label_target=None):
+  """Round r's episodes, in order: `config.dagger.episodes_per_round` of them, or, with a label
+  budget, the shortest prefix of episodes whose teacher labels reach `label_target`.
+
+  With a budget the episodes are collected in waves: a first estimate from the labels per
+  episode seen so far (this round, else `config.env.max_turns`), then top-ups, so a method whose
+  episodes are short (teacher-only) runs more of them. Every episode is appended to the round's
+  file as it finishes; the prefix is a function of that file, so a resumed round keeps the same
+  episodes. Returns (trajectories kept, stats of this process's collection).
+  """
   path = _path(workdir, "trajectories", f"round_{round_index:03d}.jsonl")
-  _, stats = collector.collect(tasks, config=config, round_index=round_index, beta=beta,
-                               teacher=teacher, student=student, seed=seed, out_path=path,
-                               tokenizer=tokenizer, grade=True)
-  return path, stats
+  seed = config.seed * 1_000_003 + round_index * 10_007
+  kw = dict(config=config, round_index=round_index, beta=beta, teacher=teacher, student=student,
+            out_path=path, tokenizer=tokenizer, grade=True)
+  if label_target is None:
+    n = int(config.dagger.episodes_per_round)
+    _, stats = collector.collect(_round_tasks(train_tasks, start, n), seed=seed, **kw)
+    return read_jsonl(path), stats
+  total = collector.CollectStats()
+  while True:
+    trajs = read_jsonl(path) if os.path.exists(path) else []
+    labels = [len(t.turns) for t in trajs]
+    have = sum(labels)
+    if have >= label_target:
+      keep, acc = 0, 0
+      while acc < label_target:
+        acc += labels[keep]
+        keep += 1
+      kept = trajs[:keep]
+      if acc > label_target:  # stop the last episode at the budget: its first k labelled states
+        kept[-1] = _first_turns(kept[-1], labels[keep - 1] - (acc - label_target))
+      return kept, total
+    per_episode = have / len(trajs) if trajs else float(config.env.max_turns)
+    n = max(1, math.ceil((label_target - have) / max(per_episode, 1.0)))
+    n = min(n, max(1, int(config.rollout.concurrency)))
+    _, stats = collector.collect(_round_tasks(train_tasks, start + len(trajs), n),
+                                 seed=seed + len(trajs), **kw)
+    _merge_stats(total, stats)
+
+
+def _first_turns(traj: Trajectory, k: int) -> Trajectory:
+  """The trajectory cut after its k-th assistant turn: the states it visited up to there, each
+  with its label (what is trained is unchanged for those turns; the outcome is the episode's)."""
+  return dataclasses.replace(traj, turns=traj.turns[:k], messages=traj.messages[:1 + 2 * k])
+
+
+def _merge_stats(total: collector.CollectStats, more: collector.CollectStats) -> None:
+  for f in dataclasses.fields(total):
+    value = getattr(more, f.name)
+    if isinstance(value, int):
+      setattr(total, f.name, getattr(total, f.name) + value)
+    else:
+      getattr(total, f.name).update(value)
 
 
 def evaluate(config, workdir, round_index, student, tokenizer, eval_tasks) -> dict:
@@ -172,6 +238,26 @@ def _check_supported(config) -> None:
                               f"in-process 'jax' sampler is built so far")
 
 
+def _evaluated(config, round_index: int) -> bool:
+  """Whether round r is evaluated: every `config.dagger.eval_every`-th round, and the last."""
+  every = int(config.dagger.eval_every)
+  if every < 1:
+    raise ValueError(f"config.dagger.eval_every={every}: must be >= 1")
+  return round_index % every == 0 or round_index == int(config.dagger.rounds) - 1
+
+
+def _label_target(config, round_index: int) -> int | None:
+  """Cumulative teacher labels round r must reach (`config.dagger.label_budget`), if set."""
+  budget = tuple(config.dagger.label_budget)
+  if not budget:
+    return None
+  if len(budget) != int(config.dagger.rounds):
+    raise ValueError(f"config.dagger.label_budget has {len(budget)} entries for "
+                     f"config.dagger.rounds={config.dagger.rounds}: give one cumulative label "
+                     f"count per round")
+  return int(budget[round_index])
+
+
 def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> list[dict]:
   """Runs (or resumes) every round; returns one metrics dict per round."""
   from tensorboardX import SummaryWriter
@@ -198,10 +284,15 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
       done_rows = {row["round"]: row for row in map(json.loads, filter(str.strip, f))}
   model = None  # the student after the last round trained in this process
   results = []
+  used_tasks, labels_before, trained_tokens = 0, 0, 0
   try:
     for r, beta in enumerate(betas):
       if r in done_rows:  # finished before (resumed run): its checkpoint feeds round r+1
-        results.append(done_rows[r])
+        row = done_rows[r]
+        results.append(row)
+        used_tasks += row.get("episodes_this_round", d.episodes_per_round)
+        labels_before += row["labels_this_round"]
+        trained_tokens = row.get("trained_tokens_aggregate", 0)
         model = None
         log.info("round %d: done before (%s)", r, metrics_path)
         continue
@@ -209,36 +300,60 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
       student = None
       if beta < 1:
         student = _student(config, model or _acting_model(config, workdir, r), tokenizer)
-      tasks = _round_tasks(train_tasks, r, d.episodes_per_round)
-      traj_path, stats = _collect_round(config, workdir, r, beta, tasks, teacher, student,
-                                        tokenizer, seed=config.seed * 1_000_003 + r * 10_007)
-      trajs = read_jsonl(traj_path)  # this round's episodes, including any from before a resume
+      target = _label_target(config, r)
+      trajs, stats = _collect_round(config, workdir, r, beta, train_tasks, used_tasks, teacher,
+                                    student, tokenizer,
+                                    None if target is None else target - labels_before)
+      collect_s = time.time() - t0
       shard = shards_lib.shard_dir(workdir, r)
       if not os.path.exists(os.path.join(shard, shards_lib.MANIFEST)):
         shards_lib.build_shards(trajs, tokenizer, config.data, shard, round=r)
-      collect_s = time.time() - t0
+      with open(os.path.join(shard, shards_lib.MANIFEST)) as f:
+        trained_tokens += json.load(f)["trained_tokens"]
+      render_s = time.time() - t0 - collect_s
       result = trainer.train(config, [shards_lib.shard_dir(workdir, i) for i in range(r + 1)],
                              workdir=workdir, round_index=r, progress=progress,
                              log=lambda m: log.info("%s", m))
       model = model_from_params(Qwen3Config.from_config(config.model), result.state.params)
-      train_s = time.time() - t0 - collect_s
-      ev = evaluate(config, workdir, r, _student(config, model, tokenizer), tokenizer, eval_tasks)
+      train_s = time.time() - t0 - collect_s - render_s
+      ev = {"resolve_rate": None, "resolved": None, "episodes": None, "submitted": None}
+      if _evaluated(config, r):
+        ev = evaluate(config, workdir, r, _student(config, model, tokenizer), tokenizer,
+                      eval_tasks)
       labels = sum(len(t.turns) for t in trajs)
+      used_tasks += len(trajs)
+      labels_before += labels
+      teacher_turns = sum(t.actor == "teacher" for tr in trajs for t in tr.turns)
       row = {"round": r, "beta": beta, "labels_this_round": labels,
+             "labels_cumulative": labels_before, "episodes_this_round": len(trajs),
+             "teacher_acted": teacher_turns, "student_acted": labels - teacher_turns,
+             "trained_tokens_round": trained_tokens - sum(
+                 x.get("trained_tokens_round", 0) for x in results),
+             "trained_tokens_aggregate": trained_tokens, "steps": int(config.train.steps),
              "train_loss": result.history[-1]["loss"] if result.history else None,
+             "train_resolved": sum(bool(t.outcome.resolved) for t in trajs),
+             "train_submitted": sum(bool(t.outcome.submitted) for t in trajs),
+             "interventions": dict(collections.Counter(
+                 t.intervention for tr in trajs for t in tr.turns if t.intervention)),
              "eval_resolve_rate": ev["resolve_rate"], "eval_resolved": ev["resolved"],
-             "eval_episodes": ev["episodes"], "collect": stats.summary(),
-             "collect_s": round(collect_s, 1), "train_s": round(train_s, 1),
-             "eval_s": round(time.time() - t0 - collect_s - train_s, 1)}
+             "eval_episodes": ev["episodes"], "eval_submitted": ev["submitted"],
+             "eval_split": config.dagger.eval_split, "collect": stats.summary(),
+             "collect_s": round(collect_s, 1), "render_s": round(render_s, 1),
+             "train_s": round(train_s, 1),
+             "eval_s": round(time.time() - t0 - collect_s - render_s - train_s, 1)}
       results.append(row)
-      log.info("round %d: beta %.3f, eval resolve rate %.1f%% (%d/%d)", r, beta,
-               100 * ev["resolve_rate"], ev["resolved"], ev["episodes"])
+      log.info("round %d: beta %.3f, %d labels (%d cumulative), eval resolved %s/%s; "
+               "collect %.0f s, render %.0f s, train %.0f s, eval %.0f s", r, beta, labels,
+               labels_before, ev["resolved"], ev["episodes"], collect_s, render_s, train_s,
+               row["eval_s"])
       with open(metrics_path, "a") as f:
         f.write(json.dumps(row) + "\n")
       writer.add_scalar("dagger/beta", beta, r)
-      writer.add_scalar("dagger/eval_resolve_rate", ev["resolve_rate"], r)
+      if ev["resolve_rate"] is not None:
+        writer.add_scalar("dagger/eval_resolve_rate", ev["resolve_rate"], r)
       writer.add_scalar("dagger/labels_this_round", labels, r)
-      for k, v in stats.interventions.items():
+      writer.add_scalar("dagger/labels_cumulative", labels_before, r)
+      for k, v in row["interventions"].items():
         writer.add_scalar(f"dagger/interventions/{k}", v, r)
   finally:
     writer.close()
@@ -264,7 +379,9 @@ def run_dagger(args, config) -> int:
   setup_logging()
   results = run(config, workdir=args.workdir)
   for row in results:
+    evaluated = (f"eval resolved {row['eval_resolved']}/{row['eval_episodes']} "
+                 f"({100 * row['eval_resolve_rate']:.1f}%)" if row["eval_episodes"] else
+                 "not evaluated (config.dagger.eval_every)")
     print(f"round {row['round']}: beta={row['beta']:.3f} labels={row['labels_this_round']} "
-          f"eval resolved {row['eval_resolved']}/{row['eval_episodes']} "
-          f"({100 * row['eval_resolve_rate']:.1f}%)")
+          f"{evaluated}")
   return 0

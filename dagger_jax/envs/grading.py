@@ -29,7 +29,7 @@ from swebench.harness.grading import (get_eval_tests_report, get_logs_eval,
                                       get_resolution_status)
 from swebench.types import TestSpec
 
-from dagger_jax.envs.sandbox import make_sandbox, reap_stale
+from dagger_jax.envs.sandbox import make_sandbox, reap_stale, scratch_dir
 from dagger_jax.envs.tasks import TaskError, materialize, patch_files
 
 # The harness's chain (swebench.harness.run_evaluation.GIT_APPLY_CMDS), with a reset in between.
@@ -81,8 +81,9 @@ def task_sandbox(task: dict, env_config: Any, **limit_overrides) -> Iterator[San
     with make_sandbox(env_config, image=task["image"], **limit_overrides) as sb:
       yield sb
     return
-  reap_stale(tempfile.gettempdir(), rmtree=True)  # checkouts of SIGKILLed runs
-  tmp = tempfile.mkdtemp(prefix=f"dagger-jax-task-{os.getpid()}-")
+  scratch = scratch_dir(env_config)
+  reap_stale(scratch, rmtree=True)  # checkouts of SIGKILLed runs
+  tmp = tempfile.mkdtemp(prefix=f"dagger-jax-task-{os.getpid()}-", dir=scratch)
   try:
     repo = os.path.join(tmp, "repo")
     materialize(task, repo)

@@ -155,7 +155,8 @@ class BwrapSandbox(Sandbox):
   """
 
   def __init__(self, host_workdir: str, limits: SandboxLimits | None = None, *,
-               workdir: str = "/testbed", executable: str = "bwrap", use_cgroups: bool = True):
+               workdir: str = "/testbed", executable: str = "bwrap", use_cgroups: bool = True,
+               scratch_dir: str | None = None):
     self._bwrap = check_bwrap(executable)
     if not os.path.isdir(host_workdir):
       raise SandboxError(f"BwrapSandbox: host_workdir {host_workdir!r} is not a directory")
@@ -167,8 +168,9 @@ class BwrapSandbox(Sandbox):
     self._closed = False
     self._lock = threading.Lock()  # one command at a time
     self._seq = 0
-    reap_stale(tempfile.gettempdir(), rmtree=True)
-    self._state = tempfile.mkdtemp(prefix=f"dagger-jax-bwrap-{os.getpid()}-")
+    scratch_dir = scratch_dir or tempfile.gettempdir()
+    reap_stale(scratch_dir, rmtree=True)
+    self._state = tempfile.mkdtemp(prefix=f"dagger-jax-bwrap-{os.getpid()}-", dir=scratch_dir)
     self._tmp = os.path.join(self._state, "tmp")  # the sandbox's private /tmp
     self._io = os.path.join(self._state, "io")  # per-command output FIFOs
     self._empty = os.path.join(self._state, "empty")  # bound over files the sandbox must not read
