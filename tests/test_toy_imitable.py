@@ -31,20 +31,16 @@ class ConversationTeacher(Policy):
   @staticmethod
   def command(messages) -> str:
     statement = messages[1]["content"]
-    function = re.search(r"(\w+)\(\d+, \d+\)", statement).group(1)
-    new_line = re.search(r"`([^`]+)`\.?$", statement.split("\n\n")[0]).group(1)
+    function = re.search(r"`def (\w+)\(", statement).group(1)
+    new_line = re.search(r"\n\n    (.+)\n", statement).group(1)
     commands = [protocol.parse_action(m["content"]).command for m in messages
                 if m["role"] == "assistant"]
-    seen = "\n".join(m["content"] for m in messages if m["role"] == "user")
-    found = re.search(rf"^\./(\S+):(\d+):def {function}\(", seen, re.M)
     if not commands:
       return f'grep -rn "def {function}(" .'
-    file, line = found.group(1), int(found.group(2))
     last = commands[-1]
     if last.startswith("grep"):
-      return f"nl -ba {file} | sed -n '{line},+3p'"
-    if last.startswith("nl"):
-      return f"sed -i '{line + 1}s/.*/    {new_line}/' {file}"
+      path = re.search(r"^(\./\S+\.py):\d+:def ", messages[-1]["content"], re.M).group(1)
+      return f"sed -i '/def {function}(/{{n;s/.*/    {new_line}/}}' {path}"
     if last.startswith("sed -i"):
       return "python3 run_tests.py"
     return f"echo {protocol.SUBMIT_SENTINEL}"
@@ -66,7 +62,7 @@ def test_a_conversation_only_teacher_resolves_every_task(config, split, seed):
   assert stats.failed == 0 and len(trajs) == len(tasks)
   unresolved = [t.task_id for t in trajs if not t.outcome.resolved]
   assert not unresolved, unresolved
-  assert all(t.outcome.turns == 5 for t in trajs)
+  assert all(t.outcome.turns == 4 for t in trajs)
 
 
 def test_the_oracle_takes_the_same_path_from_a_clean_start(config):
@@ -83,7 +79,7 @@ def test_the_oracle_takes_the_same_path_from_a_clean_start(config):
 
 
 def test_the_oracle_recovers_from_a_bad_edit(config):
-  """After a wrong edit the oracle tests, restores, shows the lines again, fixes and submits:
+  """After a wrong edit the oracle tests, restores, fixes again, tests and submits:
   the recovery a DAgger student sees labels for and an SFT student never does."""
   from dagger_jax.envs.swe import SweEnv
   from dagger_jax.policies.base import EpisodeView
@@ -102,7 +98,6 @@ def test_the_oracle_recovers_from_a_bad_edit(config):
       return result
 
     step(oracle.next_action(EpisodeView(task, messages, [], env)))  # grep
-    step(oracle.next_action(EpisodeView(task, messages, [], env)))  # nl
     step(protocol.format_action(f"sed -i '{bug['line']}s/.*/    return 0/' {bug['file']}"))
     path = []
     for _ in range(6):
@@ -110,7 +105,7 @@ def test_the_oracle_recovers_from_a_bad_edit(config):
       path.append(protocol.parse_action(action).command.split()[0])
       if step(action).done:
         break
-    assert path == ["python3", "git", "nl", "sed", "python3", "echo"]
+    assert path == ["python3", "git", "sed", "python3", "echo"]
     assert env.exit_status == "submitted" and env.grade().resolved
 
 
@@ -120,5 +115,6 @@ def test_the_family_is_varied():
   assert len(names) > 150  # generated verb_noun names: copying pays more than memorising
   assert {t["bug"]["kind"] for t in tasks} == set(toy.BUG_KINDS)
   for t in tasks[:20]:
-    assert t["bug"]["new"] in t["problem_statement"] and t["test_cmd"] == toy.TEST_CMD
+    assert f"\n\n    {t['bug']['new']}\n" in t["problem_statement"]
+    assert t["test_cmd"] == toy.TEST_CMD
     assert t["bug"]["file"] not in t["problem_statement"]

@@ -30,15 +30,19 @@ run it resumes: run it again and finished rounds are read back, not redone.
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import json
 import logging
 import math
 import os
+import re
 import shutil
 import statistics
 import time
 from typing import Any, Sequence
+
+from dagger_jax.data.trajectory import read_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +183,53 @@ def time_table(results: dict[str, list[list[dict]]]) -> str:
   return "\n".join(lines)
 
 
+def behaviour(trajectories: Sequence[Any]) -> dict[str, int]:
+  """What a student did in its held-out episodes (toy tasks), counted per episode:
+
+    right_function   its first grep names the function the issue names
+    first_edit_ok    the tests passed after its first edit
+    restored         it restored the files after a change (`git checkout`)
+    recovered        resolved after a restore
+    submitted_red    submitted while the last test run failed (or without testing its change)
+    out_of_turns     reached env.max_turns without submitting
+  """
+  from dagger_jax.envs import protocol
+
+  out = collections.Counter()
+  for t in trajectories:
+    statement = t.messages[1]["content"]
+    named = re.search(r"(\w+)\(\d+, \d+\)", statement)
+    commands, observations = [], []
+    for m in t.messages[2:]:
+      if m["role"] == "assistant":
+        commands.append(protocol.parse_action(m["content"]).command or "")
+      else:
+        observations.append(m["content"])
+    greps = [c for c in commands if c.startswith("grep")]
+    if named and greps and f"def {named.group(1)}(" in greps[0]:
+      out["right_function"] += 1
+    edits = [i for i, c in enumerate(commands) if c.startswith("sed -i")]
+    tests = [i for i, c in enumerate(commands) if "run_tests" in c or "pytest" in c]
+    if edits:
+      after = [i for i in tests if i > edits[0]]
+      if after and after[0] < len(observations) and observations[after[0]].startswith(
+          "<returncode>0</returncode>"):
+        out["first_edit_ok"] += 1
+    restored = any(c.startswith("git checkout") for c in commands)
+    out["restored"] += restored
+    out["recovered"] += bool(restored and t.outcome.resolved)
+    if t.outcome.submitted:
+      last_test = max(tests, default=-1)
+      green = (0 <= last_test < len(observations)
+               and observations[last_test].startswith("<returncode>0</returncode>")
+               and not any(e > last_test for e in edits))
+      out["submitted_red"] += not green
+    else:
+      out["out_of_turns"] += 1
+  return {k: out[k] for k in ("right_function", "first_edit_ok", "restored", "recovered",
+                              "submitted_red", "out_of_turns")}
+
+
 def summarize(results: dict[str, list[list[dict]]], wall_s: float) -> dict[str, Any]:
   """The demo's figures: per method the last round's held-out resolve rate (mean over seeds,
   per seed, std) and labels; DAgger minus SFT with its standard error and the verdict."""
@@ -312,9 +363,21 @@ def demo(args, config) -> int:
   print(f"\nper method and round ({config.dagger.eval_split} split, student alone; "
         f"mean over {args.seeds} seed(s)):")
   print(table(results))
+  print("\nwhat the students did on the last round's evaluation (episodes, seed "
+        f"{config.seed}; see demo.behaviour):")
+  acts = {}
+  for m in methods:
+    run_dir = os.path.join(workdir, f"{m}_seed{config.seed}")
+    last = len(results[m][0]) - 1
+    acts[m] = behaviour(read_jsonl(os.path.join(run_dir, "eval", f"round_{last:03d}.jsonl")))
+  keys = list(next(iter(acts.values())))
+  print(f"{'method':<9} " + " ".join(f"{k:>14}" for k in keys))
+  for m, v in acts.items():
+    print(f"{m:<9} " + " ".join(f"{v[k]:>14}" for k in keys))
   print("\nwhere the time went (seconds):")
   print(time_table(results))
   summary = summarize(results, time.time() - start)
+  summary["behaviour_seed0"] = acts
   if "dagger_minus_sft" in summary:
     g = summary["dagger_minus_sft"]
     print(f"\nlast round, seed {config.seed}: DAgger {100 * results['dagger'][0][-1]['eval_resolve_rate']:.1f}% "

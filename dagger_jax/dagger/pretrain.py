@@ -58,6 +58,7 @@ log = logging.getLogger(__name__)
 
 _GREP_ANSWER = re.compile(r"^\./(\S+\.py):(\d+):def ", re.M)
 _NAMED = re.compile(r"(\w+)\(\d+, \d+\)")  # the function an issue names: `f(3, 5)`
+_QUOTED_LINE = re.compile(r"\n\n    (.+)\n")  # an indented code line an issue quotes
 
 
 def _functions(task: dict) -> list[tuple[str, str, int]]:
@@ -122,23 +123,23 @@ class RandomExplorer(Policy):
       return protocol.format_action(task.get("test_cmd") or "python3 run_tests.py",
                                     "THOUGHT: Run the tests.")
     if choice == "restore":
-      return protocol.format_action(f"git checkout -- {' '.join(edited)}",
-                                    "THOUGHT: Undo my edits.")
+      return protocol.format_action("git checkout -- .", "THOUGHT: Undo my edits.")
     if choice == "diff":
       return protocol.format_action("git diff", "THOUGHT: What changed?")
-    # A random one-line edit: a function's first body line becomes another function's line, or
-    # (half the time) the line the issue quotes.
+    # A random one-line edit: the line after a function's def becomes another function's line,
+    # or (half the time) the line the issue quotes; by line number or by the def.
     src_file, src_name, src_line = rng.choice(fns)
     text = task["repo_files"][src_file].splitlines()[src_line].strip()
-    quoted = re.findall(r"`([^`]+)`", view.messages[1]["content"].split("\n\n")[0])
-    if quoted and " " in quoted[-1] and rng.random() < 0.5:
-      text = quoted[-1]
-    if shown and rng.random() < 0.5:  # a line that grep found
-      file, line = shown[rng.randrange(len(shown))]
-      def_line = int(line)
-    line = def_line + 1
-    return protocol.format_action(f"sed -i '{line}s/.*/    {text}/' {file}",
-                                  f"THOUGHT: Try line {line} of {file}.")
+    quoted = _QUOTED_LINE.search(view.messages[1]["content"])
+    if quoted and rng.random() < 0.5:
+      text = quoted.group(1)
+    if shown and rng.random() < 0.5:  # a file that grep found
+      file = shown[rng.randrange(len(shown))][0]
+    if rng.random() < 0.5:
+      return protocol.format_action(f"sed -i '/def {name}(/{{n;s/.*/    {text}/}}' ./{file}",
+                                    f"THOUGHT: Try another line in {name}.")
+    return protocol.format_action(f"sed -i '{def_line + 1}s/.*/    {text}/' ./{file}",
+                                  f"THOUGHT: Try line {def_line + 1} of {file}.")
 
 
 def transcripts(config: Any, progress: bool = True) -> list[list[dict[str, str]]]:

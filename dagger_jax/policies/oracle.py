@@ -11,20 +11,26 @@ Policy, by the state of the working tree and the last command:
       change is the fix                 -> submit
     changed, tests ran: anything else   -> restore the touched files (`git checkout -- FILES`)
     clean                               -> the first step not yet taken of
-                                           find the function -> show its lines -> apply the fix
+                                           find the function -> show its lines (not for `toy`)
+                                           -> apply the fix
                                            (each command built only from what the conversation
                                            shows by then, so a student can imitate it; after a
                                            restore the lines are shown again before the edit)
 
-So after a student's bad edit the teacher's labels are: run the tests, restore, show, fix, test,
-submit; every decision can be read off the conversation (the test output says whether the
-change worked). Worked example (a `toy` task whose bug is on line 2 of timing.py, in `join_rate`):
+So after a student's bad edit the teacher's labels are: run the tests, restore
+(`git checkout -- .`), fix, test, submit; every decision can be read off the conversation (the
+test output says whether the change worked). Worked example (a `toy` task whose statement quotes
+`def join_rate(m, n)` and the correct line `r = m + n`; grep answers `./timing.py:1:def ...`):
 
-    THOUGHT: Find the function join_rate.          grep -rn "def join_rate(" .
-    THOUGHT: Show the function join_rate.          nl -ba timing.py | sed -n '1,+3p'
-    THOUGHT: Fix line 2 of timing.py.              sed -i '2s/.*/    r = m + n/' timing.py
+    THOUGHT: Find the function the issue names.    grep -rn "def join_rate(" .
+    THOUGHT: Replace the line after the def.       sed -i '/def join_rate(/{n;s/.*/    r = m + n/}' ./timing.py
     THOUGHT: Run the tests to check the change.    python3 run_tests.py
     THOUGHT: The tests pass. Submit.               echo COMPLETE_TASK_AND_SUBMIT_FINAL_OUTPUT
+
+Every token of those commands is fixed text or a copy of a span the conversation shows right
+after the same token (`def join_rate(` after `def ` in the statement, the new line after its
+indentation, the path after `./` in grep's answer), which is what a small transformer learns
+to copy first.
 
 The fix is the task's one-line `bug.fix_cmd` when it has one (toy tasks); otherwise the gold
 patch applied with `git apply` from a heredoc.
@@ -71,6 +77,7 @@ class Plan:
   fix_cmd: str
   test_cmd: str
   gold: dict
+  show_lines: bool  # show the lines before editing (not for `toy`: its fix names no line)
 
   @classmethod
   def of(cls, task: dict) -> "Plan":
@@ -85,7 +92,8 @@ class Plan:
       file, line = _first_hunk(task["patch"])
       fix_cmd = _git_apply_cmd(task["patch"])
     function, def_line = _function_at(task, file, line)
-    return cls(file, line, function, def_line, fix_cmd, test_cmd, gold)
+    return cls(file, line, function, def_line, fix_cmd, test_cmd, gold,
+               show_lines=task.get("family") != "toy")
 
 
 def _first_hunk(patch: str) -> tuple[str, int]:
@@ -158,8 +166,7 @@ class OracleTeacher(Policy):
       if diff == plan.gold and last_obs.startswith("<returncode>0</returncode>"):
         return protocol.format_action(f"echo {protocol.SUBMIT_SENTINEL}",
                                       "THOUGHT: The tests pass. Submit.")
-      files = " ".join(sorted(diff))
-      return protocol.format_action(f"git checkout -- {files}",
+      return protocol.format_action("git checkout -- .",
                                     "THOUGHT: The change broke the tests. Restore the files.")
     # A clean tree: the first step not yet taken. Each one only uses what the conversation
     # already shows (the function name is in the issue, the file and line in grep's answer), so
@@ -168,9 +175,10 @@ class OracleTeacher(Policy):
     steps = []
     if plan.function and plan.def_line:
       steps.append((f'grep -rn "def {plan.function}(" .', commands,
-                    f"THOUGHT: Find the function {plan.function}."))
-      steps.append((f"nl -ba {plan.file} | sed -n '{plan.def_line},+3p'", since_restore,
-                    f"THOUGHT: Show the function {plan.function}."))
+                    "THOUGHT: Find the function the issue names."))
+      if plan.show_lines:
+        steps.append((f"nl -ba {plan.file} | sed -n '{plan.def_line},+3p'", since_restore,
+                      "THOUGHT: Show the function."))
     else:
       lo, hi = max(1, plan.line - 2), plan.line + 2
       steps.append((f"nl -ba {plan.file} | sed -n '{lo},{hi}p'", since_restore,
@@ -178,4 +186,4 @@ class OracleTeacher(Policy):
     for command, done, thought in steps:
       if command not in done:
         return protocol.format_action(command, thought)
-    return protocol.format_action(plan.fix_cmd, f"THOUGHT: Fix line {plan.line} of {plan.file}.")
+    return protocol.format_action(plan.fix_cmd, "THOUGHT: Replace the line after the def.")

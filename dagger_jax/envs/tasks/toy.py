@@ -110,14 +110,17 @@ _ARITH_STATEMENTS = (
 )
 
 
-# `toy`: the statement also gives the correct line, so the fix is copied, not worked out.
+# `toy`: the statement quotes the function's `def` line and gives the correct line below it as
+# an indented code block, so the fix is copied, not worked out.
 _STATEMENTS = (
-    "Bug in `{f}`: {f}({x}, {y}) gives {got} instead of {want}. The line should read `{new}`.",
-    "`{f}({x}, {y})` returns {got}, but it should return {want}. Its line should read `{new}`.",
-    "The tests for `{f}` fail: {f}({x}, {y}) should be {want}, not {got}. "
-    "The line should be `{new}`.",
-    "{f} is broken: calling {f}({x}, {y}) returned {got}, expected {want}. "
-    "The correct line is `{new}`.",
+    "Bug in `{sig}`: {f}({x}, {y}) gives {got} instead of {want}. The line after the def "
+    "should read:\n\n    {new}\n",
+    "`{f}({x}, {y})` returns {got}, but it should return {want}. In `{sig}` the next line "
+    "should be:\n\n    {new}\n",
+    "The tests for `{sig}` fail: {f}({x}, {y}) should be {want}, not {got}. Its body "
+    "should start with:\n\n    {new}\n",
+    "{f} is broken: calling {f}({x}, {y}) returned {got}, expected {want}. The first line of "
+    "`{sig}` should be:\n\n    {new}\n",
 )
 
 
@@ -285,10 +288,10 @@ def _one_task(rng: random.Random, split: str, family: str = "toy") -> dict | Non
   x, y = pairs[0]
   statement = rng.choice(_STATEMENTS if imitable else _ARITH_STATEMENTS).format(
       f=target.name, x=x, y=y, got=repr(target.call(x, y, buggy)), want=repr(target.call(x, y)),
-      new=new_line)
-  if imitable:  # the whole line is replaced: nothing of the old line needs escaping
+      new=new_line, sig=f"def {target.name}({', '.join(target.args)})")
+  if imitable:  # the line after the def is replaced: nothing of the old line needs escaping
     assert not set(new_line) & set("\\/&'"), new_line
-    fix_cmd = f"sed -i '{line}s/.*/    {new_line}/' {mod_path}"
+    fix_cmd = f"sed -i '/def {target.name}(/{{n;s/.*/    {new_line}/}}' ./{mod_path}"
   else:
     fix_cmd = (f"sed -i '{line}s/{_sed_escape(old_line)}/"
                f"{_sed_escape(new_line, replacement=True)}/' {mod_path}")

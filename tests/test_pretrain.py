@@ -1,0 +1,101 @@
+"""`dagger-jax pretrain`: the demo student's base, from exploration transcripts with no labels.
+
+The corpus comes from real episodes in the real bubblewrap sandbox; the build is bit-for-bit
+reproducible (checked on a tiny build, twice); the committed base is what its base.json says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from configs import demo as demo_config
+from dagger_jax.dagger import pretrain
+from dagger_jax.data.tokenizer import load_tokenizer_dir
+from dagger_jax.envs import protocol
+from dagger_jax.envs.tasks import toy
+from dagger_jax.policies.base import EpisodeView
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _tiny(config, out_dir: str):
+  m = config.model
+  m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 512, 32, 64, 2
+  m.num_heads, m.num_kv_heads, m.head_dim = 2, 1, 16
+  config.data.max_len = 512
+  config.train.batch_size = 8
+  p = config.pretrain
+  p.repos, p.turns, p.steps, p.warmup_steps, p.out = 6, 4, 3, 1, out_dir
+  return config
+
+
+def test_explorer_is_random_but_reproducible_and_never_submits():
+  task = toy.generate(1, 99)[0]
+  messages = [{"role": "system", "content": "x"},
+              {"role": "user", "content": protocol.instance_prompt(task["problem_statement"])}]
+  runs = []
+  for seed in (5, 5, 6):
+    msgs, commands = list(messages), []
+    for _ in range(30):
+      action = pretrain.RandomExplorer(seed=seed).next_action(EpisodeView(task, msgs, []))
+      commands.append(protocol.parse_action(action).command)
+      msgs += [{"role": "assistant", "content": action}, {"role": "user", "content": "ok"}]
+    runs.append(commands)
+  assert runs[0] == runs[1] and runs[0] != runs[2]  # a function of (seed, task, turn)
+  assert all(c for c in runs[0])
+  assert not any(protocol.SUBMIT_SENTINEL in c for c in runs[0])
+  kinds = {c.split()[0] for c in runs[0]}
+  assert {"grep", "nl", "sed", "python3"} <= kinds  # a mix of commands, not one fixed path
+
+
+def test_lm_rows_train_every_token():
+  """The docstring's example: ids [5, 6, 7, 8] with max_len 3."""
+
+  class Tok:
+    def apply_chat_template(self, messages, tokenize, return_dict):
+      return [5, 6, 7, 8]
+
+  rows = pretrain.lm_rows([[{"role": "user", "content": "x"}]], Tok(), max_len=3)
+  assert len(rows) == 1
+  np.testing.assert_array_equal(rows[0].tokens, [5, 6, 7])
+  np.testing.assert_array_equal(rows[0].targets, [6, 7, 8])
+  np.testing.assert_array_equal(rows[0].loss_mask, [1, 1, 1])
+  np.testing.assert_array_equal(rows[0].positions, [0, 1, 2])
+
+
+@pytest.mark.slow
+def test_build_is_reproducible_bit_for_bit(tmp_path):
+  from dagger_jax.model.params_io import load_params, pure_params
+
+  infos = []
+  for name in ("a", "b"):
+    config = _tiny(demo_config.get_config(), str(tmp_path / name))
+    infos.append(pretrain.build_base(config, str(tmp_path / name), progress=False))
+  assert infos[0]["params_sha256"] == infos[1]["params_sha256"]
+  assert infos[0]["transcripts"] == 6 and infos[0]["final_loss"] < 7.0
+  for name in ("a", "b"):  # the files hold what base.json says
+    params = pure_params(load_params(str(tmp_path / name / "params")))
+    assert pretrain.params_sha256(params) == infos[0]["params_sha256"]
+  tok_a = (tmp_path / "a" / "tokenizer" / "tokenizer.json").read_bytes()
+  assert tok_a == (tmp_path / "b" / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+def test_the_committed_demo_base_is_what_base_json_says():
+  from dagger_jax.model.params_io import load_params, pure_params
+
+  config = demo_config.get_config()
+  base = os.path.join(ROOT, os.path.dirname(config.model.init_from))
+  with open(os.path.join(base, "base.json")) as f:
+    info = json.load(f)
+  params = pure_params(load_params(os.path.join(ROOT, config.model.init_from)))
+  assert pretrain.params_sha256(params) == info["params_sha256"]
+  tok = load_tokenizer_dir(os.path.join(ROOT, config.data.tokenizer))
+  assert len(tok) <= config.model.vocab_size == info["model"]["vocab_size"]
+  for key in ("hidden_size", "num_layers", "num_heads", "head_dim"):
+    assert info["model"][key] == config.model[key], key
+  assert info["pretrain"]["seed"] not in (config.tasks.seed, config.tasks.seed + 1,
+                                          config.tasks.seed + 2)  # not a task seed of the demo
