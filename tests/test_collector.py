@@ -182,3 +182,19 @@ def test_format_errors_rule_takes_over_before_the_episode_would_end(oracle_tasks
     actors = [turn.actor for turn in t.turns]
     assert "student" in actors  # the first malformed turn is the student's, with its label
     assert actors.count("student") < len(actors)
+
+
+def test_threads_and_waves_do_not_change_the_episodes(oracle_tasks, demo_config3):
+  """Labels and teacher-coin steps overlap the student's batch in worker threads; the
+  trajectories are the same with 1 or 3 threads and 1 or 3 episodes in flight."""
+  def run(in_flight, workers):
+    demo_config3.rollout.concurrency, demo_config3.rollout.env_workers = in_flight, workers
+    trajs, stats = collector.collect(oracle_tasks, config=demo_config3, round_index=2, beta=0.5,
+                                     teacher=OracleTeacher(), student=Scripted(_cmd("ls")),
+                                     seed=5, grade=False, progress=False)
+    return [t.to_dict() for t in trajs], stats
+
+  (serial, stats), (overlapped, _) = run(1, 1), run(3, 3)
+  assert serial == overlapped
+  assert stats.turns["student"] and stats.turns["teacher"] and stats.seconds["student"] > 0
+  assert all(t["outcome"]["teacher_calls"] == len(t["turns"]) for t in serial)

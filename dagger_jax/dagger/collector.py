@@ -1,8 +1,9 @@
 """Collects DAgger episodes: a turn-level stochastic mix of student and teacher, labelled.
 
 Episodes run in lockstep waves of `config.rollout.concurrency`, so the student samples one batch
-per turn for the whole wave; sandbox commands and teacher calls run in worker threads. At every
-turn of every episode:
+per turn for the whole wave; sandbox commands, teacher calls and grading run in
+`config.rollout.env_workers` threads, and what does not wait for the student (labels, and the
+steps of teacher-coin turns) runs while it samples (`_turn`). At every turn of every episode:
 
     label    = teacher(state)                       (the teacher labels every visited state)
     coin     = U(0, 1) < beta                       (seeded by seed, episode and turn)
@@ -40,12 +41,14 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import json
 import logging
 import os
 import random
-from typing import Any, Sequence
+import time
+from typing import Any, Iterator, Sequence
 
 from dagger_jax.dagger import intervention
 from dagger_jax.data.trajectory import Action, Outcome, Trajectory, Turn
@@ -67,6 +70,18 @@ class CollectStats:
   turns: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   interventions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   exit_status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  # Wall seconds the collecting thread waited on each phase: "open" (sandbox starts), "student"
+  # (its batches), "teacher" and "env" (what is left of labels and steps once the student's batch
+  # is done: they overlap it, see `_turn`), "finish" (diffs, grading), "close".
+  seconds: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+
+  @contextlib.contextmanager
+  def timed(self, phase: str) -> Iterator[None]:
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.seconds[phase] += time.perf_counter() - start
 
   @property
   def resolve_rate(self) -> float:
@@ -77,7 +92,8 @@ class CollectStats:
             "submitted": self.submitted, "graded": self.graded, "scored": self.scored,
             "resolved": self.resolved,
             "resolve_rate": self.resolve_rate, "turns": dict(self.turns),
-            "interventions": dict(self.interventions), "exit_status": dict(self.exit_status)}
+            "interventions": dict(self.interventions), "exit_status": dict(self.exit_status),
+            "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
 @dataclasses.dataclass
@@ -192,12 +208,13 @@ def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, s
               tokenizer) -> list[Trajectory]:
   opened = [pool.submit(_open, eid, task, s, config) for eid, task, s in items]
   episodes: list[_Episode] = []
-  for (eid, _, _), fut in zip(items, opened):
-    try:
-      episodes.append(fut.result())
-    except Exception as e:  # a sandbox that cannot start costs this episode only
-      log.error("episode %s: could not start: %s", eid, e)
-      stats.failed += 1
+  with stats.timed("open"):
+    for (eid, _, _), fut in zip(items, opened):
+      try:
+        episodes.append(fut.result())
+      except Exception as e:  # a sandbox that cannot start costs this episode only
+        log.error("episode %s: could not start: %s", eid, e)
+        stats.failed += 1
   try:
     while True:
       active = [e for e in episodes if not e.done]
@@ -205,7 +222,9 @@ def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, s
         break
       _turn(active, config, beta, teacher, student, rules, pool, stats, tokenizer)
     out = []
-    for traj in pool.map(lambda e: _finish(e, round_index, beta, grade), episodes):
+    with stats.timed("finish"):
+      finished = list(pool.map(lambda e: _finish(e, round_index, beta, grade), episodes))
+    for traj in finished:
       if traj is None:
         stats.failed += 1
         continue
@@ -218,41 +237,71 @@ def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, s
       out.append(traj)
     return out
   finally:
-    for e in episodes:
-      e.env.close()
+    with stats.timed("close"):
+      list(pool.map(lambda e: e.env.close(), episodes))
 
 
 def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, stats,
           tokenizer) -> None:
-  labels: list[Action | None] = [None] * len(active)
-  if teacher is not None:
-    labels = list(pool.map(lambda e: teacher.act([e.view()])[0], active))
+  """One lockstep turn of every active episode, overlapped around the student's batch.
+
+  The coins are drawn first (they do not depend on the labels), so whatever does not need the
+  student runs in the worker threads while it samples: the labels, and for a teacher-coin episode
+  its step too (label -> step chained in one task). Then each student-coin episode's turn is
+  decided (proposal, label, rules) and stepped. Every episode still sees label, then step, on the
+  same state, so the trajectories are those of running the phases one after another.
+
+      worker threads:  [labels of student-coin episodes][label -> step of teacher-coin ones]
+      this thread:     [student.act(student-coin episodes)] [rules] [steps of student-coin ones]
+  """
   coins = [random.Random(f"{e.seed}/{len(e.turns)}").random() < beta for e in active]
   student_idx = [i for i, c in enumerate(coins) if not c]
-  proposals: dict[int, Action] = {}
-  if student_idx:
-    acted = student.act([active[i].view() for i in student_idx])
-    proposals = dict(zip(student_idx, acted))
-  executed: list[tuple[Turn, str]] = []
+
+  def label(e: _Episode) -> Action:
+    return teacher.act([e.view()])[0]
+
+  def label_and_step(e: _Episode):
+    action = label(e)
+    return action, e.env.step(action.text)
+
+  labels: dict[int, concurrent.futures.Future] = {}  # student-coin episodes: the label
+  chained: dict[int, concurrent.futures.Future] = {}  # teacher-coin episodes: (label, step)
+  stepped: dict[int, concurrent.futures.Future] = {}  # student-coin episodes: step result
+  executed: dict[int, tuple[Turn, str]] = {}
+  try:
+    if teacher is not None:  # the labels the student's turns wait for are queued first
+      labels = {i: pool.submit(label, active[i]) for i in student_idx}
+      chained = {i: pool.submit(label_and_step, e) for i, e in enumerate(active) if coins[i]}
+    proposals: dict[int, Action] = {}
+    if student_idx:
+      with stats.timed("student"):
+        proposals = dict(zip(student_idx, student.act([active[i].view() for i in student_idx])))
+    with stats.timed("teacher"):  # what is left of the labels; each step starts once decided
+      for i in student_idx:
+        e, proposal = active[i], proposals[i]
+        label_i = labels[i].result() if i in labels else None
+        rule = intervention.check(rules, e.view(), proposal.text, label_i.text,
+                                  config.env) if label_i is not None else None
+        if rule is not None:
+          stats.interventions[rule] += 1
+          executed[i] = (Turn("teacher", label_i, None, "intervention", rule), label_i.text)
+        else:
+          executed[i] = (Turn("student", proposal, label_i), proposal.text)
+        stepped[i] = pool.submit(e.env.step, executed[i][1])
+  finally:  # after an error too: no worker may still use a sandbox when the wave closes them
+    with stats.timed("env"):
+      concurrent.futures.wait([*labels.values(), *chained.values(), *stepped.values()])
   for i, e in enumerate(active):
-    label = labels[i]
-    if label is not None:
-      e.teacher_calls += 1
-      e.teacher_tokens += (len(tokenizer.encode(label.text, add_special_tokens=False))
-                           if tokenizer is not None else len(label.text.split()))
     if coins[i]:
-      executed.append((Turn("teacher", label, None, "coin"), label.text))
-      continue
-    proposal = proposals[i]
-    rule = intervention.check(rules, e.view(), proposal.text, label.text,
-                              config.env) if label is not None else None
-    if rule is not None:
-      stats.interventions[rule] += 1
-      executed.append((Turn("teacher", label, None, "intervention", rule), label.text))
+      label_i, result = chained[i].result()
+      turn, text = Turn("teacher", label_i, None, "coin"), label_i.text
     else:
-      executed.append((Turn("student", proposal, label), proposal.text))
-  results = list(pool.map(lambda ei: ei[0].env.step(ei[1][1]), zip(active, executed)))
-  for e, (turn, text), result in zip(active, executed, results):
+      label_i = labels[i].result() if i in labels else None
+      (turn, text), result = executed[i], stepped[i].result()
+    if label_i is not None:
+      e.teacher_calls += 1
+      e.teacher_tokens += (len(tokenizer.encode(label_i.text, add_special_tokens=False))
+                           if tokenizer is not None else len(label_i.text.split()))
     e.turns.append(turn)
     stats.turns[turn.actor] += 1
     e.messages.append({"role": "assistant", "content": text})
