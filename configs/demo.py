@@ -40,7 +40,8 @@ def get_config(arg: str = ""):
   c.train.weight_decay = 0.01
   c.train.checkpoint_every = 150
   c.sampler.max_new_tokens = 80  # the longest teacher turn (a fix) is ~55 tokens
-  c.env.max_turns = 10  # the straight path is 5 turns; one recovery takes 4 more
+  c.sampler.length_buckets = (512, 768, 1024, 1536, 2048, 3072, 4096)  # less padding per prefill
+  c.env.max_turns = 8  # the straight path is 4 turns; one recovery takes 3 more
   c.env.command_timeout = 10.0
   c.env.output_limit = 2000
   c.env.normalize_durations = True  # same seed, same observations (toy's runner prints none)
@@ -59,6 +60,6 @@ def get_config(arg: str = ""):
   p.out = BASE_DIR
   p.repos = 1200
   p.turns = 8
-  p.steps = 1200
+  p.steps = 900
   p.lr = 2e-3
   return c

@@ -30,6 +30,7 @@ def _tiny(config, out_dir: str):
   config.train.batch_size = 8
   p = config.pretrain
   p.repos, p.turns, p.steps, p.warmup_steps, p.out = 6, 4, 3, 1, out_dir
+  p.copy_steps, p.copy_span = 2, 16
   return config
 
 
@@ -65,6 +66,42 @@ def test_lm_rows_train_every_token():
   np.testing.assert_array_equal(rows[0].targets, [6, 7, 8])
   np.testing.assert_array_equal(rows[0].loss_mask, [1, 1, 1])
   np.testing.assert_array_equal(rows[0].positions, [0, 1, 2])
+
+
+def test_copy_rows_train_only_the_second_copy():
+  for row in pretrain.copy_rows(20, 6, list(range(10, 30)), seed=0):
+    ids = row.tokens.tolist() + [int(row.targets[-1])]
+    trained = int(row.loss_mask.sum())
+    k = trained + 1  # the span's length: its first repeated token is not trained
+    assert ids[:k] == ids[-k:] and k == 6 and len(ids) == 2 * k
+    assert row.loss_mask[-trained:].all() and not row.loss_mask[:-trained].any()
+
+
+@pytest.mark.slow
+def test_the_copy_curriculum_forms_induction_heads(tmp_path):
+  """The demo model, from random weights, copies random spans after a short phase of copy rows
+  (what the base's first phase does), and could not before it."""
+  from dagger_jax.data import shards
+  from dagger_jax.model.params_io import model_from_params
+  from dagger_jax.model.qwen3 import Qwen3Config
+  from dagger_jax.train import trainer
+
+  config = demo_config.get_config()
+  config.model.init_from = ""
+  config.data.tokenizer, config.data.max_len = os.path.join(ROOT, config.data.tokenizer), 512
+  config.train.update(batch_size=8, steps=150, lr=3e-3, warmup_steps=20, checkpoint_every=150,
+                      async_checkpoint=False)
+  vocab = list(range(5, config.model.vocab_size))
+  shard = str(tmp_path / "shards" / "round_000")
+  shards.write_shard(shard, pretrain.copy_rows(150 * 8 * 4, 16, vocab, seed=0), round=0,
+                     data_config=config.data, pad_id=0)
+  result = trainer.train(config, [shard], workdir=str(tmp_path / "run"), progress=False,
+                         log=lambda _: None)
+  model = model_from_params(Qwen3Config.from_config(config.model), result.state.params)
+  assert pretrain.copy_accuracy(model, vocab, seed=1, span=16) > 0.5
+  untrained = trainer.init_model(Qwen3Config.from_config(config.model),
+                                 __import__("jax").random.PRNGKey(0))
+  assert pretrain.copy_accuracy(untrained, vocab, seed=1, span=16) < 0.05
 
 
 @pytest.mark.slow

@@ -184,5 +184,5 @@ def test_prompts_describe_the_protocol():
   system = protocol.system_prompt()
   assert protocol.parse_action(system).ok  # its own example is a valid action
   task = protocol.instance_prompt("Fix the bug in add().")
-  assert task.startswith("Please solve this issue: Fix the bug in add().")
+  assert task.endswith("Please solve this issue: Fix the bug in add().\n")  # last: nearest
   assert f"echo {protocol.SUBMIT_SENTINEL}" in task

@@ -173,9 +173,13 @@ def system_prompt() -> str:
 
 
 def instance_prompt(problem_statement: str, workdir: str = "/testbed") -> str:
-  """The first user message: the task, the workflow, and how to submit."""
+  """The first user message: the workflow, how to submit, then the task.
+
+  The issue comes last, right before the agent's first turn: what the agent copies from it (a
+  name, a line) sits a few dozen tokens back rather than behind the rules, which is what a small
+  student's copying reaches first (see `dagger_jax/dagger/pretrain.py`).
+  """
   return (
-      f"Please solve this issue: {problem_statement.strip()}\n\n"
       f"The repository is checked out in {workdir} (the working directory of every command). "
       "You can execute bash commands and edit files to implement the necessary changes.\n\n"
       "## Recommended Workflow\n\n"
@@ -194,4 +198,4 @@ def instance_prompt(problem_statement: str, workdir: str = "/testbed") -> str:
       "## Example\n\n"
       + format_action("nl -ba src/module.py | sed -n '10,20p'",
                       "THOUGHT: I need to read lines 10-20 of the module first.")
-      + "\n")
+      + f"\n\n## The issue\n\nPlease solve this issue: {problem_statement.strip()}\n")
