@@ -110,9 +110,12 @@ def test_weight_decay_skips_embeddings_and_norms(data):
 @pytest.mark.slow
 def test_overfits_a_small_real_dataset(data, tmp_path):
   config = data[0].copy_and_resolve_references()
-  config.train.update(steps=150, lr=3e-3, warmup_steps=10, log_every=10, checkpoint_every=1000)
+  # 200 steps: the demo BPE now splits identifiers and punctuation apart (more tokens per
+  # episode); the loss is still falling at 150 (0.059) and reaches 0.002 at 250, so the data is
+  # learnable to ~0 and the bar stays where it was.
+  config.train.update(steps=200, lr=3e-3, warmup_steps=10, log_every=10, checkpoint_every=1000)
   result = T.train(config, data[1], workdir=str(tmp_path), progress=False, log=lambda _: None)
-  assert result.steps == 150
+  assert result.steps == 200
   final = result.history[-1]
   assert final["loss"] < 0.05, result.history
   with open(f"{data[1][0]}/manifest.json") as f:
@@ -121,7 +124,7 @@ def test_overfits_a_small_real_dataset(data, tmp_path):
   assert final["trained_tokens"] == manifest["trained_tokens"]
   assert final["tokens_per_s"] > 0 and 0 < final["mfu"] < 1
   assert glob.glob(f"{tmp_path}/tensorboard/events.out.tfevents.*")
-  assert (tmp_path / "checkpoints" / "round_000" / "150").is_dir()  # the final save
+  assert (tmp_path / "checkpoints" / "round_000" / "200").is_dir()  # the final save
 
 
 def _tensorboard_events(logdir: str) -> list:
