@@ -262,6 +262,11 @@ def summarize(results: dict[str, list[list[dict]]], wall_s: float) -> dict[str, 
   return out
 
 
+def _split_name(results: dict[str, list[list[dict]]]) -> str:
+  split = results["dagger"][0][-1].get("eval_split", "test")
+  return "held-out" if split == "test" else split
+
+
 def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
   """The lab-meeting figure: (a) held-out resolve rate against cumulative teacher labels, one
   line per method (mean over seeds) with 95% Wilson intervals and each round's beta marked;
@@ -311,9 +316,10 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
                       for rr in rows], "o-", color=COLORS.get(m))
   ax.set_ylim(0, min(100, max(10.0, 1.1 * top)))
   ax.set_xlabel("teacher labels (cumulative)")
-  ax.set_ylabel("held-out resolved (%), student alone, greedy")
+  ax.set_ylabel(f"{_split_name(results)} resolved (%), student alone, greedy")
   ax.set_title(f"DAgger vs SFT vs on-policy on one label budget\n"
-               f"n = {n} held-out tasks, {seeds} seed(s), 95% Wilson intervals", fontsize=10)
+               f"n = {n} {_split_name(results)} tasks, {seeds} seed(s), 95% Wilson intervals",
+               fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(loc="upper left")
   for a, title in zip(side, ("training episodes resolved (%)", "teacher take-overs by rule",
