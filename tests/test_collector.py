@@ -6,7 +6,7 @@ teacher to reach its submit."""
 
 import pytest
 
-from configs import demo as demo_config
+import support
 from dagger_jax.dagger import collector
 from dagger_jax.data.trajectory import Action
 from dagger_jax.envs import grading, protocol
@@ -22,11 +22,7 @@ def tasks():
 
 @pytest.fixture
 def config():
-  c = demo_config.get_config()
-  c.rollout.concurrency = 2
-  c.rollout.env_workers = 2
-  c.env.max_turns = 2
-  return c
+  return support.config(2, 2, max_turns=2)
 
 
 class FixThenMaybeSubmit(Policy):
@@ -81,14 +77,10 @@ def test_only_submitted_episodes_are_graded(tasks, config, grade_calls):
 
   sub, cut = by_task[submitter].outcome, by_task[quitter].outcome
   assert sub.submitted and sub.resolved and sub.turns == 2
-  assert collector.model_patch(by_task[submitter]) == sub.patch
   assert not cut.submitted and cut.resolved is False and cut.turns == 2
-  # The diff stays in the trajectory for inspection, but it is not the episode's prediction ...
-  gold_added = [line for line in tasks[1]["patch"].splitlines()
-                if line.startswith("+") and not line.startswith("+++")]
-  assert gold_added and all(line in cut.patch.splitlines() for line in gold_added)
-  assert collector.model_patch(by_task[quitter]) == ""
-  # ... and grading it would have resolved the task (the old rule counted this as resolved).
+  # The diff stays in the trajectory for inspection, but it is not the episode's prediction,
+  # and grading it would have resolved the task (the old rule counted this as resolved).
+  assert _fixed_in_tree(tasks[1], cut.patch)
   assert grading.grade(tasks[1], cut.patch, grading.sandbox_factory(config.env)).resolved
 
 
@@ -101,10 +93,9 @@ def test_without_grading_nothing_gets_a_verdict(tasks, config, grade_calls):
 
 
 # ----------------------------------------------------------------------------- interventions
-# (moved from test_dagger.py, where they asserted `resolved`, true only because unsubmitted
-# episodes used to be graded: with a student turn between the oracle's test run and its submit
-# the oracle runs the tests again instead of submitting, so these episodes end at max_turns.
-# They check the labels and take-overs, and that the teacher's fix lands in the tree.)
+# The student only ever proposes `ls` or malformed text; the rules hand enough turns to the
+# teacher that it fixes, tests and submits within max_turns (a student `ls` between its passing
+# test run and its submit does not make it test again: `ls` only reads).
 
 
 @pytest.fixture(scope="module")
@@ -114,10 +105,7 @@ def oracle_tasks():
 
 @pytest.fixture
 def demo_config3():
-  c = demo_config.get_config()
-  c.rollout.concurrency = 3
-  c.rollout.env_workers = 3
-  return c
+  return support.config()
 
 
 def _fixed_in_tree(task, patch: str) -> bool:
@@ -127,33 +115,18 @@ def _fixed_in_tree(task, patch: str) -> bool:
   return bool(added) and all(line in patch.splitlines() for line in added)
 
 
-def _cmd(text: str) -> str:
-  return f"THOUGHT: scripted.\n\n```{protocol.ACTION_FENCE}\n{text}\n```"
-
-
-class Scripted(Policy):
-  """A stand-in student that always proposes the same text (ids are its bytes)."""
-
-  name = "student"
-
-  def __init__(self, text: str):
-    self.text = text
-
-  def act(self, views):
-    return [Action(self.text, tuple(self.text.encode())) for _ in views]
+_cmd, Scripted = support.command, support.Scripted
 
 
 def test_student_turns_are_labelled_and_interventions_keep_episodes_going(oracle_tasks,
                                                                           demo_config3):
   """beta = 0 with a student that only ever runs `ls`: the first `ls` is the student's (with the
   teacher's label beside it), every repeat is taken over by the teacher (repeat_command), so the
-  episode still makes progress: the teacher's fix is in the tree at the end."""
+  episode still makes progress: the teacher fixes the bug, tests and submits, and it resolves."""
   student = Scripted(_cmd("ls"))
   trajs, stats = collector.collect(oracle_tasks, config=demo_config3, round_index=1, beta=0.0,
-                                   teacher=OracleTeacher(), student=student, grade=False,
-                                   progress=False)
-  assert stats.episodes == 3
-  assert all(_fixed_in_tree(task, t.outcome.patch) for task, t in zip(oracle_tasks, trajs))
+                                   teacher=OracleTeacher(), student=student, progress=False)
+  assert stats.episodes == 3 and stats.resolved == 3
   assert stats.interventions["repeat_command"] > 0
   for t in trajs:
     for k, turn in enumerate(t.turns):
@@ -173,11 +146,9 @@ def test_format_errors_rule_takes_over_before_the_episode_would_end(oracle_tasks
   demo_config3.env.max_format_errors = 2
   student = Scripted("no code block at all")
   trajs, stats = collector.collect(oracle_tasks[:2], config=demo_config3, round_index=1, beta=0.0,
-                                   teacher=OracleTeacher(), student=student, grade=False,
-                                   progress=False)
-  assert stats.exit_status.get("format_errors", 0) == 0
+                                   teacher=OracleTeacher(), student=student, progress=False)
+  assert dict(stats.exit_status) == {"submitted": 2} and stats.resolved == 2
   assert stats.interventions["format_errors"] > 0
-  assert all(_fixed_in_tree(task, t.outcome.patch) for task, t in zip(oracle_tasks, trajs))
   for t in trajs:
     actors = [turn.actor for turn in t.turns]
     assert "student" in actors  # the first malformed turn is the student's, with its label

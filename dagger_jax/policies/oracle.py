@@ -6,7 +6,8 @@ at the working tree's current diff (`env.submission()`, read-only).
 
 Policy, by the state of the working tree and the last command:
 
-    changed, tests not run since        -> run the tests
+    changed, tests not run since        -> run the tests (commands that only read, like `ls` or
+                                           `grep`, do not count as changes)
     changed, tests ran: passed and the
       change is the fix                 -> submit
     changed, tests ran: anything else   -> restore the touched files (`git checkout -- FILES`)
@@ -138,6 +139,33 @@ def _commands(view: EpisodeView) -> list[str]:
   return out
 
 
+# Commands that look and do not touch the tree (`_last_test`): what may stand between a passing
+# test run and the submit. A redirect (`>`) or an in-place edit (`-i`) is never read-only.
+_READ_ONLY = ("grep", "nl", "cat", "ls", "head", "tail", "pwd", "wc", "git diff", "git status",
+              "git log", "git show", "echo")
+
+
+def _read_only(command: str) -> bool:
+  return not command or (command.startswith(_READ_ONLY) and ">" not in command
+                         and " -i" not in command)
+
+
+def _last_test(view: EpisodeView, commands: list[str], test_cmd: str) -> bool | None:
+  """Whether the tests passed on the tree as it is now: the result of the last test run when
+  every command after it only read (None when there is no such run: the tree may have changed).
+
+  >>> _read_only("nl -ba x.py | sed -n '1,4p'"), _read_only("sed -i 's/a/b/' x.py")
+  (True, False)
+  """
+  for k in range(len(commands) - 1, -1, -1):
+    if commands[k] == test_cmd:
+      observation = view.messages[3 + 2 * k]["content"] if 3 + 2 * k < len(view.messages) else ""
+      return observation.startswith("<returncode>0</returncode>")
+    if not _read_only(commands[k]):
+      return None
+  return None
+
+
 def _restored_at(commands: list[str]) -> int:
   """Index of the first command after the last `git checkout` (0 when there was none)."""
   for i in range(len(commands) - 1, -1, -1):
@@ -158,12 +186,11 @@ class OracleTeacher(Policy):
     plan = Plan.of(view.task)
     diff = changed_lines(view.env.submission()) if view.env is not None else {}
     commands = _commands(view)
-    last_obs = view.messages[-1]["content"] if view.messages[-1]["role"] == "user" else ""
-    tested = bool(commands) and commands[-1] == plan.test_cmd
     if diff:
-      if not tested:  # the tree changed since the tests last ran: see what the change did
+      passed = _last_test(view, commands, plan.test_cmd)
+      if passed is None:  # the tree may have changed since the tests last ran: run them
         return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests to check the change.")
-      if diff == plan.gold and last_obs.startswith("<returncode>0</returncode>"):
+      if diff == plan.gold and passed:
         return protocol.format_action(f"echo {protocol.SUBMIT_SENTINEL}",
                                       "THOUGHT: The tests pass. Submit.")
       return protocol.format_action("git checkout -- .",
