@@ -5,12 +5,12 @@ import json
 
 import pytest
 
-from configs import demo as demo_config
+import support
 from dagger_jax.dagger import collector, intervention, schedule
-from dagger_jax.data.trajectory import Action, read_jsonl
+from dagger_jax.data.trajectory import read_jsonl
 from dagger_jax.envs import protocol
 from dagger_jax.envs.tasks import toy
-from dagger_jax.policies.base import EpisodeView, Policy
+from dagger_jax.policies.base import EpisodeView
 from dagger_jax.policies.oracle import OracleTeacher
 
 
@@ -21,30 +21,10 @@ def tasks():
 
 @pytest.fixture
 def config():
-  c = demo_config.get_config()
-  c.rollout.concurrency = 3
-  c.rollout.env_workers = 3
-  return c
+  return support.config()
 
 
-def _cmd(text: str) -> str:
-  return f"THOUGHT: scripted.\n\n```{protocol.ACTION_FENCE}\n{text}\n```"
-
-
-class Scripted(Policy):
-  """A stand-in student that always proposes the same text (ids are its bytes), so the
-  collector's bookkeeping can be checked turn by turn. The environment, teacher and grading are
-  real."""
-
-  name = "student"
-
-  def __init__(self, text: str):
-    self.text = text
-    self.calls = 0
-
-  def act(self, views):
-    self.calls += 1
-    return [Action(self.text, tuple(self.text.encode())) for _ in views]
+_cmd, Scripted = support.command, support.Scripted
 
 
 @pytest.mark.parametrize("kind,expected", [
@@ -148,16 +128,11 @@ def test_unknown_intervention_rule_is_named():
 
 def _tiny(config, tmp_path):
   """The demo at toy scale: 2 rounds of 4 episodes, 6 steps each, a 2-layer 32-wide student."""
-  m = config.model
-  m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 512, 32, 64, 2
-  m.num_heads, m.num_kv_heads, m.head_dim, m.max_position_embeddings = 2, 1, 16, 2048
-  config.data.max_len = 2048
+  support.tiny_student(config)
   config.train.batch_size, config.train.steps, config.train.warmup_steps = 8, 6, 2  # 8 devices
   config.train.checkpoint_every, config.train.log_every = 3, 3
   config.sampler.max_new_tokens = 16
   config.sampler.length_buckets = (512, 1024, 2048)
-  m.init_from = ""  # a random tiny student with a BPE trained in the run (not the demo's base)
-  config.data.tokenizer = "demo-bpe"
   config.env.max_turns = 4
   config.rollout.concurrency = 4
   config.tasks.n_train, config.tasks.n_eval = 16, 3

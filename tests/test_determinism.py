@@ -181,17 +181,13 @@ def test_same_seed_same_run(tmp_path):
   import jax
   import numpy as np
 
-  from configs import demo as demo_config
+  import support
   from dagger_jax.dagger import loop
   from dagger_jax.model.params_io import load_params, pure_params
   from dagger_jax.train.trainer import checkpoint_dir
 
   def run(workdir):
-    c = demo_config.get_config()
-    m = c.model
-    m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 512, 32, 64, 2
-    m.num_heads, m.num_kv_heads, m.head_dim, m.init_from = 2, 1, 16, ""
-    c.data.tokenizer, c.data.max_len = "demo-bpe", 2048
+    c = support.tiny_student(support.config())
     c.sampler.max_new_tokens, c.sampler.length_buckets = 16, (512, 1024, 2048)
     c.train.batch_size, c.train.steps, c.train.warmup_steps, c.train.checkpoint_every = 8, 3, 1, 3
     c.env.max_turns, c.rollout.concurrency = 3, 3

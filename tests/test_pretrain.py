@@ -12,6 +12,7 @@ import os
 import numpy as np
 import pytest
 
+import support
 from configs import demo as demo_config
 from dagger_jax.dagger import pretrain
 from dagger_jax.data.tokenizer import load_tokenizer_dir
@@ -23,10 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _tiny(config, out_dir: str):
-  m = config.model
-  m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = 512, 32, 64, 2
-  m.num_heads, m.num_kv_heads, m.head_dim = 2, 1, 16
-  config.data.max_len = 512
+  support.tiny_student(config, max_len=512)
   config.train.batch_size = 8
   p = config.pretrain
   p.repos, p.turns, p.steps, p.warmup_steps, p.out = 6, 4, 3, 1, out_dir
@@ -53,19 +51,20 @@ def test_explorer_is_random_but_reproducible_and_never_submits():
   assert {"grep", "nl", "sed", "python3"} <= kinds  # a mix of commands, not one fixed path
 
 
-def test_lm_rows_train_every_token():
-  """The docstring's example: ids [5, 6, 7, 8] with max_len 3."""
-
-  class Tok:
-    def apply_chat_template(self, messages, tokenize, return_dict):
-      return [5, 6, 7, 8]
-
-  rows = pretrain.lm_rows([[{"role": "user", "content": "x"}]], Tok(), max_len=3)
-  assert len(rows) == 1
-  np.testing.assert_array_equal(rows[0].tokens, [5, 6, 7])
-  np.testing.assert_array_equal(rows[0].targets, [6, 7, 8])
-  np.testing.assert_array_equal(rows[0].loss_mask, [1, 1, 1])
-  np.testing.assert_array_equal(rows[0].positions, [0, 1, 2])
+def test_lm_rows_train_every_token_of_the_chat_rendering():
+  """Each conversation is its chat-template ids, cut into max_len pieces: targets are the next
+  ids and every one is trained; the pieces put back together are the whole rendering."""
+  tok = load_tokenizer_dir(os.path.join(ROOT, demo_config.get_config().data.tokenizer))
+  messages = [{"role": "system", "content": "You are an agent."},
+              {"role": "user", "content": "Bug in `def shift_rate(s, t)`: see the tests."},
+              {"role": "assistant", "content": 'grep -rn "def shift_rate(" .'}]
+  ids = tok.apply_chat_template(messages, tokenize=True, return_dict=False)
+  rows = pretrain.lm_rows([messages], tok, max_len=16)
+  assert [len(r) for r in rows] == [16] * ((len(ids) - 1) // 16) + [(len(ids) - 1) % 16] * (
+      (len(ids) - 1) % 16 > 0)
+  np.testing.assert_array_equal(np.concatenate([r.tokens for r in rows]), ids[:-1])
+  np.testing.assert_array_equal(np.concatenate([r.targets for r in rows]), ids[1:])
+  assert all(r.loss_mask.all() and (r.positions == np.arange(len(r))).all() for r in rows)
 
 
 def test_copy_rows_train_only_the_second_copy():

@@ -1,0 +1,47 @@
+"""Shared pieces of the DAgger tests: the demo config at test size, a tiny random student, and a
+scripted stand-in student (the environment, teacher and grading around it are always real)."""
+
+from __future__ import annotations
+
+from configs import demo as demo_config
+from dagger_jax.data.trajectory import Action
+from dagger_jax.envs import protocol
+from dagger_jax.policies.base import Policy
+
+
+def config(in_flight: int = 3, env_workers: int = 3, **env):
+  """configs/demo.py with `in_flight` episodes per wave, `env_workers` threads and `env` changes."""
+  c = demo_config.get_config()
+  c.rollout.concurrency, c.rollout.env_workers = in_flight, env_workers
+  c.env.update(env)
+  return c
+
+
+def tiny_student(c, vocab: int = 512, max_len: int = 2048):
+  """A random 2-layer, 32-wide student with a BPE trained in the run (not the demo's base)."""
+  m = c.model
+  m.vocab_size, m.hidden_size, m.intermediate_size, m.num_layers = vocab, 32, 64, 2
+  m.num_heads, m.num_kv_heads, m.head_dim, m.init_from = 2, 1, 16, ""
+  m.max_position_embeddings = max(m.max_position_embeddings, max_len)
+  c.data.tokenizer, c.data.max_len = "demo-bpe", max_len
+  return c
+
+
+def command(text: str) -> str:
+  """An assistant turn that runs `text`."""
+  return protocol.format_action(text, "THOUGHT: scripted.")
+
+
+class Scripted(Policy):
+  """A stand-in student that always proposes the same text (ids are its bytes), so the
+  collector's bookkeeping can be checked turn by turn."""
+
+  name = "student"
+
+  def __init__(self, text: str):
+    self.text = text
+    self.calls = 0
+
+  def act(self, views):
+    self.calls += 1
+    return [Action(self.text, tuple(self.text.encode())) for _ in views]
