@@ -29,7 +29,7 @@ working tree holds. Here an episode that ends on `max_turns` or `format_errors`:
     outcome.submitted = False
     outcome.resolved  = False     (None when grade=False), without running the grader
     outcome.patch     = the working tree's diff when it stopped, kept for inspection only;
-                        it is not a submission: `model_patch(traj)` gives "" for it, as
+                        it is not a submission: a SWE-bench prediction of it carries "", as
                         mini-swe-agent's preds.json would
 
 so "resolved" never exceeds "submitted", and no grading sandbox is spent on unsubmitted episodes.
@@ -83,6 +83,15 @@ class CollectStats:
     finally:
       self.seconds[phase] += time.perf_counter() - start
 
+  def merge(self, other: "CollectStats") -> None:
+    """Adds `other`'s counts to these (one round collected in several calls)."""
+    for f in dataclasses.fields(self):
+      mine, theirs = getattr(self, f.name), getattr(other, f.name)
+      if isinstance(mine, collections.Counter):
+        mine.update(theirs)
+      else:
+        setattr(self, f.name, mine + theirs)
+
   @property
   def resolve_rate(self) -> float:
     return self.resolved / self.scored if self.scored else 0.0
@@ -111,18 +120,6 @@ class _Episode:
 
   def view(self) -> EpisodeView:
     return EpisodeView(self.task, self.messages, self.assistant_ids, self.env)
-
-
-def model_patch(traj: Trajectory) -> str:
-  """The patch a SWE-bench prediction should carry for this episode (preds.json `model_patch`):
-  the submitted patch, or "" for an episode that never submitted (see the module docstring).
-
-  >>> cut = Outcome(submitted=False, patch="diff --git a/x.py b/x.py ...", resolved=False)
-  >>> model_patch(Trajectory("t/r0/s0", "t", 0, 0, 1.0, ({"role": "user", "content": "fix"},),
-  ...                        (), cut))
-  ''
-  """
-  return traj.outcome.patch if traj.outcome.submitted else ""
 
 
 def episode_id(task: dict, round_index: int, seed: int) -> str:

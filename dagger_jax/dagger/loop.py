@@ -163,22 +163,13 @@ def _collect_round(config, workdir, round_index, beta, train_tasks, start, teach
     n = min(n, max(1, int(config.rollout.concurrency)))
     _, stats = collector.collect(_round_tasks(train_tasks, start + len(trajs), n),
                                  seed=seed + len(trajs), **kw)
-    _merge_stats(total, stats)
+    total.merge(stats)
 
 
 def _first_turns(traj: Trajectory, k: int) -> Trajectory:
   """The trajectory cut after its k-th assistant turn: the states it visited up to there, each
   with its label (what is trained is unchanged for those turns; the outcome is the episode's)."""
   return dataclasses.replace(traj, turns=traj.turns[:k], messages=traj.messages[:1 + 2 * k])
-
-
-def _merge_stats(total: collector.CollectStats, more: collector.CollectStats) -> None:
-  for f in dataclasses.fields(total):
-    value = getattr(more, f.name)
-    if isinstance(value, int):
-      setattr(total, f.name, getattr(total, f.name) + value)
-    else:
-      getattr(total, f.name).update(value)
 
 
 def evaluate(config, workdir, round_index, student, tokenizer, eval_tasks) -> dict:
@@ -309,7 +300,8 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
       if not os.path.exists(os.path.join(shard, shards_lib.MANIFEST)):
         shards_lib.build_shards(trajs, tokenizer, config.data, shard, round=r)
       with open(os.path.join(shard, shards_lib.MANIFEST)) as f:
-        trained_tokens += json.load(f)["trained_tokens"]
+        round_tokens = json.load(f)["trained_tokens"]
+      trained_tokens += round_tokens
       render_s = time.time() - t0 - collect_s
       result = trainer.train(config, [shards_lib.shard_dir(workdir, i) for i in range(r + 1)],
                              workdir=workdir, round_index=r, progress=progress,
@@ -327,8 +319,7 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
       row = {"round": r, "beta": beta, "labels_this_round": labels,
              "labels_cumulative": labels_before, "episodes_this_round": len(trajs),
              "teacher_acted": teacher_turns, "student_acted": labels - teacher_turns,
-             "trained_tokens_round": trained_tokens - sum(
-                 x.get("trained_tokens_round", 0) for x in results),
+             "trained_tokens_round": round_tokens,
              "trained_tokens_aggregate": trained_tokens, "steps": int(config.train.steps),
              "train_loss": result.history[-1]["loss"] if result.history else None,
              "train_resolved": sum(bool(t.outcome.resolved) for t in trajs),
