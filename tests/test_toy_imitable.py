@@ -12,7 +12,7 @@ import pytest
 
 from configs import demo as demo_config
 from dagger_jax.data.trajectory import Action
-from dagger_jax.dagger import collector
+from dagger_jax.dagger import collector, demo
 from dagger_jax.envs import protocol
 from dagger_jax.envs.tasks import toy
 from dagger_jax.policies.base import Policy
@@ -63,6 +63,9 @@ def test_a_conversation_only_teacher_resolves_every_task(config, split, seed):
   unresolved = [t.task_id for t in trajs if not t.outcome.resolved]
   assert not unresolved, unresolved
   assert all(t.outcome.turns == 4 for t in trajs)
+  # the demo's account of what a student did, on a perfect one
+  assert demo.behaviour(trajs) == {"right_function": 40, "first_edit_ok": 40, "restored": 0,
+                                   "recovered": 0, "submitted_red": 0, "not_submitted": 0}
 
 
 def test_the_oracle_takes_the_same_path_from_a_clean_start(config):

@@ -36,13 +36,14 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import statistics
 import time
 from typing import Any, Sequence
 
 from dagger_jax.data.trajectory import read_jsonl
+from dagger_jax.envs import protocol
+from dagger_jax.envs.tasks import toy
 
 log = logging.getLogger(__name__)
 
@@ -191,14 +192,12 @@ def behaviour(trajectories: Sequence[Any]) -> dict[str, int]:
     restored         it restored the files after a change (`git checkout`)
     recovered        resolved after a restore
     submitted_red    submitted while the last test run failed (or without testing its change)
-    out_of_turns     reached env.max_turns without submitting
+    not_submitted    ended without submitting (env.max_turns, or format errors in a row)
   """
-  from dagger_jax.envs import protocol
-
   out = collections.Counter()
   for t in trajectories:
     statement = t.messages[1]["content"]
-    named = re.search(r"(\w+)\(\d+, \d+\)", statement)
+    named = toy.named_function(statement)
     commands, observations = [], []
     for m in t.messages[2:]:
       if m["role"] == "assistant":
@@ -206,7 +205,7 @@ def behaviour(trajectories: Sequence[Any]) -> dict[str, int]:
       else:
         observations.append(m["content"])
     greps = [c for c in commands if c.startswith("grep")]
-    if named and greps and f"def {named.group(1)}(" in greps[0]:
+    if named and greps and f"def {named}(" in greps[0]:
       out["right_function"] += 1
     edits = [i for i, c in enumerate(commands) if c.startswith("sed -i")]
     tests = [i for i, c in enumerate(commands) if "run_tests" in c or "pytest" in c]
@@ -225,9 +224,9 @@ def behaviour(trajectories: Sequence[Any]) -> dict[str, int]:
                and not any(e > last_test for e in edits))
       out["submitted_red"] += not green
     else:
-      out["out_of_turns"] += 1
+      out["not_submitted"] += 1
   return {k: out[k] for k in ("right_function", "first_edit_ok", "restored", "recovered",
-                              "submitted_red", "out_of_turns")}
+                              "submitted_red", "not_submitted")}
 
 
 def summarize(results: dict[str, list[list[dict]]], wall_s: float) -> dict[str, Any]:

@@ -57,12 +57,12 @@ import numpy as np
 from dagger_jax.data.render import Row
 from dagger_jax.data.trajectory import Action
 from dagger_jax.envs import protocol
+from dagger_jax.envs.tasks import toy
 from dagger_jax.policies.base import EpisodeView, Policy
 
 log = logging.getLogger(__name__)
 
 _GREP_ANSWER = re.compile(r"^\./(\S+\.py):(\d+):def ", re.M)
-_NAMED = re.compile(r"(\w+)\(\d+, \d+\)")  # the function an issue names: `f(3, 5)`
 _QUOTED_LINE = re.compile(r"\n\n    (.+)\n")  # an indented code line an issue quotes
 
 
@@ -101,9 +101,9 @@ class RandomExplorer(Policy):
     fns = _functions(task)
     files = sorted(p for p in task.get("repo_files", {}) if p != ".gitignore")
     file, name, def_line = rng.choice(fns)
-    named = _NAMED.search(view.messages[1]["content"])
+    named = toy.named_function(view.messages[1]["content"])
     if named and rng.random() < 0.5:  # half the time, the function the issue names
-      file, name, def_line = next((f for f in fns if f[1] == named.group(1)), (file, name, def_line))
+      file, name, def_line = next((f for f in fns if f[1] == named), (file, name, def_line))
     shown = _GREP_ANSWER.findall("\n".join(m["content"] for m in view.messages
                                            if m["role"] == "user"))
     commands = [protocol.parse_action(m["content"]).command or "" for m in view.messages
@@ -150,7 +150,6 @@ class RandomExplorer(Policy):
 def transcripts(config: Any, progress: bool = True) -> list[list[dict[str, str]]]:
   """The corpus: one explored conversation (messages) per fresh repository."""
   from dagger_jax.dagger import collector
-  from dagger_jax.envs.tasks import toy
 
   p = config.pretrain
   tasks = toy.generate(int(p.repos), int(p.seed), split="train")

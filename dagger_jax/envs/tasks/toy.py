@@ -320,6 +320,16 @@ def _one_task(rng: random.Random, split: str, family: str = "toy") -> dict | Non
   }
 
 
+def named_function(statement: str) -> str | None:
+  """The function a toy statement is about (both families show a call such as `f(3, 5)`).
+
+  >>> named_function("Bug in `def shift_rate(s, t)`: shift_rate(3, 5) gives 15 instead of -2.")
+  'shift_rate'
+  """
+  m = re.search(r"(\w+)\(\d+, \d+\)", statement)
+  return m.group(1) if m else None
+
+
 def generate(n: int, seed: int, split: str = "train", family: str = "toy") -> list[dict]:
   """n distinct tasks of one family (`FAMILIES`) and split ("train" | "test"), deterministic in
   (n, seed, split, family)."""
