@@ -21,7 +21,9 @@ time by what the collecting thread waited on (`CollectStats.seconds`): sandbox s
 labels, the student's sampler, sandbox commands, taking diffs + grading, closing sandboxes. The
 last line is one JSON object:
 {"bench": "rollout", "episodes_per_s_1": ..., "episodes_per_s_4": ..., "episodes_per_s_16": ...,
- "scaling_16_vs_1": ...}. Target: scaling_16_vs_1 >= 4.
+ "episodes_per_s_16_no_prefix_cache": ..., "scaling_16_vs_1": ..., "prefix_cache_speedup_16": ...}.
+Target: scaling_16_vs_1 >= 4. The extra row runs 16 in flight with the student's prefix cache off
+(`sampler.PrefixCache`: every turn prefills the whole conversation, as before it existed).
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from dagger_jax import configlib, hostmem  # noqa: E402
 
 IN_FLIGHT = (1, 4, 16)
+# (label, episodes in flight, prefix cache): the rows of the table, each timed alike.
+SETTINGS = tuple((str(n), n, True) for n in IN_FLIGHT) + (("16 no-cache", 16, False),)
 TARGET_SCALING = 4.0
 
 
@@ -87,14 +91,18 @@ def _cpu_seconds() -> float:
   return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def _collect(config, tasks, in_flight: int, student, teacher, tokenizer):
+def _collect(config, tasks, in_flight: int, student, teacher, tokenizer, prefix_cache=True):
   """(wall seconds, CPU seconds, CollectStats) of one collection of `tasks` with `in_flight`
-  episodes."""
+  episodes; `prefix_cache` False: the student prefills every turn whole."""
   from dagger_jax.dagger import collector
+  from dagger_jax.model import sampler
 
   c = config.copy_and_resolve_references()
   c.rollout.concurrency = in_flight
   student.calls = 0  # the same sampling seeds every run
+  # A fresh cache per run (no entries from an earlier run of the same tasks).
+  student.prefix_cache = (sampler.PrefixCache(int(config.sampler.prefix_cache))
+                          if prefix_cache else None)
   cpu, start = _cpu_seconds(), time.perf_counter()
   trajs, stats = collector.collect(tasks, config=c, round_index=0, beta=0.5, teacher=teacher,
                                    student=student, seed=0, grade=True, tokenizer=tokenizer,
@@ -139,35 +147,38 @@ def main() -> None:
           f"beta 0.5, max_turns {config.env.max_turns}, env_workers "
           f"{config.rollout.env_workers}, sandbox {config.env.sandbox}; median of {repeats}")
     start = time.perf_counter()
-    for n in IN_FLIGHT:  # warm-up: compiles the sampler programs the timed runs use
-      _collect(config, tasks, n, student, teacher, tokenizer)
+    for _, n, cached in SETTINGS:  # warm-up: compiles the sampler programs the timed runs use
+      _collect(config, tasks, n, student, teacher, tokenizer, cached)
     programs = sampler.compiled_programs()
     print(f"warm-up (compiles {programs} sampler programs): {time.perf_counter() - start:.1f} s")
-    runs = collections.defaultdict(list)  # in flight -> [(wall, cpu, stats)]
+    runs = collections.defaultdict(list)  # setting label -> [(wall, cpu, stats)]
     for _ in range(repeats):
-      for n in IN_FLIGHT:
-        runs[n].append(_collect(config, tasks, n, student, teacher, tokenizer))
+      for label, n, cached in SETTINGS:
+        runs[label].append(_collect(config, tasks, n, student, teacher, tokenizer, cached))
     if sampler.compiled_programs() != programs:
       print(f"warning: {sampler.compiled_programs() - programs} sampler programs compiled while "
             f"timing", file=sys.stderr)
 
   phases = ("open", "teacher", "student", "env", "finish", "close")
-  print(f"{'in flight':>9} {'episodes/s':>10} {'wall s':>7} {'cpu s/ep':>8} {'cores':>5} "
+  print(f"{'in flight':>11} {'episodes/s':>10} {'wall s':>7} {'cpu s/ep':>8} {'cores':>5} "
         f"{'turns':>5} {'student':>7} {'res/sub':>7} | waited s: "
         + " ".join(f"{ph:>7}" for ph in phases))
   result = {"bench": "rollout"}
-  for n in IN_FLIGHT:
-    wall = statistics.median(w for w, _, _ in runs[n])
-    _, cpu, stats = min(runs[n], key=lambda r: abs(r[0] - wall))  # the median run (odd repeats)
+  for label, n, cached in SETTINGS:
+    wall = statistics.median(w for w, _, _ in runs[label])
+    _, cpu, stats = min(runs[label], key=lambda r: abs(r[0] - wall))  # the median run
     eps = a.episodes / wall
-    result[f"episodes_per_s_{n}"] = round(eps, 3)
-    print(f"{n:9d} {eps:10.3f} {wall:7.1f} {cpu / a.episodes:8.3f} {cpu / wall:5.2f} "
+    result[f"episodes_per_s_{n}" + ("" if cached else "_no_prefix_cache")] = round(eps, 3)
+    print(f"{label:>11} {eps:10.3f} {wall:7.1f} {cpu / a.episodes:8.3f} {cpu / wall:5.2f} "
           f"{sum(stats.turns.values()):5d} {stats.turns['student']:7d} "
           f"{stats.resolved:3d}/{stats.submitted:<3d} | {'':10}"
           + " ".join(f"{stats.seconds[ph]:7.1f}" for ph in phases))
   scaling = result[f"episodes_per_s_{max(IN_FLIGHT)}"] / result["episodes_per_s_1"]
   result["scaling_16_vs_1"] = round(scaling, 2)
   print(f"16 in flight vs 1: {scaling:.2f}x (target >= {TARGET_SCALING:.0f}x)")
+  speedup = result["episodes_per_s_16"] / result["episodes_per_s_16_no_prefix_cache"]
+  result["prefix_cache_speedup_16"] = round(speedup, 2)
+  print(f"16 in flight, prefix cache vs prefilling every turn whole: {speedup:.2f}x")
   print(json.dumps(result))
 
 

@@ -77,6 +77,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.sampler.top_p = 1.0
   c.sampler.top_k = 0
   c.sampler.length_buckets = (128, 256, 512, 1024, 2048, 4096)
+  # Conversations whose keys and values the in-process sampler keeps in host memory, so that a
+  # turn prefills only the tokens it adds (sampler.PrefixCache; 0 = prefill every turn whole).
+  # Each holds layers x 2 x kv_heads x head_dim x tokens floats: ~2 KB/token for the demo
+  # student, ~144 KB/token for Qwen3-4B in bf16, so keep it >= rollout.concurrency only for
+  # small models (SGLang's radix cache does this on the server for large ones).
+  c.sampler.prefix_cache = 256
 
   c.env = ml_collections.ConfigDict()
   c.env.sandbox = "bwrap"  # bwrap | docker | unsafe_local

@@ -347,3 +347,50 @@ def test_cli_generate_names_bad_input(tmp_path, capsys):
   assert "no such checkpoint directory" in capsys.readouterr().err
   assert cli.main(["generate", "--config", demo]) == 2
   assert "--prompt" in capsys.readouterr().err
+
+
+def test_prefix_cache_turns_match_whole_prefills(pair):
+  """Three turns of four conversations (the prompt grows by the sampled tokens and an
+  'observation'): with a PrefixCache, turns 2 and 3 prefill only what was added, and tokens and
+  logprobs equal those of prefilling every prompt whole. Turn 2 also starts a fifth conversation
+  (no entry) and gives one key a prompt that does not extend its entry (reused less, still
+  right); sampling at temperature 1 draws the same tokens, whichever program a row ran in."""
+  _, model = pair
+  rng = np.random.default_rng(7)
+  stop = 2
+  for temperature in (0.0, 1.0):
+    cache = sampler.PrefixCache(max_entries=8, min_reuse=4)
+    convs = prompts_of((9, 14, 5, 12), seed=8)
+    keys = ["a", "b", "c", "d"]
+    kw = dict(max_new_tokens=10, temperature=temperature, stop_token_ids=[stop],
+              length_buckets=BUCKETS)
+    for turn in range(3):
+      want = sampler.generate(model, convs, seed=turn, **kw)
+      got = sampler.generate(model, convs, seed=turn, prefix_cache=cache, cache_keys=keys, **kw)
+      assert got.tokens == want.tokens, f"turn {turn}, temperature {temperature}"
+      np.testing.assert_allclose(np.concatenate([np.array(x) for x in got.logprobs]),
+                                 np.concatenate([np.array(x) for x in want.logprobs]),
+                                 atol=2e-5, rtol=1e-5)
+      if turn == 0:
+        assert cache.reused_tokens == 0
+      else:
+        assert cache.reused_tokens > 0
+      convs = [c + t + rng.integers(3, VOCAB, 3).tolist() for c, t in zip(convs, got.tokens)]
+      if turn == 0:
+        convs.append(prompts_of((7,), seed=9)[0])
+        keys.append("e")
+        convs[1] = convs[1][:6] + [5] + convs[1][7:]  # diverges from its entry at token 6
+    assert len(cache) == 5
+
+
+def test_prefix_cache_evicts_and_checks(pair):
+  cache = sampler.PrefixCache(max_entries=2, min_reuse=2)
+  kv = np.zeros((1, 2, 1, 3, 4), np.float32)
+  for key in "abc":
+    cache.put(key, np.array([1, 2, 3], np.int32), kv)
+  assert len(cache) == 2 and cache.lookup("a", [1, 2, 3, 4])[0] is None  # the oldest went
+  assert cache.lookup("b", [1, 2, 3, 4])[1] == 3
+  assert cache.lookup("b", [1, 2, 3])[1] == 2  # one token must stay new
+  assert cache.lookup("b", [1, 9, 3, 4]) == (None, 0)  # below min_reuse
+  with pytest.raises(ValueError, match="cache_keys"):
+    sampler.generate(pair[1], [[1]], 1, prefix_cache=cache)

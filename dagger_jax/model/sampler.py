@@ -21,11 +21,22 @@ Positions: row i with prompt length L_i sits in slots P - L_i .. P - 1 with posi
 row's output does not depend on the padding around it.
 
 Randomness is stateless: the token at step n of row i uses `fold_in(fold_in(key(seed), n), i)`.
+
+Multi-turn conversations (`PrefixCache`). An agent's prompt at turn k is its prompt at turn k-1,
+the tokens it sampled, and an observation. With a `prefix_cache`, each row's keys and values are
+kept in host memory after the call, and a row whose prompt extends its entry by at least
+`min_reuse` tokens runs in a second program: its cached prefix is placed in slots P - L_i .. P - 1
+(P a length bucket), only its new tokens (left-padded to a power of two M >= 32) run through the
+model as one chunk over the cache, and decoding goes on from slot P + M. A turn then costs the new
+tokens times the context instead of the context squared. Rows without a usable entry run in the
+first program as above; both write their entries back. Tokens and logprobs equal those of
+prefilling whole prompts up to float rounding (`tests/test_sampler.py`).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
 import glob
@@ -39,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
+from dagger_jax.model.qwen3 import KVCache, Qwen3, Qwen3Config
 
 DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 _PAD = -1  # marks output slots after a row finished (never returned)
@@ -109,8 +120,11 @@ class _Mode:
   filtered: bool  # top-k or top-p is active
 
 
-def _sample(logits_bv, key, step, temperature, top_k, top_p, mode: _Mode):
-  """-> (token_b, logprob_b) for one decode step (see `SampleResult` for which logprob)."""
+def _sample(logits_bv, key, step, row_ids_b, temperature, top_k, top_p, mode: _Mode):
+  """-> (token_b, logprob_b) for one decode step (see `SampleResult` for which logprob).
+
+  `row_ids_b` is each row's index in the caller's list of prompts (the key of its randomness).
+  """
   if mode.greedy:
     token_b = jnp.argmax(logits_bv, axis=-1)
     logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
@@ -118,33 +132,23 @@ def _sample(logits_bv, key, step, temperature, top_k, top_p, mode: _Mode):
     scaled_bv = logits_bv / temperature
     if mode.filtered:
       scaled_bv = filter_logits(scaled_bv, top_k, top_p)
-    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step),
-                                                       jnp.arange(logits_bv.shape[0]))
+    row_keys = jax.vmap(jax.random.fold_in, (None, 0))(jax.random.fold_in(key, step), row_ids_b)
     token_b = jax.vmap(jax.random.categorical)(row_keys, scaled_bv)
     logp_bv = jax.nn.log_softmax(scaled_bv, axis=-1)
   logprob_b = jnp.take_along_axis(logp_bv, token_b[:, None], axis=-1)[:, 0]
   return token_b.astype(jnp.int32), logprob_b
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "mode"))
-def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, active_b, max_new_tokens,
-                     is_stop_v, temperature, top_k, top_p, key, *, buffer: int, mode: _Mode):
-  """Prefill + while-loop decode on padded arrays -> (tokens [b, buffer], logprobs [b, buffer],
-  steps run).
+def _decode_loop(model: Qwen3, cache, logits_bv, prompt_lens_b, done_b, max_new_tokens,
+                 is_stop_v, sample, buffer: int):
+  """Samples from the prompt's last logits, then one-token decode steps in a `lax.while_loop`
+  until every row is done -> (tokens [b, buffer], logprobs [b, buffer], steps, final cache).
 
-  Output slots after a row finished (and every slot of an inactive row) hold _PAD.
+  Row i's n-th new token has position prompt_lens_b[i] + n and is written to slot
+  cache.index + n when it is fed (the last sampled token of the call is never fed). Output slots
+  after a row finished (and every slot of a row done from the start) hold _PAD.
   """
-  model: Qwen3 = nnx.merge(graphdef, state)
-  b, p = tokens_bp.shape
-  pad_b = p - prompt_lens_b
-  slot_p = jnp.arange(p)
-  valid_bp = slot_p[None] >= pad_b[:, None]
-  positions_bp = jnp.maximum(slot_p[None] - pad_b[:, None], 0)
-  logits_b1v, cache = model.prefill(tokens_bp, positions_bp, valid_bp, p + buffer,
-                                    last_only=True)
-  logits_bv = logits_b1v[:, 0]
-  sample = functools.partial(_sample, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
-                             mode=mode)
+  b = logits_bv.shape[0]
 
   def record(n, token_b, logprob_b, done_b, out_tokens_bn, out_logprobs_bn):
     """Writes step n's samples for rows still running; updates which rows are done."""
@@ -157,7 +161,7 @@ def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, active_b, max_ne
 
   token_b, logprob_b = sample(logits_bv, step=0)
   token_b, done_b, out_tokens_bn, out_logprobs_bn = record(
-      0, token_b, logprob_b, ~active_b, jnp.full((b, buffer), _PAD, jnp.int32),
+      0, token_b, logprob_b, done_b, jnp.full((b, buffer), _PAD, jnp.int32),
       jnp.zeros((b, buffer), jnp.float32))
 
   def cond(carry):
@@ -175,24 +179,151 @@ def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, active_b, max_ne
     return n + 1, cache, new_b, done_b, out_tokens_bn, out_logprobs_bn
 
   carry = (jnp.ones((), jnp.int32), cache, token_b, done_b, out_tokens_bn, out_logprobs_bn)
-  steps, _, _, _, out_tokens_bn, out_logprobs_bn = jax.lax.while_loop(cond, body, carry)
-  return out_tokens_bn, out_logprobs_bn, steps
+  steps, cache, _, _, out_tokens_bn, out_logprobs_bn = jax.lax.while_loop(cond, body, carry)
+  return out_tokens_bn, out_logprobs_bn, steps, cache
+
+
+def _stack_kv(cache: KVCache) -> jax.Array:
+  """The cache's keys and values as one array [layers, 2, b, k, slots, h]."""
+  return jnp.stack([jnp.stack(cache.k), jnp.stack(cache.v)], axis=1)
+
+
+def _sampler_fn(key, row_ids_b, temperature, top_k, top_p, mode):
+  return functools.partial(_sample, key=key, row_ids_b=row_ids_b, temperature=temperature,
+                           top_k=top_k, top_p=top_p, mode=mode)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "mode", "keep_cache"))
+def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, row_ids_b, active_b,
+                     max_new_tokens, is_stop_v, temperature, top_k, top_p, key, *, buffer: int,
+                     mode: _Mode, keep_cache: bool = False):
+  """Prefill + while-loop decode on padded arrays -> (tokens [b, buffer], logprobs [b, buffer],
+  steps run, and with `keep_cache` the cache's keys and values [layers, 2, b, k, P + buffer, h]).
+  """
+  model: Qwen3 = nnx.merge(graphdef, state)
+  b, p = tokens_bp.shape
+  pad_b = p - prompt_lens_b
+  slot_p = jnp.arange(p)
+  valid_bp = slot_p[None] >= pad_b[:, None]
+  positions_bp = jnp.maximum(slot_p[None] - pad_b[:, None], 0)
+  logits_b1v, cache = model.prefill(tokens_bp, positions_bp, valid_bp, p + buffer,
+                                    last_only=True)
+  out = _decode_loop(model, cache, logits_b1v[:, 0], prompt_lens_b, ~active_b, max_new_tokens,
+                     is_stop_v, _sampler_fn(key, row_ids_b, temperature, top_k, top_p, mode),
+                     buffer)
+  return out[:3] + ((_stack_kv(out[3]),) if keep_cache else ())
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "mode"))
+def _generate_extend(graphdef, state, prefix_kv, prefix_lens_b, tokens_bn, new_lens_b, row_ids_b,
+                     active_b, max_new_tokens, is_stop_v, temperature, top_k, top_p, key, *, buffer: int,
+                     mode: _Mode):
+  """Like `_generate_padded`, but each row's first tokens come as cached keys and values.
+
+  prefix_kv [layers, 2, b, k, P, h]: row i's prefix right-aligned in slots P - L_i .. P - 1;
+  tokens_bn: its new prompt tokens left-padded in N slots (slots P .. P + N - 1 of the cache),
+  with positions L_i .. L_i + n_i - 1. They run through `Qwen3.decode` as one chunk over the
+  cache, so the cost is the new tokens times the context, not the context squared. Returns the
+  cache [layers, 2, b, k, P + N + buffer, h] too.
+  """
+  model: Qwen3 = nnx.merge(graphdef, state)
+  _, _, b, _, p, _ = prefix_kv.shape
+  n = tokens_bn.shape[1]
+  pad = ((0, 0), (0, 0), (0, n + buffer), (0, 0))
+  slot_p, slot_n = jnp.arange(p), jnp.arange(n)
+  valid_bs = jnp.concatenate([slot_p[None] >= (p - prefix_lens_b)[:, None],
+                              jnp.zeros((b, n + buffer), bool)], axis=1)
+  cache = KVCache(k=tuple(jnp.pad(k, pad) for k in prefix_kv[:, 0]),
+                  v=tuple(jnp.pad(v, pad) for v in prefix_kv[:, 1]),
+                  valid=valid_bs, index=jnp.asarray(p, jnp.int32))
+  pad_b = n - new_lens_b
+  valid_bn = slot_n[None] >= pad_b[:, None]
+  positions_bn = prefix_lens_b[:, None] + jnp.maximum(slot_n[None] - pad_b[:, None], 0)
+  hidden_bnd, cache = model.decode(tokens_bn, positions_bn, valid_bn, cache, return_hidden=True)
+  logits_bv = model.unembed(hidden_bnd[:, -1:])[:, 0]
+  out = _decode_loop(model, cache, logits_bv, prefix_lens_b + new_lens_b, ~active_b,
+                     max_new_tokens, is_stop_v,
+                     _sampler_fn(key, row_ids_b, temperature, top_k, top_p, mode), buffer)
+  return out[:3] + (_stack_kv(out[3]),)
+
+
+class PrefixCache:
+  """The keys and values of earlier calls' rows, kept in host memory, so that the next turn of a
+  conversation prefills only the tokens it added.
+
+      cache = PrefixCache(max_entries=256)
+      generate(model, prompts, 80, prefix_cache=cache, cache_keys=episode_ids)
+
+  After a call, row i's entry under `cache_keys[i]` holds its prompt plus the tokens it sampled
+  (except the last, which was never fed) and their keys and values. The next call with that key
+  reuses the longest common prefix of the entry's ids and the new prompt, so a key is only a
+  hint: a prompt that does not extend its entry (a truncated context, a reused key) just reuses
+  less, never wrong keys. Rows that would reuse fewer than `min_reuse` tokens prefill from
+  scratch. The least recently used entries go past `max_entries` (each holds layers x 2 x
+  kv_heads x length x head_dim floats: 3.3 MB for a 1600-token row of the demo student).
+
+  The cache belongs to one set of params: `clear()` it when they change (a new round).
+  """
+
+  def __init__(self, max_entries: int = 256, min_reuse: int = 32):
+    if max_entries < 1:
+      raise ValueError(f"PrefixCache: max_entries={max_entries} must be >= 1")
+    self.max_entries = max_entries
+    self.min_reuse = min_reuse
+    self._entries: collections.OrderedDict = collections.OrderedDict()
+    self.reused_tokens = 0   # prompt tokens taken from the cache instead of prefilled
+    self.prefilled_tokens = 0
+
+  def __len__(self) -> int:
+    return len(self._entries)
+
+  def clear(self) -> None:
+    self._entries.clear()
+
+  def lookup(self, key, prompt: Sequence[int]) -> tuple[np.ndarray | None, int]:
+    """-> (the entry's keys and values [layers, 2, k, L, h], how many leading tokens of `prompt`
+    they cover), or (None, 0) when fewer than `min_reuse` would be reused."""
+    entry = self._entries.get(key)
+    if entry is None:
+      return None, 0
+    ids, kv = entry
+    m = min(len(ids), len(prompt) - 1)  # at least one new token must run to give the logits
+    if m <= 0:
+      return None, 0
+    diff = np.flatnonzero(ids[:m] != np.asarray(prompt[:m], np.int32))
+    common = int(diff[0]) if diff.size else m
+    if common < self.min_reuse:
+      return None, 0
+    self._entries.move_to_end(key)
+    return kv, common
+
+  def put(self, key, ids: np.ndarray, kv: np.ndarray) -> None:
+    self._entries[key] = (ids, kv)
+    self._entries.move_to_end(key)
+    while len(self._entries) > self.max_entries:
+      self._entries.popitem(last=False)
 
 
 def compiled_programs() -> int:
   """How many (bucket, mode) programs are compiled so far (tests use it to catch recompiles)."""
-  return _generate_padded._cache_size()
+  return _generate_padded._cache_size() + _generate_extend._cache_size()
 
 
 def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), seed: int = 0,
-             length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS) -> SampleResult:
+             length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+             prefix_cache: "PrefixCache | None" = None,
+             cache_keys: Sequence[Any] | None = None) -> SampleResult:
   """Samples up to `max_new_tokens` new tokens for each prompt (a list of token-id lists).
 
   temperature 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature)
   restricted to the top-k (`top_k` > 0) and then the top-p nucleus (`top_p` < 1). A row stops
   after the first token in `stop_token_ids` (which it includes) or after `max_new_tokens`.
+  With a `prefix_cache` (and one `cache_keys` entry per prompt), prompts that extend what their
+  key's entry holds prefill only the tokens after it, and every row's entry is updated to its
+  prompt + new tokens (see `PrefixCache`); the output is the same as without one, up to float
+  rounding.
   """
   vocab = model.config.vocab_size
   if not prompts:
@@ -214,33 +345,128 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
   if any(not 0 <= t < vocab for t in stop_token_ids):
     raise ValueError(f"generate: stop_token_ids {list(stop_token_ids)} outside [0, {vocab})")
 
+  if prefix_cache is not None and (cache_keys is None or len(cache_keys) != len(prompts)):
+    raise ValueError("generate: prefix_cache needs one cache key per prompt (cache_keys)")
+  is_stop_v = np.zeros((vocab,), bool)
+  is_stop_v[list(stop_token_ids)] = True
+  call = _Call(graphdef_state=nnx.split(model), max_new_tokens=np.int32(max_new_tokens),
+               is_stop_v=is_stop_v, temperature=np.float32(temperature or 1.0),
+               top_k=np.int32(top_k), top_p=np.float32(top_p), key=jax.random.key(seed),
+               buffer=max(_pow2(max_new_tokens), 8),
+               mode=_Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1))
+
+  n = len(prompts)
+  hits = ([prefix_cache.lookup(k, p) for k, p in zip(cache_keys, prompts)]
+          if prefix_cache is not None else [(None, 0)] * n)
+  fresh = [i for i in range(n) if hits[i][0] is None]
+  cached = [i for i in range(n) if hits[i][0] is not None]
+  out_tokens, out_logprobs, steps = [None] * n, [None] * n, 0
+  for rows, run in ((fresh, _run_padded), (cached, _run_extend)):
+    if not rows:
+      continue
+    rows_tokens, rows_logprobs, rows_steps, kv_of = run(
+        call, [prompts[i] for i in rows], [hits[i] for i in rows], rows, length_buckets,
+        keep_cache=prefix_cache is not None)
+    steps = max(steps, rows_steps)
+    for j, i in enumerate(rows):
+      out_tokens[i], out_logprobs[i] = rows_tokens[j], rows_logprobs[j]
+      if prefix_cache is not None:
+        fed = rows_tokens[j][:-1]  # the last sampled token was never fed to the model
+        prefix_cache.put(cache_keys[i], np.asarray(list(prompts[i]) + fed, np.int32),
+                         kv_of(j, len(fed)))
+    if prefix_cache is not None:
+      prefix_cache.prefilled_tokens += sum(len(prompts[i]) - hits[i][1] for i in rows)
+      prefix_cache.reused_tokens += sum(hits[i][1] for i in rows)
+  reasons = ["stop" if row and is_stop_v[row[-1]] else "length" for row in out_tokens]
+  return SampleResult(tokens=out_tokens, logprobs=out_logprobs, finish_reasons=reasons,
+                      steps=int(steps))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+  """What every compiled program of one `generate` call shares."""
+  graphdef_state: tuple
+  max_new_tokens: np.ndarray
+  is_stop_v: np.ndarray
+  temperature: np.ndarray
+  top_k: np.ndarray
+  top_p: np.ndarray
+  key: jax.Array
+  buffer: int
+  mode: _Mode
+
+  def args(self):
+    return (self.max_new_tokens, self.is_stop_v, self.temperature, self.top_k, self.top_p,
+            self.key)
+
+
+def _rows_out(out_tokens_bn, out_logprobs_bn, n):
+  """The first n rows' tokens and logprobs up to where each finished."""
+  tokens, logprobs = [], []
+  for i in range(n):
+    length = int(np.sum(out_tokens_bn[i] != _PAD))
+    tokens.append(out_tokens_bn[i, :length].tolist())
+    logprobs.append(out_logprobs_bn[i, :length].tolist())
+  return tokens, logprobs
+
+
+def _run_padded(call: _Call, prompts, hits, rows, length_buckets, keep_cache):
+  """Whole prompts, left-padded to one bucket -> (tokens, logprobs, steps, kv_of(j, fed))."""
+  del hits
   n = len(prompts)
   b = _pow2(n)
   p = bucket(max(len(x) for x in prompts), length_buckets)
   tokens_bp = np.zeros((b, p), np.int32)
   prompt_lens_b = np.ones((b,), np.int32)  # dummy rows: one token, never recorded
+  row_ids_b = np.arange(b, dtype=np.int32)
+  row_ids_b[:n] = rows
   for i, prompt in enumerate(prompts):
     tokens_bp[i, p - len(prompt):] = prompt
     prompt_lens_b[i] = len(prompt)
-  is_stop_v = np.zeros((vocab,), bool)
-  is_stop_v[list(stop_token_ids)] = True
-  mode = _Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1)
+  graphdef, state = call.graphdef_state
+  out = jax.device_get(_generate_padded(
+      graphdef, state, tokens_bp, prompt_lens_b, row_ids_b, np.arange(b) < n, *call.args(),
+      buffer=call.buffer, mode=call.mode, keep_cache=keep_cache))
+  tokens, logprobs = _rows_out(out[0], out[1], n)
 
-  graphdef, state = nnx.split(model)
-  out_tokens_bn, out_logprobs_bn, steps = _generate_padded(
-      graphdef, state, tokens_bp, prompt_lens_b, np.arange(b) < n, np.int32(max_new_tokens),
-      is_stop_v, np.float32(temperature or 1.0), np.int32(top_k), np.float32(top_p),
-      jax.random.key(seed), buffer=max(_pow2(max_new_tokens), 8), mode=mode)
-  out_tokens_bn, out_logprobs_bn, steps = jax.device_get((out_tokens_bn, out_logprobs_bn, steps))
+  def kv_of(j, fed):  # prompt j's slots, then the fed new tokens' (from slot p on)
+    kv = out[3]
+    return np.concatenate([kv[:, :, j, :, p - len(prompts[j]):p],
+                           kv[:, :, j, :, p:p + fed]], axis=3)
+  return tokens, logprobs, int(out[2]), kv_of
 
-  tokens, logprobs, reasons = [], [], []
-  for i in range(n):
-    length = int(np.sum(out_tokens_bn[i] != _PAD))
-    row = out_tokens_bn[i, :length].tolist()
-    tokens.append(row)
-    logprobs.append(out_logprobs_bn[i, :length].tolist())
-    reasons.append("stop" if row and is_stop_v[row[-1]] else "length")
-  return SampleResult(tokens=tokens, logprobs=logprobs, finish_reasons=reasons, steps=int(steps))
+
+def _run_extend(call: _Call, prompts, hits, rows, length_buckets, keep_cache):
+  """Prompts whose first tokens are cached: only the rest is prefilled (`_generate_extend`)."""
+  del keep_cache  # the cache is what this path is for
+  n = len(prompts)
+  b = _pow2(n)
+  lens = [common for _, common in hits]
+  p = bucket(max(lens), length_buckets)
+  m = max(_pow2(max(len(x) - c for x, c in zip(prompts, lens))), 32)
+  layers, two, kv_heads, _, head = hits[0][0].shape
+  prefix_kv = np.zeros((layers, two, b, kv_heads, p, head), hits[0][0].dtype)
+  tokens_bm = np.zeros((b, m), np.int32)
+  prefix_lens_b = np.zeros((b,), np.int32)
+  new_lens_b = np.ones((b,), np.int32)  # dummy rows: one token, never recorded
+  row_ids_b = np.arange(b, dtype=np.int32)
+  row_ids_b[:n] = rows
+  for i, (prompt, (kv, common)) in enumerate(zip(prompts, hits)):
+    prefix_kv[:, :, i, :, p - common:] = kv[:, :, :, :common]
+    new = prompt[common:]
+    tokens_bm[i, m - len(new):] = new
+    prefix_lens_b[i], new_lens_b[i] = common, len(new)
+  graphdef, state = call.graphdef_state
+  out = jax.device_get(_generate_extend(
+      graphdef, state, prefix_kv, prefix_lens_b, tokens_bm, new_lens_b, row_ids_b,
+      np.arange(b) < n, *call.args(), buffer=call.buffer, mode=call.mode))
+  tokens, logprobs = _rows_out(out[0], out[1], n)
+
+  def kv_of(j, fed):  # the reused prefix, the new prompt tokens, then the fed new tokens
+    kv = out[3]
+    return np.concatenate([kv[:, :, j, :, p - lens[j]:p],
+                           kv[:, :, j, :, p + m - new_lens_b[j]:p + m + fed]], axis=3)
+  return tokens, logprobs, int(out[2]), kv_of
 
 
 # ----------------------------------------------------------------------------- CLI verb

@@ -36,6 +36,10 @@ class JaxPolicy(Policy):
     self.seed = seed
     self.calls = 0
     self.max_prompt_len = max_prompt_len
+    entries = int(sampler_config.get("prefix_cache", 0))
+    # Keys and values of each episode's conversation so far: a turn prefills only what it adds.
+    # A policy holds one set of params, so its cache never goes stale.
+    self.prefix_cache = sampler.PrefixCache(entries) if entries > 0 else None
 
   def act(self, views: Sequence[EpisodeView]) -> list[Action]:
     if not views:
@@ -48,7 +52,8 @@ class JaxPolicy(Policy):
     result = sampler.generate(
         self.model, prompts, int(c.max_new_tokens), temperature=float(c.temperature),
         top_p=float(c.top_p), top_k=int(c.top_k), stop_token_ids=(self.tokenizer.eos_token_id,),
-        seed=self.seed + self.calls, length_buckets=tuple(c.length_buckets))
+        seed=self.seed + self.calls, length_buckets=tuple(c.length_buckets),
+        prefix_cache=self.prefix_cache, cache_keys=[_episode_key(v) for v in views])
     self.calls += 1
     eos_id = self.tokenizer.eos_token_id
     actions = []
@@ -56,3 +61,9 @@ class JaxPolicy(Policy):
       ids = ids[:-1] if ids and ids[-1] == eos_id else ids
       actions.append(Action(self.tokenizer.decode(ids, skip_special_tokens=False), tuple(ids)))
     return actions
+
+
+def _episode_key(view: EpisodeView):
+  """Which prefix-cache entry a view's conversation continues: its environment (one per
+  episode), else its task. Only a hint: the cache reuses the longest common prefix of ids."""
+  return ("env", id(view.env)) if view.env is not None else ("task", view.task.get("instance_id"))
