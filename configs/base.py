@@ -80,9 +80,12 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Conversations whose keys and values the in-process sampler keeps in host memory, so that a
   # turn prefills only the tokens it adds (sampler.PrefixCache; 0 = prefill every turn whole).
   # Each holds layers x 2 x kv_heads x head_dim x tokens floats: ~2 KB/token for the demo
-  # student, ~144 KB/token for Qwen3-4B in bf16, so keep it >= rollout.concurrency only for
-  # small models (SGLang's radix cache does this on the server for large ones).
-  c.sampler.prefix_cache = 256
+  # student, ~144 KB/token for Qwen3-4B in bf16 (SGLang's radix cache does this on the server).
+  # Off by default: for the demo student it measured 1.02x (benchmarks/rollout.py, 8-turn toy
+  # episodes, 16 in flight), since 80 one-token decode steps cost more than a <1.5k-token
+  # prefill, and it compiles more programs (38 instead of ~9 in that run). Worth it where
+  # prompts are long against the turns' new tokens.
+  c.sampler.prefix_cache = 0
 
   c.env = ml_collections.ConfigDict()
   c.env.sandbox = "bwrap"  # bwrap | docker | unsafe_local
