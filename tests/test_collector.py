@@ -169,3 +169,36 @@ def test_threads_and_waves_do_not_change_the_episodes(oracle_tasks, demo_config3
   assert serial == overlapped
   assert stats.turns["student"] and stats.turns["teacher"] and stats.seconds["student"] > 0
   assert all(t["outcome"]["teacher_calls"] == len(t["turns"]) for t in serial)
+
+
+def test_student_prefix_cache_changes_nothing_but_the_prefill(oracle_tasks, demo_config3):
+  """The JAX student (random weights, the demo's tokenizer) acting alone for 4 turns: with its
+  prefix cache on, turns after the first prefill only what they added, and the trajectories are
+  the same as with every turn prefilled whole."""
+  import os
+
+  import jax
+
+  from dagger_jax.data.tokenizer import load_tokenizer_dir
+  from dagger_jax.model.qwen3 import Qwen3Config
+  from dagger_jax.policies.jax_policy import JaxPolicy
+  from dagger_jax.train.trainer import init_model
+
+  c = demo_config3
+  c.env.max_turns, c.env.max_format_errors, c.sampler.max_new_tokens = 4, 4, 16
+  c.model.init_from = ""
+  model = init_model(Qwen3Config.from_config(c.model), jax.random.PRNGKey(0))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tok = load_tokenizer_dir(os.path.join(root, c.data.tokenizer))
+
+  def run(entries):
+    c.sampler.prefix_cache = entries
+    student = JaxPolicy(model, tok, c.sampler, seed=3)
+    trajs, _ = collector.collect(oracle_tasks, config=c, round_index=1, beta=0.0,
+                                 teacher=OracleTeacher(), student=student, seed=5, grade=False,
+                                 progress=False, tokenizer=tok)
+    return [t.to_dict() for t in trajs], student.prefix_cache
+
+  (plain, none), (cached, cache) = run(0), run(16)
+  assert none is None and cache.reused_tokens > cache.prefilled_tokens > 0
+  assert cached == plain
