@@ -64,3 +64,18 @@ def test_bad_config_fails_before_work_from_the_command_line():
 def test_unknown_verb():
   out = run_cli("frobnicate")
   assert out.returncode == 2 and "unknown verb" in out.stderr
+
+
+def test_verb_group_help(capsys):
+  """`dagger-jax GROUP --help` lists the group's verbs with their help and exits 0; the bare
+  group says to choose a verb and exits 2."""
+  groups = sorted({w[0] for w in cli.VERBS if len(w) > 1})
+  assert groups
+  for group in groups:
+    assert cli.main([group, "--help"]) == 0
+    out = capsys.readouterr().out
+    for words, (_, help_) in cli.VERBS.items():
+      if words[0] == group and len(words) > 1:
+        assert words[1] in out and help_ in out
+    assert cli.main([group]) == 2
+    assert "choose a verb" in capsys.readouterr().err
