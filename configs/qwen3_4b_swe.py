@@ -40,7 +40,6 @@ def get_config(arg: str = ""):
   c.sampler.temperature = 0.7
   c.sampler.top_p = 0.8
   c.sampler.top_k = 20
-  c.sampler.prefix_cache = 0  # ~144 KB/token in host memory; SGLang's radix cache does this
   c.env.sandbox = "docker"
   c.env.max_turns = 100
   c.env.command_timeout = 120.0

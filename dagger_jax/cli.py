@@ -125,10 +125,10 @@ def main(argv: Sequence[str] | None = None) -> int:
   if words is None:
     groups = sorted({w[0] for w in VERBS if len(w) > 1})
     if argv[0] in groups:
-      lines = [f"usage: dagger-jax {argv[0]} {{{','.join(w[1] for w in VERBS if w[0] == argv[0])}}}"
-               " [options]", ""]
-      lines += [f"  {w[1]:<10} {VERBS[w][1]}" for w in VERBS if w[0] == argv[0]]
-      lines += ["", f"`dagger-jax {argv[0]} VERB --help` for a verb's options."]
+      subs = [w for w in VERBS if w[0] == argv[0]]
+      lines = [f"usage: dagger-jax {argv[0]} {{{','.join(w[1] for w in subs)}}} [options]", "",
+               *(f"  {w[1]:<10} {VERBS[w][1]}" for w in subs), "",
+               f"`dagger-jax {argv[0]} VERB --help` for a verb's options."]
       if argv[1:2] in (["-h"], ["--help"], ["help"]):
         print("\n".join(lines))
         return 0

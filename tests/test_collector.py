@@ -4,15 +4,22 @@ episode that stops on a limit), so an episode cut at max_turns never resolves, e
 in its working tree. Also the intervention rules, whose tests need episodes long enough for the
 teacher to reach its submit."""
 
+import os
+
+import jax
 import pytest
 
 import support
 from dagger_jax.dagger import collector
+from dagger_jax.data.tokenizer import load_tokenizer_dir
 from dagger_jax.data.trajectory import Action
 from dagger_jax.envs import grading, protocol
 from dagger_jax.envs.tasks import toy
+from dagger_jax.model.qwen3 import Qwen3Config
 from dagger_jax.policies.base import Policy
+from dagger_jax.policies.jax_policy import JaxPolicy
 from dagger_jax.policies.oracle import OracleTeacher
+from dagger_jax.train.trainer import init_model
 
 
 @pytest.fixture(scope="module")
@@ -175,15 +182,6 @@ def test_student_prefix_cache_changes_nothing_but_the_prefill(oracle_tasks, demo
   """The JAX student (random weights, the demo's tokenizer) acting alone for 4 turns: with its
   prefix cache on, turns after the first prefill only what they added, and the trajectories are
   the same as with every turn prefilled whole."""
-  import os
-
-  import jax
-
-  from dagger_jax.data.tokenizer import load_tokenizer_dir
-  from dagger_jax.model.qwen3 import Qwen3Config
-  from dagger_jax.policies.jax_policy import JaxPolicy
-  from dagger_jax.train.trainer import init_model
-
   c = demo_config3
   c.env.max_turns, c.env.max_format_errors, c.sampler.max_new_tokens = 4, 4, 16
   c.model.init_from = ""

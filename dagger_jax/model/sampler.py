@@ -215,32 +215,32 @@ def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, row_ids_b, activ
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "mode"))
-def _generate_extend(graphdef, state, prefix_kv, prefix_lens_b, tokens_bn, new_lens_b, row_ids_b,
-                     active_b, max_new_tokens, is_stop_v, temperature, top_k, top_p, key, *, buffer: int,
-                     mode: _Mode):
+def _generate_extend(graphdef, state, prefix_kv, prefix_lens_b, tokens_bm, new_lens_b,
+                     row_ids_b, active_b, max_new_tokens, is_stop_v, temperature, top_k, top_p,
+                     key, *, buffer: int, mode: _Mode):
   """Like `_generate_padded`, but each row's first tokens come as cached keys and values.
 
   prefix_kv [layers, 2, b, k, P, h]: row i's prefix right-aligned in slots P - L_i .. P - 1;
-  tokens_bn: its new prompt tokens left-padded in N slots (slots P .. P + N - 1 of the cache),
+  tokens_bm: its new prompt tokens left-padded in M slots (slots P .. P + M - 1 of the cache),
   with positions L_i .. L_i + n_i - 1. They run through `Qwen3.decode` as one chunk over the
   cache, so the cost is the new tokens times the context, not the context squared. Returns the
-  cache [layers, 2, b, k, P + N + buffer, h] too.
+  cache [layers, 2, b, k, P + M + buffer, h] too.
   """
   model: Qwen3 = nnx.merge(graphdef, state)
   _, _, b, _, p, _ = prefix_kv.shape
-  n = tokens_bn.shape[1]
-  pad = ((0, 0), (0, 0), (0, n + buffer), (0, 0))
-  slot_p, slot_n = jnp.arange(p), jnp.arange(n)
+  m = tokens_bm.shape[1]
+  pad = ((0, 0), (0, 0), (0, m + buffer), (0, 0))
+  slot_p, slot_m = jnp.arange(p), jnp.arange(m)
   valid_bs = jnp.concatenate([slot_p[None] >= (p - prefix_lens_b)[:, None],
-                              jnp.zeros((b, n + buffer), bool)], axis=1)
+                              jnp.zeros((b, m + buffer), bool)], axis=1)
   cache = KVCache(k=tuple(jnp.pad(k, pad) for k in prefix_kv[:, 0]),
                   v=tuple(jnp.pad(v, pad) for v in prefix_kv[:, 1]),
                   valid=valid_bs, index=jnp.asarray(p, jnp.int32))
-  pad_b = n - new_lens_b
-  valid_bn = slot_n[None] >= pad_b[:, None]
-  positions_bn = prefix_lens_b[:, None] + jnp.maximum(slot_n[None] - pad_b[:, None], 0)
-  hidden_bnd, cache = model.decode(tokens_bn, positions_bn, valid_bn, cache, return_hidden=True)
-  logits_bv = model.unembed(hidden_bnd[:, -1:])[:, 0]
+  pad_b = m - new_lens_b
+  valid_bm = slot_m[None] >= pad_b[:, None]
+  positions_bm = prefix_lens_b[:, None] + jnp.maximum(slot_m[None] - pad_b[:, None], 0)
+  hidden_bmd, cache = model.decode(tokens_bm, positions_bm, valid_bm, cache, return_hidden=True)
+  logits_bv = model.unembed(hidden_bmd[:, -1:])[:, 0]
   out = _decode_loop(model, cache, logits_bv, prefix_lens_b + new_lens_b, ~active_b,
                      max_new_tokens, is_stop_v,
                      _sampler_fn(key, row_ids_b, temperature, top_k, top_p, mode), buffer)
@@ -356,30 +356,31 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
                mode=_Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1))
 
   n = len(prompts)
-  hits = ([prefix_cache.lookup(k, p) for k, p in zip(cache_keys, prompts)]
-          if prefix_cache is not None else [(None, 0)] * n)
-  fresh = [i for i in range(n) if hits[i][0] is None]
-  cached = [i for i in range(n) if hits[i][0] is not None]
-  out_tokens, out_logprobs, steps = [None] * n, [None] * n, 0
-  for rows, run in ((fresh, _run_padded), (cached, _run_extend)):
-    if not rows:
-      continue
-    rows_tokens, rows_logprobs, rows_steps, kv_of = run(
-        call, [prompts[i] for i in rows], [hits[i] for i in rows], rows, length_buckets,
-        keep_cache=prefix_cache is not None)
-    steps = max(steps, rows_steps)
-    for j, i in enumerate(rows):
-      out_tokens[i], out_logprobs[i] = rows_tokens[j], rows_logprobs[j]
-      if prefix_cache is not None:
+  if prefix_cache is None:
+    tokens, logprobs, steps, _ = _run_padded(call, prompts, range(n), length_buckets)
+  else:
+    hits = [prefix_cache.lookup(k, p) for k, p in zip(cache_keys, prompts)]
+    fresh = [i for i in range(n) if hits[i][0] is None]
+    cached = [i for i in range(n) if hits[i][0] is not None]
+    groups = []  # (rows, what their program returned): one program per kind of row
+    if fresh:
+      groups.append((fresh, _run_padded(call, [prompts[i] for i in fresh], fresh,
+                                        length_buckets, keep_cache=True)))
+    if cached:
+      groups.append((cached, _run_extend(call, [prompts[i] for i in cached],
+                                         [hits[i] for i in cached], cached, length_buckets)))
+    tokens, logprobs, steps = [None] * n, [None] * n, 0
+    for rows, (rows_tokens, rows_logprobs, rows_steps, kv_of) in groups:
+      steps = max(steps, rows_steps)
+      for j, i in enumerate(rows):
+        tokens[i], logprobs[i] = rows_tokens[j], rows_logprobs[j]
         fed = rows_tokens[j][:-1]  # the last sampled token was never fed to the model
         prefix_cache.put(cache_keys[i], np.asarray(list(prompts[i]) + fed, np.int32),
                          kv_of(j, len(fed)))
-    if prefix_cache is not None:
-      prefix_cache.prefilled_tokens += sum(len(prompts[i]) - hits[i][1] for i in rows)
-      prefix_cache.reused_tokens += sum(hits[i][1] for i in rows)
-  reasons = ["stop" if row and is_stop_v[row[-1]] else "length" for row in out_tokens]
-  return SampleResult(tokens=out_tokens, logprobs=out_logprobs, finish_reasons=reasons,
-                      steps=int(steps))
+    prefix_cache.prefilled_tokens += sum(len(p) - common for p, (_, common) in zip(prompts, hits))
+    prefix_cache.reused_tokens += sum(common for _, common in hits)
+  reasons = ["stop" if row and is_stop_v[row[-1]] else "length" for row in tokens]
+  return SampleResult(tokens=tokens, logprobs=logprobs, finish_reasons=reasons, steps=int(steps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -410,9 +411,9 @@ def _rows_out(out_tokens_bn, out_logprobs_bn, n):
   return tokens, logprobs
 
 
-def _run_padded(call: _Call, prompts, hits, rows, length_buckets, keep_cache):
-  """Whole prompts, left-padded to one bucket -> (tokens, logprobs, steps, kv_of(j, fed))."""
-  del hits
+def _run_padded(call: _Call, prompts, rows, length_buckets, keep_cache=False):
+  """Whole prompts, left-padded to one bucket -> (tokens, logprobs, steps, kv_of(j, fed) or
+  None without `keep_cache`); `rows` are the prompts' indices in the caller's list."""
   n = len(prompts)
   b = _pow2(n)
   p = bucket(max(len(x) for x in prompts), length_buckets)
@@ -433,12 +434,12 @@ def _run_padded(call: _Call, prompts, hits, rows, length_buckets, keep_cache):
     kv = out[3]
     return np.concatenate([kv[:, :, j, :, p - len(prompts[j]):p],
                            kv[:, :, j, :, p:p + fed]], axis=3)
-  return tokens, logprobs, int(out[2]), kv_of
+  return tokens, logprobs, int(out[2]), kv_of if keep_cache else None
 
 
-def _run_extend(call: _Call, prompts, hits, rows, length_buckets, keep_cache):
-  """Prompts whose first tokens are cached: only the rest is prefilled (`_generate_extend`)."""
-  del keep_cache  # the cache is what this path is for
+def _run_extend(call: _Call, prompts, hits, rows, length_buckets):
+  """Prompts whose first tokens are cached (`hits`: PrefixCache.lookup's answers): only the rest
+  is prefilled (`_generate_extend`) -> (tokens, logprobs, steps, kv_of(j, fed))."""
   n = len(prompts)
   b = _pow2(n)
   lens = [common for _, common in hits]

@@ -53,7 +53,8 @@ class JaxPolicy(Policy):
         self.model, prompts, int(c.max_new_tokens), temperature=float(c.temperature),
         top_p=float(c.top_p), top_k=int(c.top_k), stop_token_ids=(self.tokenizer.eos_token_id,),
         seed=self.seed + self.calls, length_buckets=tuple(c.length_buckets),
-        prefix_cache=self.prefix_cache, cache_keys=[_episode_key(v) for v in views])
+        prefix_cache=self.prefix_cache,
+        cache_keys=[_episode_key(v) for v in views] if self.prefix_cache is not None else None)
     self.calls += 1
     eos_id = self.tokenizer.eos_token_id
     actions = []

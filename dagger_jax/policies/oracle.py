@@ -146,6 +146,11 @@ _READ_ONLY = ("grep", "nl", "cat", "ls", "head", "tail", "pwd", "wc", "git diff"
 
 
 def _read_only(command: str) -> bool:
+  """Whether `command` only reads (see `_READ_ONLY`).
+
+  >>> _read_only("nl -ba x.py | sed -n '1,4p'"), _read_only("sed -i 's/a/b/' x.py")
+  (True, False)
+  """
   return not command or (command.startswith(_READ_ONLY) and ">" not in command
                          and " -i" not in command)
 
@@ -153,9 +158,6 @@ def _read_only(command: str) -> bool:
 def _last_test(view: EpisodeView, commands: list[str], test_cmd: str) -> bool | None:
   """Whether the tests passed on the tree as it is now: the result of the last test run when
   every command after it only read (None when there is no such run: the tree may have changed).
-
-  >>> _read_only("nl -ba x.py | sed -n '1,4p'"), _read_only("sed -i 's/a/b/' x.py")
-  (True, False)
   """
   for k in range(len(commands) - 1, -1, -1):
     if commands[k] == test_cmd:
