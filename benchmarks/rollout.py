@@ -70,7 +70,7 @@ def _student(config, tasks, tmp: str):
   from dagger_jax.model.qwen3 import Qwen3Config
   from dagger_jax.policies.jax_policy import JaxPolicy
   from dagger_jax.policies.oracle import OracleTeacher
-  from dagger_jax.train.trainer import init_model
+  from dagger_jax.model.loader import init_model
 
   trajs, _ = collector.collect(tasks, config=config, round_index=0, beta=1.0,
                                teacher=OracleTeacher(), student=None, grade=False, progress=False)

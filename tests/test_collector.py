@@ -19,7 +19,7 @@ from dagger_jax.model.qwen3 import Qwen3Config
 from dagger_jax.policies.base import Policy
 from dagger_jax.policies.jax_policy import JaxPolicy
 from dagger_jax.policies.oracle import OracleTeacher
-from dagger_jax.train.trainer import init_model
+from dagger_jax.model.loader import init_model
 
 
 @pytest.fixture(scope="module")

@@ -81,6 +81,7 @@ def test_the_copy_curriculum_forms_induction_heads(tmp_path):
   """The demo model, from random weights, copies random spans after a short phase of copy rows
   (what the base's first phase does), and could not before it."""
   from dagger_jax.data import shards
+  from dagger_jax.model.loader import init_model
   from dagger_jax.model.params_io import model_from_params
   from dagger_jax.model.qwen3 import Qwen3Config
   from dagger_jax.train import trainer
@@ -98,8 +99,8 @@ def test_the_copy_curriculum_forms_induction_heads(tmp_path):
                          log=lambda _: None)
   model = model_from_params(Qwen3Config.from_config(config.model), result.state.params)
   assert pretrain.copy_accuracy(model, vocab, seed=1, span=16) > 0.5
-  untrained = trainer.init_model(Qwen3Config.from_config(config.model),
-                                 __import__("jax").random.PRNGKey(0))
+  untrained = init_model(Qwen3Config.from_config(config.model),
+                         __import__("jax").random.PRNGKey(0))
   assert pretrain.copy_accuracy(untrained, vocab, seed=1, span=16) < 0.05
 
 

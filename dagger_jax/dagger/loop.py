@@ -203,20 +203,16 @@ def _student(config, model, tokenizer):
 
 def _acting_model(config, workdir, round_index):
   """The student acting in round r: round r-1's last checkpoint, for round 0 the base model
-  (`config.model.init_from`) or a random init from `config.seed`."""
-  import jax
-
-  from dagger_jax.model.params_io import load_params
+  (`config.model.init_from`: HF or Orbax) or a random init from `config.seed` (the model round 0's
+  training starts from; equal up to jit rounding)."""
+  from dagger_jax.model import loader
   from dagger_jax.model.qwen3 import Qwen3Config
-  from dagger_jax.train.trainer import checkpoint_dir, init_model
+  from dagger_jax.train.trainer import checkpoint_dir
 
   model_config = Qwen3Config.from_config(config.model)
-  if round_index > 0:
-    return load_params(checkpoint_dir(workdir, round_index - 1), config=model_config)
-  if config.model.init_from:
-    return load_params(config.model.init_from, config=model_config)
-  # where round 0's training starts (Trainer.init_state(config.seed); equal up to jit rounding)
-  return init_model(model_config, jax.random.PRNGKey(config.seed))
+  source = (checkpoint_dir(workdir, round_index - 1) if round_index > 0
+            else config.model.init_from)
+  return loader.load_model(source, model_config, seed=int(config.seed))
 
 
 def _check_supported(config) -> None:

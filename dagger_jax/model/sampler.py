@@ -39,7 +39,6 @@ import argparse
 import collections
 import dataclasses
 import functools
-import glob
 import json
 import os
 import sys
@@ -473,19 +472,6 @@ def _run_extend(call: _Call, prompts, hits, rows, length_buckets):
 # ----------------------------------------------------------------------------- CLI verb
 
 
-def load_model(ckpt: str | None, model_config: Any, seed: int) -> Qwen3:
-  """A HF checkpoint directory (config.json + safetensors), an Orbax params checkpoint (from
-  `import-hf` or the trainer), or, with no `ckpt`, a random model of `config.model`."""
-  from dagger_jax.model import hf, params_io  # Orbax and safetensors: only the CLI needs them
-  if not ckpt:
-    return Qwen3(Qwen3Config.from_config(model_config), rngs=nnx.Rngs(seed))
-  if glob.glob(os.path.join(ckpt, "*.safetensors")) and os.path.isfile(
-      os.path.join(ckpt, "config.json")):
-    return hf.load_pretrained(ckpt, param_dtype=model_config.param_dtype,
-                              dtype=model_config.dtype)
-  return params_io.load_params(ckpt)
-
-
 def _tokenizer_for(args: argparse.Namespace, config: Any, vocab_size: int):
   """--tokenizer, else the checkpoint's own tokenizer files, else (for text prompts)
   `config.data.tokenizer`; None for an ids-only run that names no tokenizer."""
@@ -549,8 +535,13 @@ def generate_cli(args: argparse.Namespace, config: Any) -> int:
   from dagger_jax.model.hf import HFCheckpointError
   from dagger_jax.model.params_io import CheckpointError
   try:
-    args.ckpt = args.ckpt or config.model.init_from or None
-    model = load_model(args.ckpt, config.model, config.seed)
+    from dagger_jax.model import loader
+    if args.ckpt:  # a checkpoint named on the command line brings its own architecture
+      model = loader.load_model(args.ckpt, None, seed=config.seed)
+    else:
+      args.ckpt = config.model.init_from or None
+      model = loader.load_model(args.ckpt, Qwen3Config.from_config(config.model),
+                                seed=config.seed)
     tok = _tokenizer_for(args, config, model.config.vocab_size)
     if args.prompt:
       from dagger_jax.data.render import prompt_ids

@@ -11,8 +11,9 @@ How a round starts (`config.train.continue_from`), in this order:
      resumes from its latest one: params, optimizer state, step, data cursor and RNG;
   2. `last` and round r > 0: params and optimizer state of round r-1's final checkpoint, a fresh
      warm-up + cosine over `config.train.steps` (Adam's moments carry over);
-  3. otherwise the base model: `config.model.init_from` (an Orbax params checkpoint written by
-     `dagger_jax.model.hf.save_params`) or a random init from `config.seed`.
+  3. otherwise the base model, `config.model.init_from` (an HF directory or an Orbax params or
+     trainer checkpoint, read by `dagger_jax.model.loader.load_model`), or a random init from
+     `config.seed`.
 
 TensorBoard (`<workdir>/tensorboard`, `train/*` scalars): one x-axis across rounds. Round r's step
 s is logged at global step `global_step_offset(workdir, r, config.train.steps) + s`, the offset
@@ -45,7 +46,7 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from dagger_jax.model import params_io, sharding
+from dagger_jax.model import loader, params_io, sharding
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 from dagger_jax.train import checkpoint, optim
 from dagger_jax.train.loss import loss_sum_and_count, token_weights
@@ -106,12 +107,6 @@ def flops_per_token(c: Qwen3Config, seq_len: int) -> float:
   return 6.0 * matmul_params + 12.0 * c.num_layers * c.num_heads * c.head_dim * seq_len
 
 
-def init_model(model_config: Qwen3Config, rng: jax.Array) -> Qwen3:
-  """The random student a run starts from (`Trainer.init_state` and the DAgger loop's round-0
-  student both call this, so they are the same model)."""
-  return Qwen3(model_config, rngs=nnx.Rngs(params=rng))
-
-
 class Trainer:
   """Builds the sharded state and the compiled step for `config` on `mesh`."""
 
@@ -154,7 +149,7 @@ class Trainer:
     return TrainState(params, self.tx.init(params), jnp.zeros((), jnp.int32), rng)
 
   def _init_state(self, rng) -> TrainState:
-    model = init_model(self.model_config, rng)
+    model = loader.init_model(self.model_config, rng)
     return self._state_from_params(nnx.to_pure_dict(nnx.state(model)), rng)
 
   def init_state(self, seed: int) -> TrainState:
@@ -268,28 +263,10 @@ def _initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int
     return trainer.state_from_params(arrays["params"], seed, arrays["opt_state"])
   if config.model.init_from:
     log(f"round {round_index}: base model from {config.model.init_from}")
-    return trainer.state_from_params(base_params(trainer, config.model.init_from), seed)
+    model = loader.load_model(config.model.init_from, trainer.model_config, mesh=trainer.mesh)
+    return trainer.state_from_params(params_io.pure_params(model), seed)
   log(f"round {round_index}: random init from seed {seed}")
   return trainer.init_state(seed)
-
-
-def base_params(trainer: Trainer, init_from: str) -> Any:
-  """Params of the base model, sharded for `trainer`: a HF checkpoint directory (`config.json` +
-  safetensors) or a params checkpoint (`dagger_jax.model.params_io.save_params`, or a trainer
-  checkpoint directory)."""
-  from dagger_jax.model import hf  # safetensors and the HF table: only for this path
-
-  if os.path.isfile(os.path.join(init_from, "config.json")):
-    c = trainer.model_config
-    model = hf.load_pretrained(init_from, param_dtype=c.param_dtype, dtype=c.dtype,
-                               mesh=trainer.mesh)
-    if model.config != c:
-      diff = [f"{f.name}: {getattr(model.config, f.name)!r} vs {getattr(c, f.name)!r}"
-              for f in dataclasses.fields(c) if getattr(model.config, f.name) != getattr(c, f.name)]
-      raise ValueError(f"config.model.init_from={init_from}: the checkpoint's architecture "
-                       f"differs from config.model ({'; '.join(diff)})")
-    return params_io.pure_params(model)
-  return params_io.restore_params(init_from, trainer.abstract_state.params)
 
 
 def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: int = 0,
