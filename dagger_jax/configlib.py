@@ -13,15 +13,13 @@ from typing import Any, Callable
 
 import ml_collections
 
+from dagger_jax.errors import ConfigError  # noqa: F401  (re-exported: configlib.ConfigError)
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.py")
 
 
-class ConfigError(ValueError):
-  """A config value is invalid; the message names the key."""
-
-
-def _ensure_configs_importable(path: str) -> None:
+def ensure_configs_importable(path: str) -> None:
   # Config files do `from configs import base`: put the folder above `configs/` on sys.path.
   root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
   if root not in sys.path:
@@ -33,7 +31,7 @@ def load(spec: str = DEFAULT_CONFIG) -> ml_collections.ConfigDict:
   path, _, arg = spec.partition(":")
   if not os.path.exists(path):
     raise ConfigError(f"config file not found: {path}")
-  _ensure_configs_importable(path)
+  ensure_configs_importable(path)
   module_spec = importlib.util.spec_from_file_location("_dagger_jax_config", path)
   module = importlib.util.module_from_spec(module_spec)
   module_spec.loader.exec_module(module)

@@ -54,7 +54,7 @@ def test_round_trip_into_the_sharded_state_keeps_last_n(data, tmp_path):
   shardings = jax.tree.map(lambda x: x.sharding, arrays["params"])
   assert shardings == trainer.state_shardings.params
   ckpt.close()
-  with pytest.raises(FileNotFoundError, match="no checkpoint in .*empty"):
+  with pytest.raises(params_io.CheckpointError, match="no checkpoint in .*empty"):
     C.Checkpointer(str(tmp_path / "empty")).restore(trainer.abstract_state)
 
 
@@ -84,7 +84,7 @@ def test_rounds_continue_from_last_or_restart_from_base(data, tmp_path):
   assert int(last.step) == 0  # a new round: its own warm-up and cosine
   base = start_of(1, "base")
   _assert_trees_equal(base.params, jax.device_get(trainer.init_state(config.seed).params))
-  with pytest.raises(FileNotFoundError, match="round_002.*continue_from=base"):
+  with pytest.raises(params_io.CheckpointError, match="round_002.*continue_from=base"):
     start_of(3, "last")
 
 

@@ -50,15 +50,17 @@ def test_override_applies():
     (["--config", "does/not/exist.py"], "does/not/exist.py"),
 ])
 def test_bad_config_names_the_problem(args, needle):
-  with pytest.raises(SystemExit) as e:
+  with pytest.raises(configlib.ConfigError) as e:
     cli.load_config(args)
   assert needle in str(e.value)
 
 
 def test_bad_config_fails_before_work_from_the_command_line():
   out = run_cli("shards", "inspect", "/nonexistent", "--config.train.lrr=1")
-  assert out.returncode != 0
-  assert "lrr" in out.stderr
+  assert out.returncode == 2
+  assert out.stderr.strip() == ("dagger-jax shards inspect: bad config (--config.train.lrr=1): "
+                                f"--config.train.lrr: {configlib.DEFAULT_CONFIG} has no such key "
+                                "(did you mean 'lr'?)")
 
 
 def test_unknown_verb():

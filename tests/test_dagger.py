@@ -147,13 +147,13 @@ def test_demo_end_to_end_and_resume(config, tmp_path, capsys):
   evaluate for DAgger and SFT, the comparison, the plot; then a second run reads it all back."""
   import argparse
 
-  from dagger_jax.dagger import demo
+  from dagger_jax.dagger import cli as dagger_cli
 
   _tiny(config, tmp_path)
   parser = argparse.ArgumentParser()
-  demo.demo_args(parser)
+  dagger_cli.demo_args(parser)
   args = parser.parse_args(["--workdir", config.workdir])
-  assert demo.demo(args, config) == 0
+  assert dagger_cli.demo(args, config) == 0
   out = capsys.readouterr().out
   summary = json.loads(out.strip().splitlines()[-1])
   assert summary["heldout_tasks"] == 3 and "verdict_seed0" in summary["dagger_minus_sft"]
@@ -181,7 +181,7 @@ def test_demo_end_to_end_and_resume(config, tmp_path, capsys):
       assert {k: v for k, v in rows[0].items() if k != "copied_from"} == runs["dagger"][0]
   assert (tmp_path / "demo" / "demo.png").stat().st_size > 0
   # Run again: every round is read back, the same figures come out.
-  assert demo.demo(args, config) == 0
+  assert dagger_cli.demo(args, config) == 0
   again = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert {k: v for k, v in again.items() if k != "wall_s"} == {
       k: v for k, v in summary.items() if k != "wall_s"}

@@ -344,7 +344,7 @@ def test_import_export_cli_roundtrip(source, tmp_path, capsys):
   assert cli.main(["export-hf", "--ckpt", ckpt, "--out", bf16, "--dtype", "bfloat16"]) == 0
   assert json.load(open(os.path.join(bf16, "config.json")))["torch_dtype"] == "bfloat16"
   capsys.readouterr()
-  assert cli.main(["import-hf", "--hf", path, "--out", ckpt]) == 1  # never overwrites
+  assert cli.main(["import-hf", "--hf", path, "--out", ckpt]) == 2  # never overwrites
   assert "already exists" in capsys.readouterr().err
-  assert cli.main(["export-hf", "--ckpt", str(tmp_path / "none"), "--out", out]) == 1
+  assert cli.main(["export-hf", "--ckpt", str(tmp_path / "none"), "--out", out]) == 2
   assert "no such checkpoint directory" in capsys.readouterr().err

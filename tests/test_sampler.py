@@ -343,7 +343,7 @@ def test_cli_generate_names_bad_input(tmp_path, capsys):
   assert cli.main(["generate", "--config", demo, "--ids", "1 x"]) == 2
   assert "--ids takes integers" in capsys.readouterr().err
   assert cli.main(["generate", "--config", demo, "--ckpt", str(tmp_path / "nope"),
-                   "--ids", "1"]) == 1
+                   "--ids", "1"]) == 2
   assert "no such checkpoint directory" in capsys.readouterr().err
   assert cli.main(["generate", "--config", demo]) == 2
   assert "--prompt" in capsys.readouterr().err

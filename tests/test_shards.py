@@ -85,7 +85,7 @@ def test_write_and_open(tok, config, tmp_path):
   assert shard.rows == manifest["rows"] and shard.round == 2
   assert isinstance(shard.arrays["tokens"], np.memmap)
   assert shard.arrays["tokens"].dtype == np.int32 and shard.arrays["loss_mask"].dtype == np.uint8
-  with pytest.raises(FileExistsError, match="round_002"):
+  with pytest.raises(shards.ShardError, match="round_002"):
     shards.build_shards(trajs, tok, config.data, out)
   shards.build_shards(trajs[:5], tok, config.data, out, overwrite=True)
   assert shards.Shard(out).manifest["stats"]["trajectories"] == 5

@@ -51,7 +51,7 @@ import time
 from typing import Any, Iterator, Sequence
 
 from dagger_jax.dagger import intervention
-from dagger_jax.data.trajectory import Action, Outcome, Trajectory, Turn
+from dagger_jax.data.trajectory import Action, Outcome, Trajectory, TrajectoryError, Turn
 from dagger_jax.envs.swe import SweEnv
 from dagger_jax.policies.base import EpisodeView, Policy
 
@@ -143,7 +143,7 @@ def _already_collected(path: str | None) -> set[str]:
     try:
       done.add(json.loads(line)["id"])
     except (json.JSONDecodeError, KeyError) as e:
-      raise ValueError(f"{path}:{n}: not an episode record ({e}); move the file away to "
+      raise TrajectoryError(f"{path}:{n}: not an episode record ({e}); move the file away to "
                        f"collect this round again") from None
   return done
 

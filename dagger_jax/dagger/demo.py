@@ -29,7 +29,6 @@ run it resumes: run it again and finished rounds are read back, not redone.
 
 from __future__ import annotations
 
-import argparse
 import collections
 import itertools
 import json
@@ -41,9 +40,16 @@ import statistics
 import time
 from typing import Any, Sequence
 
+import jax
+
+from dagger_jax.dagger import loop
+from dagger_jax.data.shards import shard_dir
+from dagger_jax.data.tokenizer import DEMO_DIRNAME
 from dagger_jax.data.trajectory import read_jsonl
 from dagger_jax.envs import protocol
 from dagger_jax.envs.tasks import toy
+from dagger_jax.errors import UsageError
+from dagger_jax.train.trainer import checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -51,24 +57,12 @@ METHODS = ("dagger", "sft", "onpolicy")
 COLORS = {"dagger": "#1f77b4", "sft": "#d62728", "onpolicy": "#2ca02c"}
 
 
-def demo_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", default=None,
-                      help="run directory (default: config.workdir); one sub-folder per method "
-                      "and seed, tasks in shared/")
-  parser.add_argument("--seeds", type=int, default=1,
-                      help="repeat the comparison with seeds config.seed, config.seed+1, ...")
-  parser.add_argument("--methods", default=",".join(METHODS),
-                      help=f"comma-separated subset of {', '.join(METHODS)} (dagger always runs: "
-                      "it sets the label budget)")
-  parser.add_argument("--no-plot", action="store_true", help="skip demo.png")
-
-
 def method_config(config: Any, method: str, seed: int, shared: str, workdir: str,
                   label_budget: Sequence[int] = ()) -> Any:
   """The config of one run: `config` with its seed, its workdir, the shared tasks, the
   method's beta schedule and interventions, and (sft, onpolicy) DAgger's label budget."""
   if method not in METHODS:
-    raise ValueError(f"unknown demo method {method!r} (known: {', '.join(METHODS)})")
+    raise UsageError(f"unknown demo method {method!r} (known: {', '.join(METHODS)})")
   c = config.copy_and_resolve_references()
   c.unlock()
   c.seed = seed
@@ -76,7 +70,6 @@ def method_config(config: Any, method: str, seed: int, shared: str, workdir: str
   c.tasks.train_file = c.tasks.train_file or os.path.join(shared, "tasks", "train.jsonl")
   c.tasks.eval_file = c.tasks.eval_file or os.path.join(shared, "tasks", "eval.jsonl")
   if c.data.tokenizer == "demo-bpe":  # the one trained in `shared`, by path
-    from dagger_jax.data.tokenizer import DEMO_DIRNAME
     c.data.tokenizer = os.path.join(shared, DEMO_DIRNAME)
   if method == "sft":
     c.dagger.beta_schedule, c.dagger.beta0 = "constant", 1.0
@@ -90,8 +83,6 @@ def method_config(config: Any, method: str, seed: int, shared: str, workdir: str
 
 def _prepare_shared(config: Any, shared: str) -> None:
   """Tasks (and, for demo-bpe, a tokenizer) made once for every run of the demo."""
-  from dagger_jax.dagger import loop
-
   train_tasks, _ = loop.load_or_make_tasks(config, shared)  # generated there unless given
   if config.data.tokenizer == "demo-bpe":
     loop.ensure_tokenizer(config, shared, loop.tokenizer_corpus(config, train_tasks))
@@ -100,9 +91,6 @@ def _prepare_shared(config: Any, shared: str) -> None:
 def _share_round0(dagger_dir: str, run_dir: str) -> None:
   """Round 0 is the same experiment in every method (beta = 1, the same episodes and steps):
   copy DAgger's instead of redoing it."""
-  from dagger_jax.data.shards import shard_dir
-  from dagger_jax.train.trainer import checkpoint_dir
-
   if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
     return
   with open(os.path.join(dagger_dir, "metrics.jsonl")) as f:
@@ -333,26 +321,24 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
   return path
 
 
-def demo(args, config) -> int:
-  from dagger_jax.dagger import loop
-
-  loop.setup_logging()
-  workdir = args.workdir or config.workdir
+def run(config: Any, *, workdir: str, seeds: int = 1, methods: Sequence[str] = METHODS,
+        make_plot: bool = True) -> dict:
+  """The whole comparison (module doc); prints its report and returns the summary that
+  demo.json holds (its last printed line). `dagger` always runs: it sets the label budget."""
   _enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
   shared = os.path.join(workdir, "shared")
   start = time.time()
-  methods = [m.strip() for m in args.methods.split(",") if m.strip()]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
-    raise ValueError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
+    raise UsageError(f"--methods: unknown {', '.join(unknown)} (known: {', '.join(METHODS)})")
   methods = ["dagger"] + [m for m in METHODS[1:] if m in methods]
-  print(f"demo: {', '.join(methods)} x {args.seeds} seed(s), {config.dagger.rounds} rounds, "
+  print(f"demo: {', '.join(methods)} x {seeds} seed(s), {config.dagger.rounds} rounds, "
         f"{config.dagger.episodes_per_round} DAgger episodes and {config.train.steps} steps per "
         f"round, {config.dagger.eval_episodes} {config.dagger.eval_split}-split tasks; "
         f"writing {workdir}", flush=True)
   _prepare_shared(config, shared)
   results: dict[str, list[list[dict]]] = {m: [] for m in methods}
-  for s in range(args.seeds):
+  for s in range(seeds):
     seed = int(config.seed) + s
     dagger_dir = os.path.join(workdir, f"dagger_seed{seed}")
     budget: list[int] = []
@@ -366,7 +352,7 @@ def demo(args, config) -> int:
       if m == "dagger":
         budget = cumulative_labels(results[m][-1])
   print(f"\nper method and round ({config.dagger.eval_split} split, student alone; "
-        f"mean over {args.seeds} seed(s)):")
+        f"mean over {seeds} seed(s)):")
   print(table(results))
   print("\nwhat the students did on the last round's evaluation (episodes, seed "
         f"{config.seed}; see demo.behaviour):")
@@ -389,7 +375,7 @@ def demo(args, config) -> int:
           f"vs SFT {100 * results['sft'][0][-1]['eval_resolve_rate']:.1f}% on "
           f"{summary['heldout_tasks']} tasks: difference {100 * g['seed0']:+.1f} points, "
           f"s.e. {100 * g['se_seed0']:.1f}: {g['verdict_seed0']}")
-  if args.seeds > 1:
+  if seeds > 1:
     for m, v in summary["methods"].items():
       print(f"{m:<9} {100 * v['heldout_resolve']:5.1f}% +- {100 * v['std']:.1f} "
             f"(seeds: {', '.join(f'{100 * r:.1f}' for r in v['per_seed'])})")
@@ -397,7 +383,7 @@ def demo(args, config) -> int:
       g = summary["dagger_minus_sft"]
       print(f"DAgger - SFT: {100 * g['mean']:+.1f} +- {100 * g['std']:.1f} points; DAgger ahead "
             f"on every seed: {g['dagger_ahead_every_seed']}")
-  if not args.no_plot:
+  if make_plot:
     path = plot(results, os.path.join(workdir, "demo.png"))
     if path:
       print(f"plot: {path}")
@@ -405,13 +391,11 @@ def demo(args, config) -> int:
     json.dump({"summary": summary, "rounds": results}, f, indent=1)
   print(f"TensorBoard: tensorboard --logdir {workdir}")
   print(json.dumps(summary))
-  return 0
+  return summary
 
 
 def _enable_compilation_cache(path: str) -> None:
   """XLA compilations persist across demo runs (a second run starts training at once)."""
-  import jax
-
   path = os.path.abspath(path)
   if not jax.config.jax_compilation_cache_dir:
     jax.config.update("jax_compilation_cache_dir", path)

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 from dagger_jax.envs import protocol
+from dagger_jax.errors import ConfigError
 from dagger_jax.policies.base import EpisodeView
 
 
@@ -58,7 +59,7 @@ def check(names: Sequence[str], view: EpisodeView, proposal: str, label: str,
   """The first rule in `names` that fires, or None."""
   for name in names:
     if name not in RULES:
-      raise ValueError(f"config.dagger.interventions: unknown rule {name!r} "
+      raise ConfigError(f"config.dagger.interventions: unknown rule {name!r} "
                        f"(known: {', '.join(RULES)})")
     if RULES[name](view, proposal, label, env_config):
       return name

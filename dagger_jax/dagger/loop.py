@@ -37,10 +37,23 @@ import os
 import time
 from typing import Any, Callable
 
+from tensorboardX import SummaryWriter
+
 from dagger_jax.dagger import collector, schedule
 from dagger_jax.data import shards as shards_lib
 from dagger_jax.data import tokenizer as tokenizer_lib
 from dagger_jax.data.trajectory import Trajectory, read_jsonl
+from dagger_jax.envs import tasks as tasks_lib
+from dagger_jax.envs.sandbox import check_available
+from dagger_jax.envs.tasks import toy
+from dagger_jax.errors import ConfigError, NotBuiltError
+from dagger_jax.model import loader
+from dagger_jax.model.params_io import model_from_params
+from dagger_jax.model.qwen3 import Qwen3Config
+from dagger_jax.policies.jax_policy import JaxPolicy
+from dagger_jax.policies.oracle import OracleTeacher
+from dagger_jax.train import trainer
+from dagger_jax.train.trainer import checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -58,13 +71,11 @@ def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict
   validation ones (`"validation"`: tasks of the test split drawn with another seed, none of them
   held out) on which a config is chosen, so that the held-out split is never tuned on.
   """
-  from dagger_jax.envs import tasks as tasks_lib
-  from dagger_jax.envs.tasks import toy
 
   t = config.tasks
   eval_split = config.dagger.eval_split
   if eval_split not in ("test", "validation"):
-    raise ValueError(f"config.dagger.eval_split={eval_split!r}: not 'test' or 'validation'")
+    raise ConfigError(f"config.dagger.eval_split={eval_split!r}: not 'test' or 'validation'")
   wanted = [("train", t.train_file, t.n_train, t.seed), ("eval", t.eval_file, t.n_eval, t.seed + 1)]
   if eval_split == "validation":
     wanted.append(("validation", "", t.n_eval, t.seed + 2))
@@ -73,9 +84,9 @@ def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict
     path = file or os.path.join(workdir, "tasks", f"{split}.jsonl")
     if not os.path.exists(path):
       if file:
-        raise FileNotFoundError(f"config.tasks.{split}_file={file}: no such file")
+        raise ConfigError(f"config.tasks.{split}_file={file}: no such file")
       if t.source not in toy.FAMILIES:
-        raise ValueError(f"config.tasks.source={t.source!r}: generate the tasks first "
+        raise ConfigError(f"config.tasks.source={t.source!r}: generate the tasks first "
                          f"(dagger-jax tasks generate) and set config.tasks.{split}_file")
       split_name = "train" if split == "train" else "test"
       tasks = toy.generate(n + (n if split == "validation" else 0), seed, split=split_name,
@@ -102,7 +113,7 @@ def ensure_tokenizer(config: Any, workdir: str, corpus: Callable[[], list[str]])
       tokenizer_lib.train_demo_tokenizer(corpus(), path, vocab_size=config.model.vocab_size)
   tok = tokenizer_lib.load_tokenizer(config.data, workdir)
   if len(tok) > config.model.vocab_size:
-    raise ValueError(f"the tokenizer has {len(tok)} tokens but config.model.vocab_size="
+    raise ConfigError(f"the tokenizer has {len(tok)} tokens but config.model.vocab_size="
                      f"{config.model.vocab_size}")
   return tok
 
@@ -111,7 +122,6 @@ def tokenizer_corpus(config: Any, train_tasks: list[dict],
                      progress: bool = True) -> Callable[[], list[str]]:
   """What the demo tokenizer learns from: what it will see, i.e. teacher-only episodes on
   training tasks (up to 32, ungraded) and the tasks' repository files."""
-  from dagger_jax.policies.oracle import OracleTeacher
 
   def corpus() -> list[str]:
     tasks = _round_tasks(train_tasks, 0, min(config.dagger.episodes_per_round, 32))
@@ -194,7 +204,6 @@ def evaluate(config, workdir, round_index, student, tokenizer, eval_tasks) -> di
 
 
 def _student(config, model, tokenizer):
-  from dagger_jax.policies.jax_policy import JaxPolicy
 
   return JaxPolicy(model, tokenizer, config.sampler, enable_thinking=config.data.enable_thinking,
                    seed=config.seed, max_prompt_len=config.model.max_position_embeddings
@@ -205,9 +214,6 @@ def _acting_model(config, workdir, round_index):
   """The student acting in round r: round r-1's last checkpoint, for round 0 the base model
   (`config.model.init_from`: HF or Orbax) or a random init from `config.seed` (the model round 0's
   training starts from; equal up to jit rounding)."""
-  from dagger_jax.model import loader
-  from dagger_jax.model.qwen3 import Qwen3Config
-  from dagger_jax.train.trainer import checkpoint_dir
 
   model_config = Qwen3Config.from_config(config.model)
   source = (checkpoint_dir(workdir, round_index - 1) if round_index > 0
@@ -218,18 +224,18 @@ def _acting_model(config, workdir, round_index):
 def _check_supported(config) -> None:
   """Config values the schema accepts but this loop does not run yet."""
   if config.teacher.kind != "oracle":
-    raise NotImplementedError(f"config.teacher.kind={config.teacher.kind!r}: only the scripted "
-                              f"'oracle' teacher is built so far")
+    raise NotBuiltError(f"config.teacher.kind={config.teacher.kind!r}: only the scripted "
+                        f"'oracle' teacher is built so far")
   if config.rollout.engine != "jax":
-    raise NotImplementedError(f"config.rollout.engine={config.rollout.engine!r}: only the "
-                              f"in-process 'jax' sampler is built so far")
+    raise NotBuiltError(f"config.rollout.engine={config.rollout.engine!r}: only the "
+                        f"in-process 'jax' sampler is built so far")
 
 
 def _evaluated(config, round_index: int) -> bool:
   """Whether round r is evaluated: every `config.dagger.eval_every`-th round, and the last."""
   every = int(config.dagger.eval_every)
   if every < 1:
-    raise ValueError(f"config.dagger.eval_every={every}: must be >= 1")
+    raise ConfigError(f"config.dagger.eval_every={every}: must be >= 1")
   return round_index % every == 0 or round_index == int(config.dagger.rounds) - 1
 
 
@@ -239,7 +245,7 @@ def _label_target(config, round_index: int) -> int | None:
   if not budget:
     return None
   if len(budget) != int(config.dagger.rounds):
-    raise ValueError(f"config.dagger.label_budget has {len(budget)} entries for "
+    raise ConfigError(f"config.dagger.label_budget has {len(budget)} entries for "
                      f"config.dagger.rounds={config.dagger.rounds}: give one cumulative label "
                      f"count per round")
   return int(budget[round_index])
@@ -247,14 +253,8 @@ def _label_target(config, round_index: int) -> int | None:
 
 def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> list[dict]:
   """Runs (or resumes) every round; returns one metrics dict per round."""
-  from tensorboardX import SummaryWriter
-
-  from dagger_jax.model.params_io import model_from_params
-  from dagger_jax.model.qwen3 import Qwen3Config
-  from dagger_jax.policies.oracle import OracleTeacher
-  from dagger_jax.train import trainer
-
   _check_supported(config)
+  check_available(config.env)  # a missing tool fails the run here, not once per episode
   workdir = workdir or config.workdir
   os.makedirs(workdir, exist_ok=True)
   d = config.dagger
@@ -345,30 +345,3 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
   finally:
     writer.close()
   return results
-
-
-def run_dagger_args(parser) -> None:
-  parser.add_argument("--workdir", default=None, help="run directory (default: config.workdir)")
-
-
-def setup_logging() -> None:
-  """Our progress at INFO on the console; libraries (orbax, jax, absl) at WARNING."""
-  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
-  logging.getLogger("dagger_jax").setLevel(logging.INFO)
-  try:
-    from absl import logging as absl_logging
-    absl_logging.set_verbosity(absl_logging.WARNING)
-  except ImportError:
-    pass
-
-
-def run_dagger(args, config) -> int:
-  setup_logging()
-  results = run(config, workdir=args.workdir)
-  for row in results:
-    evaluated = (f"eval resolved {row['eval_resolved']}/{row['eval_episodes']} "
-                 f"({100 * row['eval_resolve_rate']:.1f}%)" if row["eval_episodes"] else
-                 "not evaluated (config.dagger.eval_every)")
-    print(f"round {row['round']}: beta={row['beta']:.3f} labels={row['labels_this_round']} "
-          f"{evaluated}")
-  return 0

@@ -40,7 +40,6 @@ The demo commits its base (3.6 MB) like a downloaded model, so `make demo` does 
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -52,13 +51,22 @@ import tempfile
 import time
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from dagger_jax.dagger import collector
+from dagger_jax.data import shards as shards_lib
+from dagger_jax.data import tokenizer as tokenizer_lib
 from dagger_jax.data.render import Row
 from dagger_jax.data.trajectory import Action
 from dagger_jax.envs import protocol
+from dagger_jax.envs.sandbox import check_available
 from dagger_jax.envs.tasks import toy
+from dagger_jax.model.params_io import model_from_params, save_params
+from dagger_jax.model.qwen3 import Qwen3Config
 from dagger_jax.policies.base import EpisodeView, Policy
+from dagger_jax.train import trainer
 
 log = logging.getLogger(__name__)
 
@@ -149,8 +157,7 @@ class RandomExplorer(Policy):
 
 def transcripts(config: Any, progress: bool = True) -> list[list[dict[str, str]]]:
   """The corpus: one explored conversation (messages) per fresh repository."""
-  from dagger_jax.dagger import collector
-
+  check_available(config.env)  # a missing tool fails here, not once per transcript
   p = config.pretrain
   tasks = toy.generate(int(p.repos), int(p.seed), split="train")
   c = config.copy_and_resolve_references()
@@ -215,8 +222,6 @@ def copy_accuracy(model, vocab: Sequence[int], seed: int, rows: int = 8,
   """How often the model predicts the next token of a span's second occurrence (greedy):
   random spans of `span` ids shown twice, accuracy over the second copy's predictable tokens
   (~1/len(vocab) without induction heads, near 1 with them)."""
-  import jax.numpy as jnp
-
   rng = np.random.default_rng(seed + 1)
   first = rng.choice(np.asarray(vocab), size=(rows, span))
   ids = np.concatenate([first, first], axis=1)
@@ -228,8 +233,6 @@ def copy_accuracy(model, vocab: Sequence[int], seed: int, rows: int = 8,
 
 def params_sha256(params: Any) -> str:
   """sha256 over every parameter's bytes, in path order (the base's fingerprint)."""
-  import jax
-
   h = hashlib.sha256()
   for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params),
                            key=lambda kv: jax.tree_util.keystr(kv[0])):
@@ -240,12 +243,6 @@ def params_sha256(params: Any) -> str:
 
 def build_base(config: Any, out_dir: str, progress: bool = True) -> dict:
   """Builds the base (see the module docstring) into out_dir; returns base.json's content."""
-  from dagger_jax.data import shards as shards_lib
-  from dagger_jax.data import tokenizer as tokenizer_lib
-  from dagger_jax.model.params_io import model_from_params, save_params
-  from dagger_jax.model.qwen3 import Qwen3Config
-  from dagger_jax.train import trainer
-
   t0 = time.time()
   p = config.pretrain
   convs = transcripts(config, progress)
@@ -308,26 +305,3 @@ def build_base(config: Any, out_dir: str, progress: bool = True) -> dict:
     return info
   finally:
     shutil.rmtree(work, ignore_errors=True)
-
-
-def pretrain_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--out", default=None, help="where the base goes (default: "
-                      "config.pretrain.out); replaced atomically when the build finishes")
-
-
-def pretrain(args, config) -> int:
-  from dagger_jax.dagger import loop
-
-  loop.setup_logging()
-  out = args.out or config.pretrain.out
-  p = config.pretrain
-  print(f"pretrain: {p.repos} explored repositories, {p.steps} steps of "
-        f"{config.train.batch_size} x {config.data.max_len} tokens -> {out}", flush=True)
-  info = build_base(config, out)
-  print(f"base written to {out}: loss {info['final_loss']:.3f}, copy accuracy "
-        f"{info['copy_accuracy']:.3f}, corpus {info['corpus_s']} s, "
-        f"training {info['train_s']} s, params sha256 {info['params_sha256'][:16]}")
-  print(json.dumps({k: info[k] for k in ("transcripts", "tokens", "final_loss", "copy_accuracy",
-                                         "corpus_s",
-                                         "train_s", "params_sha256")}))
-  return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from dagger_jax.errors import ConfigError
+
 
 def beta(round_index: int, dagger_config: Any) -> float:
   kind, beta0 = dagger_config.beta_schedule, float(dagger_config.beta0)
@@ -21,4 +23,4 @@ def beta(round_index: int, dagger_config: Any) -> float:
     return beta0 if rounds <= 1 else max(0.0, beta0 * (1 - round_index / (rounds - 1)))
   if kind == "constant":
     return beta0
-  raise ValueError(f"config.dagger.beta_schedule={kind!r}: not exponential, linear or constant")
+  raise ConfigError(f"config.dagger.beta_schedule={kind!r}: not exponential, linear or constant")

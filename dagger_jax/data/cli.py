@@ -13,17 +13,13 @@ student's own untrained actions after a branch).
 from __future__ import annotations
 
 import argparse
-import sys
+import os
 
 import numpy as np
 
 from dagger_jax.data import shards, tokenizer as tokenizer_lib
-from dagger_jax.data.trajectory import TrajectoryError, iter_jsonl
-
-
-def _fail(verb: str, message: str) -> int:
-  print(f"dagger-jax shards {verb}: {message}", file=sys.stderr)
-  return 2
+from dagger_jax.data.trajectory import iter_jsonl
+from dagger_jax.errors import UsageError
 
 
 def shards_build_args(parser: argparse.ArgumentParser) -> None:
@@ -36,14 +32,13 @@ def shards_build_args(parser: argparse.ArgumentParser) -> None:
 
 
 def shards_build(args: argparse.Namespace, config) -> int:
-  try:
-    tok = tokenizer_lib.load_tokenizer(config.data, workdir=config.workdir)
-    trajectories = [t for path in args.trajectories for t in iter_jsonl(path)]
-    m = shards.build_shards(trajectories, tok, config.data, args.out, round=args.round,
-                            overwrite=args.overwrite)
-  except (TrajectoryError, tokenizer_lib.TokenizerError, FileExistsError, FileNotFoundError,
-          ValueError) as e:
-    return _fail("build", str(e))
+  missing = [p for p in args.trajectories if not os.path.isfile(p)]
+  if missing:
+    raise UsageError(f"--trajectories {missing[0]}: no such file")
+  tok = tokenizer_lib.load_tokenizer(config.data, workdir=config.workdir)
+  trajectories = [t for path in args.trajectories for t in iter_jsonl(path)]
+  m = shards.build_shards(trajectories, tok, config.data, args.out, round=args.round,
+                          overwrite=args.overwrite)
   print(f"wrote {args.out}: round {m['round']}, {m['rows']} rows x {m['row_len']}, "
         f"{m['tokens']} tokens ({m['trained_tokens']} trained), pad {m['pad_fraction']:.1%}, "
         f"{len(m['source_trajectories'])} trajectories")
@@ -97,10 +92,7 @@ def format_row(row: dict[str, np.ndarray], decode) -> str:
 
 
 def shards_inspect(args: argparse.Namespace, config) -> int:
-  try:
-    shard = shards.Shard(args.dir)
-  except shards.ShardError as e:
-    return _fail("inspect", str(e))
+  shard = shards.Shard(args.dir)
   m = shard.manifest
   print(f"shard {args.dir}")
   print(f"  round {m['round']}: {m['rows']} rows x {m['row_len']} slots, {m['tokens']} tokens, "
@@ -112,7 +104,7 @@ def shards_inspect(args: argparse.Namespace, config) -> int:
   print(f"  config {m['config_hash']} {m['data_config']}"
         + ("" if same else f"  (differs from the given config: {shards.config_hash(config.data)})"))
   if not 0 <= args.row < shard.rows:
-    return _fail("inspect", f"--row {args.row}: the shard has rows 0..{shard.rows - 1}")
+    raise UsageError(f"--row {args.row}: the shard has rows 0..{shard.rows - 1}")
   try:
     tok = (tokenizer_lib.load_tokenizer_dir(args.tokenizer) if args.tokenizer else
            tokenizer_lib.load_tokenizer(config.data, workdir=config.workdir))

@@ -67,6 +67,7 @@ import numpy as np
 from transformers import PreTrainedTokenizerBase
 
 from dagger_jax.data.trajectory import Action, Trajectory
+from dagger_jax.errors import ConfigError, DaggerJaxError
 
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "branch_ids", "loss_mask", "label_ids")
 DTYPES = {f: (np.uint8 if f == "loss_mask" else np.int32) for f in FIELDS}
@@ -74,7 +75,7 @@ _SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a temp
 _SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
 
 
-class RenderError(ValueError):
+class RenderError(DaggerJaxError, ValueError):
   """A trajectory cannot be rendered with this tokenizer / template; names the trajectory."""
 
 
@@ -316,7 +317,7 @@ def render(traj: Trajectory, tokenizer: PreTrainedTokenizerBase, max_len: int,
   dropped_too_long_trajectories, dropped_too_long_turns, dropped_untrained_rows.
   """
   if too_long not in ("split", "drop"):
-    raise ValueError(f"too_long={too_long!r}: must be 'split' or 'drop'")
+    raise ConfigError(f"config.data.too_long={too_long!r}: must be 'split' or 'drop'")
   stats = collections.Counter(trajectories=1)
   p = pieces(traj, tokenizer, enable_thinking)
   pad_id = tokenizer.pad_token_id

@@ -54,6 +54,7 @@ import numpy as np
 
 from dagger_jax.data import render
 from dagger_jax.data.render import DTYPES, FIELDS, Row
+from dagger_jax.errors import DaggerJaxError
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -61,7 +62,7 @@ MANIFEST = "manifest.json"
 HASHED_KEYS = ("tokenizer", "enable_thinking", "max_len", "too_long", "pack")
 
 
-class ShardError(ValueError):
+class ShardError(DaggerJaxError, ValueError):
   """A shard is missing, corrupt or incompatible; the message names the file."""
 
 
@@ -99,7 +100,7 @@ def first_fit(lengths: Sequence[int], max_len: int) -> list[list[int]]:
   """
   lengths = np.asarray(lengths, np.int64)
   if (lengths > max_len).any():
-    raise ValueError(f"a row of {lengths.max()} slots exceeds max_len={max_len}")
+    raise ShardError(f"a row of {lengths.max()} slots exceeds max_len={max_len}")
   bins: list[list[int]] = []
   free = np.zeros(0, np.int64)
   for i in np.argsort(-lengths, kind="stable"):
@@ -128,7 +129,7 @@ def pack_rows(rows: Sequence[Row], max_len: int, pad_id: int, pack: bool = True
     bins = first_fit(lengths, max_len)
   else:
     if max(lengths, default=0) > max_len:
-      raise ValueError(f"a row of {max(lengths)} slots exceeds max_len={max_len}")
+      raise ShardError(f"a row of {max(lengths)} slots exceeds max_len={max_len}")
     bins = [[i] for i in range(len(rows))]
   out = {f: np.zeros((len(bins), max_len), DTYPES[f]) for f in FIELDS}
   out["tokens"][:] = pad_id
@@ -155,13 +156,13 @@ def write_shard(out_dir: str, rows: Sequence[Row], *, round: int, data_config, p
                 overwrite: bool = False) -> dict[str, Any]:
   """Packs `rows` and writes the shard atomically (temp directory, then rename). Returns the manifest.
 
-  Raises FileExistsError if `out_dir` exists and not `overwrite`, ValueError if no row was given.
+  Raises ShardError if `out_dir` exists and not `overwrite`, or if no row was given.
   """
   if not rows:
-    raise ValueError(f"no rows to write to {out_dir} (every trajectory was dropped: see stats "
+    raise ShardError(f"no rows to write to {out_dir} (every trajectory was dropped: see stats "
                      f"{dict(stats or {})})")
   if os.path.exists(out_dir) and not overwrite:
-    raise FileExistsError(f"shard directory {out_dir} exists (pass overwrite=True to replace it)")
+    raise ShardError(f"shard directory {out_dir} exists (pass overwrite=True to replace it)")
   arrays = pack_rows(rows, data_config.max_len, pad_id, pack=data_config.pack)
   parent = os.path.dirname(os.path.abspath(out_dir))
   os.makedirs(parent, exist_ok=True)
@@ -223,7 +224,7 @@ def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
     stats.update(s)
   if round is None:
     if len(rounds) != 1:
-      raise ValueError(f"trajectories come from rounds {sorted(rounds)}: pass round= explicitly")
+      raise ShardError(f"trajectories come from rounds {sorted(rounds)}: pass round= explicitly")
     round = rounds.pop()
   fingerprint = hashlib.sha256(
       json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
@@ -301,18 +302,18 @@ class ShardReader:
                weights: Sequence[float] | None = None, data_config=None, verify: bool = True):
     self.shards = [s if isinstance(s, Shard) else Shard(s, data_config, verify) for s in shards]
     if not self.shards:
-      raise ValueError("ShardReader needs at least one shard")
+      raise ShardError("ShardReader needs at least one shard")
     lens = {s.row_len for s in self.shards}
     if len(lens) != 1:
       raise ShardError(f"shards have different row lengths {sorted(lens)}: "
                        + ", ".join(f"{s.path}: {s.row_len}" for s in self.shards))
     if batch_size % process_count:
-      raise ValueError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
+      raise ShardError(f"batch_size={batch_size} is not divisible by process_count={process_count}")
     if not 0 <= process_index < process_count:
-      raise ValueError(f"process_index={process_index} not in [0, {process_count})")
+      raise ShardError(f"process_index={process_index} not in [0, {process_count})")
     self.weights = [1.0] * len(self.shards) if weights is None else [float(w) for w in weights]
     if len(self.weights) != len(self.shards) or any(w < 0 for w in self.weights):
-      raise ValueError(f"weights {list(self.weights)}: need one weight >= 0 per shard "
+      raise ShardError(f"weights {list(self.weights)}: need one weight >= 0 per shard "
                        f"({len(self.shards)} shards)")
     self.row_len = lens.pop()
     self.batch_size = batch_size
@@ -323,7 +324,7 @@ class ShardReader:
                     for w, s in zip(self.weights, self.shards)]
     self.epoch_len = sum(self._counts)
     if self.epoch_len == 0:
-      raise ValueError("the weighted epoch is empty (all weights 0 or all shards empty)")
+      raise ShardError("the weighted epoch is empty (all weights 0 or all shards empty)")
     self.fingerprint = hashlib.sha256(json.dumps(
         [[s.manifest["fields"]["tokens"]["sha256"] for s in self.shards], self.weights, seed]
     ).encode()).hexdigest()[:16]
@@ -341,7 +342,7 @@ class ShardReader:
       rw = tuple(config.data.round_weights)
       missing = [s.path for s in shards if s.round >= len(rw)]
       if missing:
-        raise ValueError(f"config.data.round_weights={rw} has no weight for the rounds of "
+        raise ShardError(f"config.data.round_weights={rw} has no weight for the rounds of "
                          f"{missing}")
       weights = [rw[s.round] for s in shards]
     return cls(shards, config.train.batch_size, config.seed, process_index, process_count,
@@ -402,9 +403,9 @@ class ShardReader:
 
   def restore(self, state: Mapping[str, Any]) -> None:
     if state.get("fingerprint") != self.fingerprint:
-      raise ValueError(f"data cursor {dict(state)} was saved for other shards / weights / seed "
+      raise ShardError(f"data cursor {dict(state)} was saved for other shards / weights / seed "
                        f"(fingerprint {state.get('fingerprint')!r}, these: {self.fingerprint!r})")
     epoch, offset = int(state["epoch"]), int(state["offset"])
     if epoch < 0 or not 0 <= offset < self.epoch_len:
-      raise ValueError(f"data cursor {dict(state)} is out of range (epoch_len={self.epoch_len})")
+      raise ShardError(f"data cursor {dict(state)} is out of range (epoch_len={self.epoch_len})")
     self.epoch, self.offset = epoch, offset

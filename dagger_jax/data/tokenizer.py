@@ -26,6 +26,8 @@ from typing import Iterable
 
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
+from dagger_jax.errors import DaggerJaxError
+
 END_OF_TURN = "<|im_end|>"
 PAD = "<|endoftext|>"
 # The special tokens of the Qwen3 chat format that the demo tokenizer keeps atomic. The pad token
@@ -36,7 +38,7 @@ DEMO_DIRNAME = "tokenizer"
 IDENTIFIER_SPLIT = r"[A-Za-z_]+ ?|[0-9]|[^A-Za-z_0-9\s]+ ?|\s+"
 
 
-class TokenizerError(RuntimeError):
+class TokenizerError(DaggerJaxError, RuntimeError):
   """A tokenizer cannot be found or loaded; the message says where it looked and what to do."""
 
 

@@ -37,13 +37,15 @@ import json
 import os
 from typing import Any, Iterable, Iterator
 
+from dagger_jax.errors import DaggerJaxError
+
 VERSION = 1
 ACTORS = ("student", "teacher")
 REASONS = ("coin", "intervention")
 ROLES = ("system", "user", "assistant", "tool")
 
 
-class TrajectoryError(ValueError):
+class TrajectoryError(DaggerJaxError, ValueError):
   """A trajectory record is malformed; the message names the field (and file:line when read)."""
 
 

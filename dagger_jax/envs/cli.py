@@ -14,13 +14,15 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import sys
 import time
 
 import ml_collections
 
-from dagger_jax.envs import grading
+from dagger_jax.envs import grading, protocol, swe
 from dagger_jax.envs import tasks as T
+from dagger_jax.envs.sandbox import check_available
+from dagger_jax.envs.tasks import pypi, toy
+from dagger_jax.errors import UsageError
 
 
 def tasks_generate_args(parser: argparse.ArgumentParser) -> None:
@@ -44,24 +46,18 @@ def tasks_generate(args: argparse.Namespace, config: ml_collections.ConfigDict) 
       config.tasks.n_eval if args.split == "test" else config.tasks.n_train)
   seed = config.tasks.seed if args.seed is None else args.seed
   if n < 1:
-    print(f"tasks generate: --n must be >= 1, got {n}", file=sys.stderr)
-    return 2
+    raise UsageError(f"--n must be >= 1, got {n}")
   if not args.out.endswith(".jsonl"):
-    print(f"tasks generate: --out must be a .jsonl file, got {args.out}", file=sys.stderr)
-    return 2
+    raise UsageError(f"--out must be a .jsonl file, got {args.out}")
   start = time.monotonic()
-  from dagger_jax.envs.tasks import toy
   if source in toy.FAMILIES:
     tasks = toy.generate(n, seed, args.split, family=source)
   elif source.startswith("pypi:"):
-    from dagger_jax.envs.tasks import pypi
     tasks = pypi.generate(source[len("pypi:"):], n, seed, out_path=args.out,
                           env_config=config.env,
                           cache_dir=args.cache or config.tasks.get("pypi_cache") or None)
   else:
-    print(f"tasks generate: unknown --source {source!r} (toy | toy-arith | pypi:NAME)",
-          file=sys.stderr)
-    return 2
+    raise UsageError(f"unknown --source {source!r} (toy | toy-arith | pypi:NAME)")
   T.save_tasks(args.out, tasks)
   print(f"wrote {len(tasks)} {source} tasks to {args.out} "
         f"({time.monotonic() - start:.1f} s)")
@@ -97,13 +93,10 @@ def tasks_validate(args: argparse.Namespace, config: ml_collections.ConfigDict) 
 
   Exit status 0 iff every gold patch resolves its task and no empty patch does.
   """
-  try:
-    tasks = _load(args, args.file)
-    if args.instance:
-      tasks = [T.get_task(tasks, iid) for iid in args.instance]
-  except T.TaskError as e:
-    print(f"tasks validate: {e}", file=sys.stderr)
-    return 2
+  tasks = _load(args, args.file)
+  if args.instance:
+    tasks = [T.get_task(tasks, iid) for iid in args.instance]
+  check_available(config.env)  # a missing tool or engine fails here, not once per task
   factory = grading.sandbox_factory(config.env, timeout=args.timeout)
 
   def check(task: dict) -> dict:
@@ -155,12 +148,7 @@ def env_exec_args(parser: argparse.ArgumentParser) -> None:
 
 def env_exec(args: argparse.Namespace, config: ml_collections.ConfigDict) -> int:
   """Runs one command as the agent's first action in a fresh episode; prints its observation."""
-  from dagger_jax.envs import protocol, swe
-  try:
-    task = T.get_task(_load(args, args.tasks), args.instance)
-  except T.TaskError as e:
-    print(f"env exec: {e}", file=sys.stderr)
-    return 2
+  task = T.get_task(_load(args, args.tasks), args.instance)
   env = swe.SweEnv(task, config.env)
   try:
     env.reset()

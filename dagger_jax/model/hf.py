@@ -22,18 +22,18 @@ re-exported here from `params_io.py`, which documents their layout) are what the
 
     dagger-jax import-hf --hf Qwen3-0.6B/ --out ckpt/          # also keeps the tokenizer files
     dagger-jax export-hf --ckpt ckpt/ --out hf_out/ --dtype bfloat16
+
+(the two verbs: `dagger_jax/model/cli.py`)
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
 import os
 import re
 import shutil
-import sys
 from typing import Any, Callable, Iterator
 
 import jax
@@ -43,12 +43,13 @@ from jax.sharding import Mesh
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dagger_jax.errors import DaggerJaxError
 from dagger_jax.model import params_io
 from dagger_jax.model.params_io import load_params, save_params  # noqa: F401  (public API)
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 
 
-class HFCheckpointError(ValueError):
+class HFCheckpointError(DaggerJaxError, ValueError):
   """A HF checkpoint directory is missing, malformed or not a supported Qwen3; names the file."""
 
 
@@ -115,7 +116,7 @@ def entries(config: Qwen3Config) -> list[Entry]:
 
 # ----------------------------------------------------------------------------- config.json
 
-_HF_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+HF_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 # Fields of a source config.json that are not architecture and travel to an export unchanged.
 _PASSTHROUGH = ("bos_token_id", "eos_token_id", "pad_token_id")
 
@@ -285,7 +286,8 @@ def parse_size(size: int | str) -> int:
     return size
   m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]i?B)?\s*", size, re.IGNORECASE)
   if not m:
-    raise ValueError(f"max_shard_size={size!r}: expected e.g. '5GB', '200MB' or a byte count")
+    raise HFCheckpointError(f"max_shard_size={size!r}: expected e.g. '5GB', '200MB' or a byte "
+                            f"count")
   unit = (m.group(2) or "B").upper()
   scale = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
            "GIB": 2**30}[unit]
@@ -353,9 +355,9 @@ def save_pretrained(model: Qwen3, path: str, *, dtype: str | None = None,
   """
   config = model.config
   dtype = config.param_dtype if dtype is None else dtype
-  if dtype not in _HF_DTYPES:
-    raise ValueError(f"dtype={dtype!r}: must be one of {tuple(_HF_DTYPES)}")
-  np_dtype = _HF_DTYPES[dtype]
+  if dtype not in HF_DTYPES:
+    raise HFCheckpointError(f"dtype={dtype!r}: must be one of {tuple(HF_DTYPES)}")
+  np_dtype = HF_DTYPES[dtype]
   params = params_io.pure_params(model)
   rows = [(e, int(np.prod(_leaf(params, e.path).shape)) * np.dtype(np_dtype).itemsize)
           for e in entries(config)]
@@ -396,62 +398,3 @@ def save_pretrained(model: Qwen3, path: str, *, dtype: str | None = None,
     with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
       json.dump(generation, f, indent=2)
   _swap_in(tmp, path)
-
-
-# ----------------------------------------------------------------------------- CLI verbs
-
-
-def import_hf_cli_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--hf", required=True, metavar="DIR",
-                      help="HF Qwen3 checkpoint directory (config.json + safetensors)")
-  parser.add_argument("--out", required=True, metavar="CKPT_DIR",
-                      help="new Orbax params checkpoint directory")
-  parser.add_argument("--param-dtype", choices=tuple(_HF_DTYPES), default=None,
-                      help="dtype to store the params in (default: config.model.param_dtype)")
-
-
-def import_hf_cli(args: argparse.Namespace, config) -> int:
-  """`dagger-jax import-hf --hf DIR --out CKPT_DIR`: HF checkpoint -> Orbax params checkpoint."""
-  try:
-    model = load_pretrained(args.hf, param_dtype=args.param_dtype or config.model.param_dtype,
-                            dtype=config.model.dtype)
-    out = params_io.save_params(model, args.out)
-    if jax.process_index() == 0:
-      kept = params_io.keep_hf_files(args.hf, out, ("config.json", *EXTRA_FILES))
-  except (HFCheckpointError, params_io.CheckpointError) as e:
-    print(f"dagger-jax import-hf: {e}", file=sys.stderr)
-    return 1
-  c = model.config
-  print(f"imported {args.hf} -> {out}: Qwen3 {c.num_layers} layers, d={c.hidden_size}, "
-        f"{c.num_params() / 1e6:.1f}M params ({c.param_dtype}); kept {', '.join(kept) or 'no'} "
-        f"HF files for export")
-  return 0
-
-
-def export_hf_cli_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--ckpt", required=True, metavar="CKPT_DIR",
-                      help="Orbax params checkpoint (or a trainer checkpoint directory)")
-  parser.add_argument("--out", required=True, metavar="DIR", help="HF directory to write")
-  parser.add_argument("--dtype", choices=tuple(_HF_DTYPES), default=None,
-                      help="weights dtype (default: the checkpoint's param dtype)")
-  parser.add_argument("--tokenizer", metavar="DIR", default=None,
-                      help="HF tokenizer files to ship (default: those kept by import-hf, if any)")
-  parser.add_argument("--max-shard-size", default="5GB",
-                      help="split the safetensors above this size (default: 5GB)")
-
-
-def export_hf_cli(args: argparse.Namespace, config) -> int:
-  """`dagger-jax export-hf --ckpt CKPT_DIR --out DIR`: Orbax params checkpoint -> HF directory."""
-  del config  # the architecture comes from the checkpoint's model_config.json
-  try:
-    params_dir = params_io.resolve_params_dir(args.ckpt)
-    model = params_io.load_params(params_dir)
-    extras = args.tokenizer or params_io.hf_files_dir(params_dir)
-    save_pretrained(model, args.out, dtype=args.dtype, extras_from=extras,
-                    max_shard_size=args.max_shard_size)
-  except (HFCheckpointError, params_io.CheckpointError, ValueError) as e:
-    print(f"dagger-jax export-hf: {e}", file=sys.stderr)
-    return 1
-  print(f"exported {params_dir} -> {os.path.abspath(args.out)} "
-        f"({args.dtype or model.config.param_dtype}, tokenizer files from {extras or 'nowhere'})")
-  return 0

@@ -38,6 +38,7 @@ from flax import nnx
 from etils import epath
 from jax.sharding import Mesh
 
+from dagger_jax.errors import DaggerJaxError
 from dagger_jax.model import sharding
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 
@@ -46,7 +47,7 @@ MODEL_CONFIG_FILE = "model_config.json"
 HF_FILES_DIR = "hf_files"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(DaggerJaxError, ValueError):
   """A checkpoint directory is missing a file or holds something else; the message names it."""
 
 

@@ -35,13 +35,9 @@ prefilling whole prompts up to float rounding (`tests/test_sampler.py`).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import dataclasses
 import functools
-import json
-import os
-import sys
 from typing import Any, Sequence
 
 import jax
@@ -49,10 +45,15 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dagger_jax.model.qwen3 import KVCache, Qwen3, Qwen3Config
+from dagger_jax.errors import DaggerJaxError
+from dagger_jax.model.qwen3 import KVCache, Qwen3
 
 DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 _PAD = -1  # marks output slots after a row finished (never returned)
+
+
+class SampleError(DaggerJaxError, ValueError):
+  """`generate` was given prompts or sampling settings it cannot run; the message names which."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,7 +267,7 @@ class PrefixCache:
 
   def __init__(self, max_entries: int = 256, min_reuse: int = 32):
     if max_entries < 1:
-      raise ValueError(f"PrefixCache: max_entries={max_entries} must be >= 1")
+      raise SampleError(f"PrefixCache: max_entries={max_entries} must be >= 1")
     self.max_entries = max_entries
     self.min_reuse = min_reuse
     self._entries: collections.OrderedDict = collections.OrderedDict()
@@ -326,26 +327,26 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
   """
   vocab = model.config.vocab_size
   if not prompts:
-    raise ValueError("generate: no prompts")
+    raise SampleError("generate: no prompts")
   for i, prompt in enumerate(prompts):
     if len(prompt) == 0:
-      raise ValueError(f"generate: prompt {i} is empty")
+      raise SampleError(f"generate: prompt {i} is empty")
     if min(prompt) < 0 or max(prompt) >= vocab:
-      raise ValueError(f"generate: prompt {i} has a token id outside [0, {vocab})")
+      raise SampleError(f"generate: prompt {i} has a token id outside [0, {vocab})")
   if max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
+    raise SampleError(f"generate: max_new_tokens={max_new_tokens} must be >= 1")
   longest, limit = max(len(x) for x in prompts), model.config.max_position_embeddings
   if longest + max_new_tokens > limit:
-    raise ValueError(f"generate: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} "
+    raise SampleError(f"generate: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} "
                      f"exceeds the model's max_position_embeddings={limit} (shorten the prompt)")
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
-    raise ValueError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
+    raise SampleError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
                      f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
   if any(not 0 <= t < vocab for t in stop_token_ids):
-    raise ValueError(f"generate: stop_token_ids {list(stop_token_ids)} outside [0, {vocab})")
+    raise SampleError(f"generate: stop_token_ids {list(stop_token_ids)} outside [0, {vocab})")
 
   if prefix_cache is not None and (cache_keys is None or len(cache_keys) != len(prompts)):
-    raise ValueError("generate: prefix_cache needs one cache key per prompt (cache_keys)")
+    raise SampleError("generate: prefix_cache needs one cache key per prompt (cache_keys)")
   is_stop_v = np.zeros((vocab,), bool)
   is_stop_v[list(stop_token_ids)] = True
   call = _Call(graphdef_state=nnx.split(model), max_new_tokens=np.int32(max_new_tokens),
@@ -467,105 +468,3 @@ def _run_extend(call: _Call, prompts, hits, rows, length_buckets):
     return np.concatenate([kv[:, :, j, :, p - lens[j]:p],
                            kv[:, :, j, :, p + m - new_lens_b[j]:p + m + fed]], axis=3)
   return tokens, logprobs, int(out[2]), kv_of
-
-
-# ----------------------------------------------------------------------------- CLI verb
-
-
-def _tokenizer_for(args: argparse.Namespace, config: Any, vocab_size: int):
-  """--tokenizer, else the checkpoint's own tokenizer files, else (for text prompts)
-  `config.data.tokenizer`; None for an ids-only run that names no tokenizer."""
-  from dagger_jax.data import tokenizer as tokenizers
-  from dagger_jax.model import params_io
-  tok = None
-  if args.tokenizer:
-    tok = tokenizers.load_tokenizer_dir(os.path.abspath(args.tokenizer))
-  for d in (() if tok else (args.ckpt, args.ckpt and params_io.hf_files_dir(args.ckpt))):
-    if d and os.path.isfile(os.path.join(d, "tokenizer.json")):
-      tok = tokenizers.load_tokenizer_dir(os.path.abspath(d))
-      break
-  if tok is None and args.prompt:
-    tok = tokenizers.load_tokenizer(config.data, workdir=config.workdir)
-  if tok is not None and len(tok) > vocab_size:
-    raise ValueError(f"the tokenizer ({tok.name_or_path}) has {len(tok)} tokens but the model's "
-                     f"vocab_size is {vocab_size}: use the tokenizer the model was trained with")
-  return tok
-
-
-def generate_cli_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--ckpt", metavar="DIR", default=None,
-                      help="HF checkpoint dir (config.json + safetensors) or Orbax params "
-                           "checkpoint (default: config.model.init_from; none: a random model)")
-  parser.add_argument("--prompt", action="append", default=[], metavar="TEXT",
-                      help="a prompt (repeat for a batch); sent as a user chat turn unless --raw")
-  parser.add_argument("--ids", action="append", default=[], metavar="'ID ID ...'",
-                      help="a prompt as space-separated token ids (repeat; needs no tokenizer)")
-  parser.add_argument("--raw", action="store_true",
-                      help="tokenise --prompt as it is, without the chat template")
-  parser.add_argument("--tokenizer", metavar="DIR", default=None,
-                      help="HF tokenizer dir (default: the checkpoint's, else config.data.tokenizer)")
-  parser.add_argument("--max-new-tokens", type=int, default=None,
-                      help="default: config.sampler.max_new_tokens")
-  parser.add_argument("--temperature", type=float, default=None,
-                      help="0 = greedy (default: config.sampler.temperature)")
-  parser.add_argument("--top-p", type=float, default=None, help="default: config.sampler.top_p")
-  parser.add_argument("--top-k", type=int, default=None, help="default: config.sampler.top_k")
-  parser.add_argument("--stop-id", type=int, action="append", default=None,
-                      help="stop token id, repeatable (default: the tokenizer's end of turn)")
-  parser.add_argument("--seed", type=int, default=None, help="default: config.seed")
-  parser.add_argument("--json", action="store_true",
-                      help="print one JSON object per prompt (ids, logprobs, text, finish reason)")
-
-
-def generate_cli(args: argparse.Namespace, config: Any) -> int:
-  """`dagger-jax generate --ckpt DIR --prompt TEXT [...]`: samples one batch and prints one line
-  per prompt (the --ids prompts first, then the --prompt ones, each in the order given)."""
-  if not args.prompt and not args.ids:
-    print("dagger-jax generate: give at least one --prompt TEXT or --ids 'ID ID ...'",
-          file=sys.stderr)
-    return 2
-  s = config.sampler
-  try:
-    ids = [[int(x) for x in text.replace(",", " ").split()] for text in args.ids]
-  except ValueError:
-    print(f"dagger-jax generate: --ids takes integers separated by spaces; got {args.ids}",
-          file=sys.stderr)
-    return 2
-  from dagger_jax.data.tokenizer import TokenizerError
-  from dagger_jax.model.hf import HFCheckpointError
-  from dagger_jax.model.params_io import CheckpointError
-  try:
-    from dagger_jax.model import loader
-    if args.ckpt:  # a checkpoint named on the command line brings its own architecture
-      model = loader.load_model(args.ckpt, None, seed=config.seed)
-    else:
-      args.ckpt = config.model.init_from or None
-      model = loader.load_model(args.ckpt, Qwen3Config.from_config(config.model),
-                                seed=config.seed)
-    tok = _tokenizer_for(args, config, model.config.vocab_size)
-    if args.prompt:
-      from dagger_jax.data.render import prompt_ids
-      for text in args.prompt:
-        ids.append(tok.encode(text, add_special_tokens=False) if args.raw else
-                   prompt_ids([{"role": "user", "content": text}], [], tok,
-                              config.data.enable_thinking))
-    stop = args.stop_id if args.stop_id is not None else (
-        [tok.eos_token_id] if tok is not None else [])
-    result = generate(
-        model, ids, args.max_new_tokens or s.max_new_tokens,
-        temperature=s.temperature if args.temperature is None else args.temperature,
-        top_p=s.top_p if args.top_p is None else args.top_p,
-        top_k=s.top_k if args.top_k is None else args.top_k, stop_token_ids=stop,
-        seed=config.seed if args.seed is None else args.seed, length_buckets=s.length_buckets)
-  except (ValueError, OSError, TokenizerError, HFCheckpointError, CheckpointError) as e:
-    print(f"dagger-jax generate: {str(e).removeprefix('generate: ')}", file=sys.stderr)
-    return 1
-  for prompt, new, logprobs, reason in zip(ids, result.tokens, result.logprobs,
-                                           result.finish_reasons):
-    text = tok.decode(new, skip_special_tokens=False) if tok is not None else None
-    if args.json:
-      print(json.dumps({"prompt_ids": prompt, "ids": new, "logprobs": logprobs, "text": text,
-                        "finish_reason": reason}))
-    else:
-      print(text if text is not None else " ".join(map(str, new)))
-  return 0

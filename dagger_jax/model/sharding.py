@@ -20,6 +20,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from dagger_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical name -> mesh axis (or tuple of axes, or None = replicated)
@@ -42,15 +44,15 @@ def make_mesh(data: int = -1, fsdp: int = 1, tensor: int = 1,
   devices = list(jax.devices() if devices is None else devices)
   sizes = [data, fsdp, tensor]
   if sizes.count(-1) > 1:
-    raise ValueError(f"mesh sizes {sizes}: at most one axis may be -1")
+    raise ConfigError(f"config.mesh: sizes {sizes}: at most one axis may be -1")
   known = int(np.prod([s for s in sizes if s != -1]))
   if -1 in sizes:
     if len(devices) % known:
-      raise ValueError(f"mesh sizes {sizes} do not divide {len(devices)} devices")
+      raise ConfigError(f"config.mesh: sizes {sizes} do not divide {len(devices)} devices")
     sizes[sizes.index(-1)] = len(devices) // known
   if int(np.prod(sizes)) != len(devices):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {int(np.prod(sizes))} devices, "
-                     f"have {len(devices)}")
+    raise ConfigError(f"config.mesh: {dict(zip(MESH_AXES, sizes))} needs "
+                      f"{int(np.prod(sizes))} devices, have {len(devices)}")
   return Mesh(np.asarray(devices).reshape(sizes), MESH_AXES)
 
 

@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import orbax.checkpoint as ocp
 
+from dagger_jax.model.params_io import CheckpointError
+
 ARRAY_ITEMS = ("params", "opt_state")
 
 
@@ -49,7 +51,7 @@ class Checkpointer:
     shapes, dtypes and shardings of `abstract_state`; returns (arrays by item name, meta)."""
     step = self.latest_step() if step is None else step
     if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+      raise CheckpointError(f"no checkpoint in {self.directory}")
     args = {name: ocp.args.StandardRestore(getattr(abstract_state, name)) for name in items}
     restored = self._manager.restore(
         step, args=ocp.args.Composite(meta=ocp.args.JsonRestore(), **args))

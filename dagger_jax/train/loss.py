@@ -33,6 +33,8 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from dagger_jax.errors import ConfigError
+
 
 def token_weights(loss_mask_bt: jax.Array, label_ids_bt: jax.Array,
                   normalize: str = "token") -> jax.Array:
@@ -49,7 +51,7 @@ def token_weights(loss_mask_bt: jax.Array, label_ids_bt: jax.Array,
   if normalize == "token":
     return mask_bt
   if normalize != "turn":
-    raise ValueError(f"normalize={normalize!r}: must be 'token' or 'turn'")
+    raise ConfigError(f"config.train.normalize={normalize!r}: must be 'token' or 'turn'")
   trained_bt = loss_mask_bt > 0
   labels_bt = jnp.where(trained_bt, label_ids_bt, -1)
 

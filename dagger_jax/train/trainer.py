@@ -1,6 +1,7 @@
 """Sharded SFT of the student on token shards: mesh, optimizer, one compiled step, resume.
 
     dagger-jax train --config configs/demo.py --shards runs/demo/shards/round_000 --workdir runs/x
+    (the verb: `dagger_jax/train/cli.py`)
 
 Library use (the DAgger loop calls the same function each round):
 
@@ -32,7 +33,6 @@ shardings and donates the state, and host batches become global arrays in `globa
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import os
@@ -45,7 +45,9 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
+from tensorboardX import SummaryWriter
 
+from dagger_jax.errors import ConfigError
 from dagger_jax.model import loader, params_io, sharding
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 from dagger_jax.train import checkpoint, optim
@@ -119,7 +121,7 @@ class Trainer:
     self.grad_accum = int(t.grad_accum)
     batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
     if t.batch_size % (self.grad_accum * batch_shards):
-      raise ValueError(
+      raise ConfigError(
           f"config.train.batch_size={t.batch_size} must be a multiple of config.train.grad_accum"
           f"={self.grad_accum} x mesh data*fsdp={batch_shards}")
     self.micro_batch = t.batch_size // self.grad_accum
@@ -241,8 +243,8 @@ def _initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int
   if ckpt.latest_step() is not None:
     arrays, meta = ckpt.restore(trainer.abstract_state)
     if meta["round"] != round_index:
-      raise ValueError(f"{ckpt.directory}: checkpoint of round {meta['round']}, expected "
-                       f"round {round_index}")
+      raise params_io.CheckpointError(f"{ckpt.directory}: checkpoint of round {meta['round']}, "
+                                      f"expected round {round_index}")
     reader.restore(meta["data_cursor"])
     log(f"resuming round {round_index} at step {meta['step']} from {ckpt.directory}")
     step, rng = jax.device_put((np.int32(meta["step"]), np.asarray(meta["rng"], np.uint32)),
@@ -253,7 +255,7 @@ def _initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int
     previous = checkpoint.Checkpointer(checkpoint_dir(workdir, round_index - 1),
                                        keep=config.train.keep_checkpoints, async_save=False)
     if previous.latest_step() is None:
-      raise FileNotFoundError(
+      raise params_io.CheckpointError(
           f"config.train.continue_from='last' but round {round_index - 1} has no checkpoint in "
           f"{previous.directory} (use --config.train.continue_from=base to start from the base "
           f"model)")
@@ -278,7 +280,6 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   of 6 steps done and `steps=10, log_every=5`, round 1 logs `step` 1, 5, 10 at `global_step` 7,
   11, 16; killed after step 7 (checkpoint at 5) and resumed, it logs 6, 10 at 12, 16.
   """
-  from tensorboardX import SummaryWriter
   from tqdm import tqdm
 
   from dagger_jax.data.shards import ShardReader
@@ -359,28 +360,3 @@ def peak_flops(mesh: jax.sharding.Mesh) -> float:
   if platform == "cpu":
     return _measured_matmul_flops()
   return 0.0
-
-
-def train_cli_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--shards", nargs="+", required=True, metavar="DIR",
-                      help="shard directories (one per round) to train on")
-  parser.add_argument("--workdir", default=None,
-                      help="where checkpoints and TensorBoard logs go (default: config.workdir)")
-  parser.add_argument("--round", type=int, default=0, dest="round_index",
-                      help="the DAgger round this training belongs to (default 0)")
-
-
-def train_cli(args: argparse.Namespace, config: Any) -> int:
-  workdir = args.workdir or config.workdir
-  for d in args.shards:
-    if not os.path.isdir(d):
-      raise SystemExit(f"dagger-jax train: --shards {d}: no such directory")
-  from dagger_jax.data.shards import ShardError
-  try:
-    result = train(config, args.shards, workdir=workdir, round_index=args.round_index)
-  except (ShardError, FileNotFoundError, params_io.CheckpointError) as e:
-    raise SystemExit(f"dagger-jax train: {e}") from None
-  last = result.history[-1] if result.history else {}
-  print(f"trained round {result.round_index} to step {result.steps}: "
-        f"loss {last.get('loss', float('nan')):.4f}; checkpoints in {result.checkpoint_dir}")
-  return 0

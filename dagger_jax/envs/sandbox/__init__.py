@@ -37,13 +37,25 @@ from dagger_jax.envs.sandbox.docker import (LABEL, DockerSandbox, docker_client,
                                             reap_orphan_containers)
 from dagger_jax.envs.sandbox.local import UnsafeLocalSandbox
 from dagger_jax.envs.sandbox.process import reap_stale
+from dagger_jax.errors import ConfigError
 
 __all__ = [
     "BWRAP_INSTALL_HINT", "LABEL", "SANDBOX_ENV", "BwrapSandbox", "DockerSandbox", "ExecResult",
     "Sandbox", "SandboxError", "SandboxLimits", "UnsafeLocalSandbox", "check_bwrap",
-    "docker_client", "make_sandbox", "reap_orphan_containers", "reap_stale",
+    "check_available", "docker_client", "make_sandbox", "reap_orphan_containers", "reap_stale",
     "scratch_dir",
 ]
+
+
+def check_available(env_config: Any) -> None:
+  """Raises `SandboxError` (what to install or start) unless `config.env.sandbox` can run here:
+  bwrap installed and allowed, or the docker engine answering. Long jobs call it first, so a
+  missing tool fails the command at once instead of every task one by one."""
+  if env_config.sandbox == "bwrap":
+    check_bwrap()
+  elif env_config.sandbox == "docker":
+    docker_client()
+  scratch_dir(env_config)
 
 
 def scratch_dir(env_config: Any) -> str:
@@ -79,5 +91,5 @@ def make_sandbox(env_config: Any, host_workdir: str | None = None, *, image: str
     if host_workdir is None:
       raise ValueError("make_sandbox: config.env.sandbox=unsafe_local needs a host_workdir")
     return UnsafeLocalSandbox(host_workdir, limits, scratch_dir=scratch)
-  raise ValueError(f"config.env.sandbox={kind!r}: must be one of "
+  raise ConfigError(f"config.env.sandbox={kind!r}: must be one of "
                    "('bwrap', 'docker', 'unsafe_local')")

@@ -12,6 +12,8 @@ import dataclasses
 import os
 from typing import Any
 
+from dagger_jax.errors import DaggerJaxError
+
 # Environment every sandboxed command sees (the same on every backend; mini-swe-agent's text-mode
 # config sets the pager/progress variables the same way).
 SANDBOX_ENV = {
@@ -30,7 +32,7 @@ SANDBOX_ENV = {
 }
 
 
-class SandboxError(RuntimeError):
+class SandboxError(DaggerJaxError, RuntimeError):
   """The sandbox itself failed (could not start, lost its container, ...); not a command failure."""
 
 

@@ -35,6 +35,8 @@ import shutil
 import subprocess
 from typing import Any, Iterable
 
+from dagger_jax.errors import DaggerJaxError
+
 REQUIRED_FIELDS = ("instance_id", "repo", "base_commit", "problem_statement", "patch",
                    "test_patch", "FAIL_TO_PASS", "PASS_TO_PASS")
 _LIST_FIELDS = ("FAIL_TO_PASS", "PASS_TO_PASS")
@@ -50,7 +52,7 @@ _GIT_ENV = {
 SNAPSHOT_MESSAGE = "base"
 
 
-class TaskError(ValueError):
+class TaskError(DaggerJaxError, ValueError):
   """A task record or tasks file is malformed; the message names the file, line and field."""
 
 

@@ -34,6 +34,7 @@ from typing import Any, Callable, Iterator
 
 from dagger_jax.envs.sandbox import make_sandbox
 from dagger_jax.envs.tasks import build_repo, git, snapshot_commit, write_files
+from dagger_jax.errors import DaggerJaxError
 
 P2P_SAMPLE = 25  # PASS_TO_PASS tests kept per task
 MAX_TRIES_PER_TASK = 25
@@ -41,7 +42,7 @@ TEST_TIMEOUT_S = 180.0
 _TEST_DIRS = ("tests", "test", "testing")
 
 
-class PypiError(RuntimeError):
+class PypiError(DaggerJaxError, RuntimeError):
   """The library cannot be turned into tasks; the message says why."""
 
 

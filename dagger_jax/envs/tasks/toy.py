@@ -44,7 +44,7 @@ import hashlib
 import random
 import re
 
-from dagger_jax.envs.tasks import diff_files, snapshot_hash
+from dagger_jax.envs.tasks import TaskError, diff_files, snapshot_hash
 
 FAMILIES = ("toy", "toy-arith")
 BUG_KINDS = ("operator", "comparison", "constant", "swapped_args", "off_by_one")
@@ -346,5 +346,5 @@ def generate(n: int, seed: int, split: str = "train", family: str = "toy") -> li
     if task is not None:
       tasks.setdefault(task["instance_id"], task)
   if len(tasks) < n:
-    raise RuntimeError(f"{family}: drew only {len(tasks)} distinct {split} tasks of {n}")
+    raise TaskError(f"{family}: drew only {len(tasks)} distinct {split} tasks of {n}")
   return list(tasks.values())
