@@ -50,6 +50,8 @@ import random
 import time
 from typing import Any, Iterator, Sequence
 
+from tqdm import tqdm
+
 from dagger_jax.dagger import intervention
 from dagger_jax.data.trajectory import Action, Outcome, Trajectory, TrajectoryError, Turn
 from dagger_jax.envs.swe import SweEnv
@@ -158,7 +160,6 @@ def collect(tasks: Sequence[dict], *, config: Any, round_index: int, beta: float
   `grade`: grade the patch of each submitted episode (unsubmitted ones are unresolved without
   grading); False leaves every `outcome.resolved` None.
   """
-  from tqdm import tqdm
 
   if beta > 0 and teacher is None:
     raise ValueError(f"beta={beta} needs a teacher")

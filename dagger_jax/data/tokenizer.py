@@ -24,7 +24,8 @@ import json
 import os
 from typing import Iterable
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dagger_jax.errors import DaggerJaxError
 
@@ -110,9 +111,6 @@ def train_demo_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1
   `<|im_start|>`, `<|im_end|>` = eos, `<think>`, `</think>`), so any text round-trips (byte level)
   and `apply_chat_template` works as with the real tokenizer. Deterministic for the same texts.
   """
-  from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
-  from transformers import PreTrainedTokenizerFast
-
   bpe = Tokenizer(models.BPE())
   # Identifiers, single digits, single punctuation marks and runs of white space are split apart
   # before the byte-level mapping, so a name is the same tokens wherever it appears (after a

@@ -111,7 +111,7 @@ def log_parser_name(task: dict) -> str:
   """The task's `log_parser`, else swebench's parser for its repo, else `parse_log_pytest`."""
   if task.get("log_parser"):
     return task["log_parser"]
-  from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY
+  from swebench.harness.log_parsers.python import MAP_REPO_TO_PARSER_PY  # heavy: real repos only
   fn = MAP_REPO_TO_PARSER_PY.get(task["repo"])
   return fn.__name__ if fn is not None else "parse_log_pytest"
 
@@ -152,7 +152,7 @@ def make_eval_script(task: dict, workdir: str) -> str:
 
 def harness_eval_script(task: dict, workdir: str) -> str:
   """The script the harness would run: swebench's `make_test_spec(row).eval_script`."""
-  from swebench.harness.utils import make_test_spec
+  from swebench.harness.utils import make_test_spec  # heavy (datasets): real repos only
   return make_test_spec(to_swebench_instance(task, image="", workdir=workdir)).eval_script
 
 

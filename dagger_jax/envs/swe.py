@@ -37,7 +37,7 @@ import logging
 import re
 from typing import Any, Callable, ContextManager
 
-from dagger_jax.envs import protocol
+from dagger_jax.envs import grading, protocol
 from dagger_jax.envs.sandbox import Sandbox
 
 log = logging.getLogger(__name__)
@@ -134,7 +134,6 @@ class SweEnv:
     self.config = env_config
     self.system_prompt = protocol.system_prompt()
     if sandbox_context is None:
-      from dagger_jax.envs import grading
       sandbox_context = lambda t: grading.task_sandbox(t, env_config)  # noqa: E731
     self._sandbox_context = sandbox_context
     self._stack: contextlib.ExitStack | None = None
@@ -235,7 +234,6 @@ class SweEnv:
 
   def grade(self):
     """Grades `submission()` on a fresh sandbox of the task (`grading.grade`)."""
-    from dagger_jax.envs import grading
     return grading.grade(self.task, self.submission(), grading.sandbox_factory(self.config))
 
   def close(self) -> None:

@@ -36,6 +36,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
 from dagger_jax.errors import DaggerJaxError
@@ -115,7 +116,6 @@ def gather(x: jax.Array) -> np.ndarray:
   """A (possibly sharded, possibly multi-host) array as one host array; collective if multi-host."""
   if x.is_fully_addressable:
     return np.asarray(x)
-  from jax.experimental import multihost_utils
   return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 

@@ -18,6 +18,10 @@ order, `segment_ids[i] == segment_ids[j]`, and `branch_ids[j] in (0, branch_ids[
     hidden_btd = model(tokens_bt, positions_bt, segment_ids_bt, branch_ids_bt, return_hidden=True)
 
 Decoding with a KV cache (used by `sampler.py`) goes through `Qwen3.decode`.
+
+Why one file of ~500 lines: the config, the layers, the packed/branched attention mask and the
+cached decode path share shapes and conventions that are read together; splitting them would
+spread one model over several files.
 """
 
 from __future__ import annotations

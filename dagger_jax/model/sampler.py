@@ -31,6 +31,9 @@ model as one chunk over the cache, and decoding goes on from slot P + M. A turn 
 tokens times the context instead of the context squared. Rows without a usable entry run in the
 first program as above; both write their entries back. Tokens and logprobs equal those of
 prefilling whole prompts up to float rounding (`tests/test_sampler.py`).
+
+Why one file of ~470 lines: the two compiled programs (`_generate_padded`, `_generate_extend`)
+share the decode loop, the bucketing and the sampling code, and `PrefixCache` is only read by them.
 """
 
 from __future__ import annotations

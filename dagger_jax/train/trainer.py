@@ -46,8 +46,10 @@ import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 from tensorboardX import SummaryWriter
+from tqdm import tqdm
 
 from dagger_jax.errors import ConfigError
+from dagger_jax.data.shards import ShardReader
 from dagger_jax.model import loader, params_io, sharding
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 from dagger_jax.train import checkpoint, optim
@@ -280,10 +282,6 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   of 6 steps done and `steps=10, log_every=5`, round 1 logs `step` 1, 5, 10 at `global_step` 7,
   11, 16; killed after step 7 (checkpoint at 5) and resumed, it logs 6, 10 at 12, 16.
   """
-  from tqdm import tqdm
-
-  from dagger_jax.data.shards import ShardReader
-
   t = config.train
   mesh = mesh_from_config(config.mesh)
   trainer = Trainer(config, mesh)

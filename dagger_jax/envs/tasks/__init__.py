@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 from typing import Any, Iterable
 
 from dagger_jax.errors import DaggerJaxError
@@ -141,7 +142,7 @@ def _read_records(path: str) -> list[tuple[str, Any]]:
       raise TaskError(f"{path}: expected a list of tasks or an {{instance_id: task}} object")
     records = [(f"{path}[{i}]", r) for i, r in enumerate(data)]
   elif path.endswith(".parquet"):
-    from swebench.harness.utils import load_swebench_dataset
+    from swebench.harness.utils import load_swebench_dataset  # heavy (datasets): parquet only
     records = [(f"{path}[{i}]", dict(r))
                for i, r in enumerate(load_swebench_dataset(path, split="train"))]
   else:
@@ -252,7 +253,6 @@ def snapshot_hash(files: dict[str, str]) -> str:
 def diff_files(before: dict[str, str], after: dict[str, str]) -> str:
   """`git diff` of changing the files `before` into `after` (same paths; byte-identical to the
   diff git prints in a repository), made with `git diff --no-index` on just those files."""
-  import tempfile
   with tempfile.TemporaryDirectory(prefix="dagger_jax_diff_") as tmp:
     write_files(os.path.join(tmp, "a"), before)
     write_files(os.path.join(tmp, "b"), after)

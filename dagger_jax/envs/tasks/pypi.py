@@ -274,7 +274,7 @@ def _interleave_by_kind(ms: list[Mutation], rng: random.Random) -> Iterator[Muta
 
 def parse_statuses(log: str) -> dict[str, str]:
   """Per-test statuses of a `pytest -rA` log (swebench's parser), ids without whitespace."""
-  from swebench.harness.log_parsers.python import parse_log_pytest
+  from swebench.harness.log_parsers.python import parse_log_pytest  # heavy: pypi tasks only
   return {t: s for t, s in parse_log_pytest(log, None).items() if not re.search(r"\s", t)}
 
 
