@@ -17,6 +17,7 @@ import train_data
 from dagger_jax.data.shards import ShardReader
 from dagger_jax.model import hf, params_io
 from dagger_jax.model.qwen3 import Qwen3
+from dagger_jax.rundir import RunDir
 from dagger_jax.train import checkpoint as C
 from dagger_jax.train import trainer as T
 
@@ -71,11 +72,11 @@ def test_rounds_continue_from_last_or_restart_from_base(data, tmp_path):
   def start_of(round_index, continue_from):
     config.train.continue_from = continue_from
     reader = ShardReader.from_config(data[1], config)
-    ckpt = C.Checkpointer(T.checkpoint_dir(workdir, round_index))
+    ckpt = C.Checkpointer(RunDir(workdir).checkpoints(round_index))
     state = T._initial_state(trainer, config, workdir, round_index, reader, ckpt, lambda _: None)
     return jax.device_get(state)
 
-  exported = params_io.load_params(T.checkpoint_dir(workdir, 0))  # what the sampler loads
+  exported = params_io.load_params(RunDir(workdir).checkpoints(0))  # what the sampler loads
   _assert_trees_equal(jax.device_get(params_io.pure_params(exported)), final0)
 
   last = start_of(1, "last")
@@ -99,7 +100,7 @@ def test_base_model_from_init_from(data, tmp_path, kind):
     config.model.init_from = str(tmp_path / "hf")
     hf.save_pretrained(base, config.model.init_from)
   reader = ShardReader.from_config(data[1], config)
-  ckpt = C.Checkpointer(T.checkpoint_dir(str(tmp_path), 0))
+  ckpt = C.Checkpointer(RunDir(str(tmp_path)).checkpoints(0))
   state = T._initial_state(trainer, config, str(tmp_path), 0, reader, ckpt, lambda _: None)
   _assert_trees_equal(jax.device_get(state.params), jax.device_get(params_io.pure_params(base)))
   assert state.params["embedding"].sharding == trainer.state_shardings.params["embedding"]
@@ -124,7 +125,7 @@ def _finished_steps(workdir):
 
 
 def _final_params(workdir, steps, trainer):
-  ckpt = C.Checkpointer(T.checkpoint_dir(workdir, 0))
+  ckpt = C.Checkpointer(RunDir(workdir).checkpoints(0))
   arrays, meta = ckpt.restore(trainer.abstract_state, step=steps)
   ckpt.close()
   assert meta["step"] == steps

@@ -15,6 +15,7 @@ from configs import base
 from dagger_jax.envs import protocol, swe
 from dagger_jax.envs.swe import SweEnv, normalize_durations
 from dagger_jax.envs.tasks import toy
+from dagger_jax.rundir import RunDir
 
 # A test file with every outcome pytest counts in its summary line.
 _TESTS = """\
@@ -184,7 +185,6 @@ def test_same_seed_same_run(tmp_path):
   import support
   from dagger_jax.dagger import loop
   from dagger_jax.model.params_io import load_params, pure_params
-  from dagger_jax.train.trainer import checkpoint_dir
 
   def run(workdir):
     c = support.tiny_student(support.config())
@@ -194,7 +194,7 @@ def test_same_seed_same_run(tmp_path):
     c.tasks.n_train, c.tasks.n_eval = 6, 2
     c.dagger.rounds, c.dagger.episodes_per_round, c.dagger.eval_episodes = 2, 3, 2
     rows = loop.run(c, workdir=str(workdir), progress=False)
-    params = pure_params(load_params(checkpoint_dir(str(workdir), 1)))
+    params = pure_params(load_params(RunDir(str(workdir)).checkpoints(1)))
     return rows, params
 
   rows_a, params_a = run(tmp_path / "a")

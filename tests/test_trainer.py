@@ -14,6 +14,7 @@ import pytest
 
 import train_data
 from dagger_jax.data.shards import ShardReader
+from dagger_jax.rundir import RunDir
 from dagger_jax.train import optim
 from dagger_jax.train import trainer as T
 
@@ -175,7 +176,7 @@ def test_tensorboard_steps_continue_across_rounds_and_resume(data, tmp_path, mon
   np.testing.assert_allclose([v for _, v in loss],
                              [h["loss"] for h in round0.history + round1.history], rtol=1e-6)
 
-  shutil.copytree(T.checkpoint_dir(run, 0), T.checkpoint_dir(other, 0))
+  shutil.copytree(RunDir(run).checkpoints(0), RunDir(other).checkpoints(0))
   step = T.Trainer.step
   calls = []
 

@@ -14,6 +14,7 @@ from configs import base
 from dagger_jax.data import shards, synthetic
 from dagger_jax.data.tokenizer import load_tokenizer, train_demo_tokenizer
 from dagger_jax.data.trajectory import Action, Trajectory, Turn
+from dagger_jax.rundir import RunDir
 
 FUNCTIONS = (("add", "+", "-"), ("sub", "-", "+"), ("mul", "*", "/"), ("div", "/", "*"))
 
@@ -80,7 +81,7 @@ def build(workdir: str, config, rounds: int = 1) -> list[str]:
   tok = load_tokenizer(config.data, workdir=workdir)
   dirs = []
   for r in range(rounds):
-    d = shards.shard_dir(workdir, r)
+    d = RunDir(workdir).shards(r)
     shards.build_shards(episodes(tok, r), tok, config.data, d, round=r)
     dirs.append(d)
   return dirs

@@ -43,13 +43,11 @@ from typing import Any, Sequence
 import jax
 
 from dagger_jax.dagger import loop
-from dagger_jax.data.shards import shard_dir
-from dagger_jax.data.tokenizer import DEMO_DIRNAME
 from dagger_jax.data.trajectory import read_jsonl
 from dagger_jax.envs import protocol
 from dagger_jax.envs.tasks import toy
 from dagger_jax.errors import UsageError
-from dagger_jax.train.trainer import checkpoint_dir
+from dagger_jax.rundir import DemoDir, RunDir, parent_of
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +55,7 @@ METHODS = ("dagger", "sft", "onpolicy")
 COLORS = {"dagger": "#1f77b4", "sft": "#d62728", "onpolicy": "#2ca02c"}
 
 
-def method_config(config: Any, method: str, seed: int, shared: str, workdir: str,
+def method_config(config: Any, method: str, seed: int, shared: RunDir, run_dir: RunDir,
                   label_budget: Sequence[int] = ()) -> Any:
   """The config of one run: `config` with its seed, its workdir, the shared tasks, the
   method's beta schedule and interventions, and (sft, onpolicy) DAgger's label budget."""
@@ -66,11 +64,11 @@ def method_config(config: Any, method: str, seed: int, shared: str, workdir: str
   c = config.copy_and_resolve_references()
   c.unlock()
   c.seed = seed
-  c.workdir = workdir
-  c.tasks.train_file = c.tasks.train_file or os.path.join(shared, "tasks", "train.jsonl")
-  c.tasks.eval_file = c.tasks.eval_file or os.path.join(shared, "tasks", "eval.jsonl")
+  c.workdir = run_dir.root
+  c.tasks.train_file = c.tasks.train_file or shared.tasks("train")
+  c.tasks.eval_file = c.tasks.eval_file or shared.tasks("eval")
   if c.data.tokenizer == "demo-bpe":  # the one trained in `shared`, by path
-    c.data.tokenizer = os.path.join(shared, DEMO_DIRNAME)
+    c.data.tokenizer = shared.tokenizer
   if method == "sft":
     c.dagger.beta_schedule, c.dagger.beta0 = "constant", 1.0
   elif method == "onpolicy":  # 1, 0, 0, ...: teacher-only round 0, then the student alone
@@ -81,34 +79,29 @@ def method_config(config: Any, method: str, seed: int, shared: str, workdir: str
   return c
 
 
-def _prepare_shared(config: Any, shared: str) -> None:
+def _prepare_shared(config: Any, shared: RunDir) -> None:
   """Tasks (and, for demo-bpe, a tokenizer) made once for every run of the demo."""
-  train_tasks, _ = loop.load_or_make_tasks(config, shared)  # generated there unless given
+  train_tasks, _ = loop.load_or_make_tasks(config, shared.root)  # generated there unless given
   if config.data.tokenizer == "demo-bpe":
-    loop.ensure_tokenizer(config, shared, loop.tokenizer_corpus(config, train_tasks))
+    loop.ensure_tokenizer(config, shared.root, loop.tokenizer_corpus(config, train_tasks))
 
 
-def _share_round0(dagger_dir: str, run_dir: str) -> None:
+def _share_round0(dagger_dir: RunDir, run_dir: RunDir) -> None:
   """Round 0 is the same experiment in every method (beta = 1, the same episodes and steps):
   copy DAgger's instead of redoing it."""
-  if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
+  if os.path.exists(run_dir.metrics):
     return
-  with open(os.path.join(dagger_dir, "metrics.jsonl")) as f:
+  with open(dagger_dir.metrics) as f:
     row0 = json.loads(f.readline())
   if row0["round"] != 0 or row0["beta"] != 1.0:
     return
-  pairs = [(shard_dir(dagger_dir, 0), shard_dir(run_dir, 0)),
-           (checkpoint_dir(dagger_dir, 0), checkpoint_dir(run_dir, 0))]
-  for name in ("trajectories/round_000.jsonl", "eval/round_000.jsonl", "eval/round_000.json"):
-    pairs.append((os.path.join(dagger_dir, name), os.path.join(run_dir, name)))
-  for src, dst in pairs:
+  for part in ("shards", "checkpoints", "trajectories", "eval_episodes", "eval_summary"):
+    src, dst = getattr(dagger_dir, part)(0), getattr(run_dir, part)(0)
     if not os.path.exists(src) or os.path.exists(dst):
       continue
-    os.makedirs(os.path.dirname(dst), exist_ok=True)
-    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, dst)
-  os.makedirs(run_dir, exist_ok=True)
-  with open(os.path.join(run_dir, "metrics.jsonl"), "w") as f:
-    f.write(json.dumps({**row0, "copied_from": dagger_dir}) + "\n")
+    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, parent_of(dst))
+  with open(parent_of(run_dir.metrics), "w") as f:
+    f.write(json.dumps({**row0, "copied_from": dagger_dir.root}) + "\n")
 
 
 def cumulative_labels(run: list[dict]) -> list[int]:
@@ -325,8 +318,9 @@ def run(config: Any, *, workdir: str, seeds: int = 1, methods: Sequence[str] = M
         make_plot: bool = True) -> dict:
   """The whole comparison (module doc); prints its report and returns the summary that
   demo.json holds (its last printed line). `dagger` always runs: it sets the label budget."""
-  _enable_compilation_cache(os.path.join(workdir, ".jax_cache"))
-  shared = os.path.join(workdir, "shared")
+  root = DemoDir(workdir)
+  _enable_compilation_cache(root.compilation_cache)
+  shared = root.shared
   start = time.time()
   unknown = sorted(set(methods) - set(METHODS))
   if unknown:
@@ -340,15 +334,15 @@ def run(config: Any, *, workdir: str, seeds: int = 1, methods: Sequence[str] = M
   results: dict[str, list[list[dict]]] = {m: [] for m in methods}
   for s in range(seeds):
     seed = int(config.seed) + s
-    dagger_dir = os.path.join(workdir, f"dagger_seed{seed}")
+    dagger_dir = root.run("dagger", seed)
     budget: list[int] = []
     for m in methods:
-      run_dir = os.path.join(workdir, f"{m}_seed{seed}")
+      run_dir = root.run(m, seed)
       c = method_config(config, m, seed, shared, run_dir, budget)
       if m != "dagger":
         _share_round0(dagger_dir, run_dir)
-      print(f"== {m}, seed {seed} -> {run_dir}", flush=True)
-      results[m].append(loop.run(c, workdir=run_dir))
+      print(f"== {m}, seed {seed} -> {run_dir.root}", flush=True)
+      results[m].append(loop.run(c, workdir=run_dir.root))
       if m == "dagger":
         budget = cumulative_labels(results[m][-1])
   print(f"\nper method and round ({config.dagger.eval_split} split, student alone; "
@@ -358,9 +352,8 @@ def run(config: Any, *, workdir: str, seeds: int = 1, methods: Sequence[str] = M
         f"{config.seed}; see demo.behaviour):")
   acts = {}
   for m in methods:
-    run_dir = os.path.join(workdir, f"{m}_seed{config.seed}")
     last = len(results[m][0]) - 1
-    acts[m] = behaviour(read_jsonl(os.path.join(run_dir, "eval", f"round_{last:03d}.jsonl")))
+    acts[m] = behaviour(read_jsonl(root.run(m, config.seed).eval_episodes(last)))
   keys = list(next(iter(acts.values())))
   print(f"{'method':<9} " + " ".join(f"{k:>14}" for k in keys))
   for m, v in acts.items():
@@ -384,10 +377,10 @@ def run(config: Any, *, workdir: str, seeds: int = 1, methods: Sequence[str] = M
       print(f"DAgger - SFT: {100 * g['mean']:+.1f} +- {100 * g['std']:.1f} points; DAgger ahead "
             f"on every seed: {g['dagger_ahead_every_seed']}")
   if make_plot:
-    path = plot(results, os.path.join(workdir, "demo.png"))
+    path = plot(results, root.plot)
     if path:
       print(f"plot: {path}")
-  with open(os.path.join(workdir, "demo.json"), "w") as f:
+  with open(root.summary, "w") as f:
     json.dump({"summary": summary, "rounds": results}, f, indent=1)
   print(f"TensorBoard: tensorboard --logdir {workdir}")
   print(json.dumps(summary))

@@ -11,15 +11,9 @@ Round r (beta_r from `schedule.beta`):
   4. hand the new params to the in-process student (`JaxPolicy`) and evaluate it alone
      (beta = 0, no teacher) on held-out tasks.
 
-Everything a run writes lives under `config.workdir`:
-
-    tasks/train.jsonl tasks/eval.jsonl     the task files (generated once)
-    tokenizer/                             the demo BPE tokenizer (config.data.tokenizer=demo-bpe)
-    trajectories/round_r.jsonl             the episodes of round r (appended as they finish)
-    shards/round_r/                        round r's token shard
-    checkpoints/round_r/                   Orbax checkpoints of round r's training
-    eval/round_r.jsonl, eval/round_r.json  held-out episodes and their figures
-    metrics.jsonl, tensorboard/            one line per round; TensorBoard scalars
+Everything a run writes lives under `config.workdir`, laid out by `dagger_jax.rundir.RunDir`
+(tasks, tokenizer, trajectories, shards, checkpoints, eval, metrics.jsonl, tensorboard, and
+run.json, which records the config and the tokenizer directory).
 
 Runs resume: a stage whose output is complete is skipped, a collection continues where its file
 ends, training resumes from its last checkpoint. Killing a run loses at most the episodes in
@@ -52,16 +46,10 @@ from dagger_jax.model.params_io import model_from_params
 from dagger_jax.model.qwen3 import Qwen3Config
 from dagger_jax.policies.jax_policy import JaxPolicy
 from dagger_jax.policies.oracle import OracleTeacher
+from dagger_jax.rundir import RunDir, parent_of
 from dagger_jax.train import trainer
-from dagger_jax.train.trainer import checkpoint_dir
 
 log = logging.getLogger(__name__)
-
-
-def _path(workdir: str, *parts: str) -> str:
-  path = os.path.join(workdir, *parts)
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  return path
 
 
 def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict]]:
@@ -81,7 +69,7 @@ def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict
     wanted.append(("validation", "", t.n_eval, t.seed + 2))
   out = {}
   for split, file, n, seed in wanted:
-    path = file or os.path.join(workdir, "tasks", f"{split}.jsonl")
+    path = file or RunDir(workdir).tasks(split)
     if not os.path.exists(path):
       if file:
         raise ConfigError(f"config.tasks.{split}_file={file}: no such file")
@@ -94,7 +82,7 @@ def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict
       if split == "validation":  # never a held-out task
         held_out = {x["instance_id"] for x in out["eval"]}
         tasks = [x for x in tasks if x["instance_id"] not in held_out][:n]
-      tasks_lib.save_tasks(_path(path), tasks)
+      tasks_lib.save_tasks(parent_of(path), tasks)
     out[split] = tasks_lib.load_tasks(path)
   return out["train"], out["validation" if eval_split == "validation" else "eval"]
 
@@ -107,7 +95,7 @@ def _round_tasks(tasks: list[dict], start: int, n: int) -> list[dict]:
 def ensure_tokenizer(config: Any, workdir: str, corpus: Callable[[], list[str]]):
   """The tokenizer; the demo BPE is trained once on `corpus()` (task files and teacher episodes)."""
   if config.data.tokenizer == "demo-bpe":
-    path = os.path.join(workdir, tokenizer_lib.DEMO_DIRNAME)
+    path = RunDir(workdir).tokenizer
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
       log.info("training the demo BPE tokenizer (vocab %d)", config.model.vocab_size)
       tokenizer_lib.train_demo_tokenizer(corpus(), path, vocab_size=config.model.vocab_size)
@@ -146,7 +134,7 @@ def _collect_round(config, workdir, round_index, beta, train_tasks, start, teach
   file as it finishes; the prefix is a function of that file, so a resumed round keeps the same
   episodes. Returns (trajectories kept, stats of this process's collection).
   """
-  path = _path(workdir, "trajectories", f"round_{round_index:03d}.jsonl")
+  path = parent_of(RunDir(workdir).trajectories(round_index))
   seed = config.seed * 1_000_003 + round_index * 10_007
   kw = dict(config=config, round_index=round_index, beta=beta, teacher=teacher, student=student,
             out_path=path, tokenizer=tokenizer, grade=True)
@@ -184,12 +172,12 @@ def _first_turns(traj: Trajectory, k: int) -> Trajectory:
 
 def evaluate(config, workdir, round_index, student, tokenizer, eval_tasks) -> dict:
   """The student alone (beta = 0, no teacher) on the held-out tasks; cached per round."""
-  summary_path = _path(workdir, "eval", f"round_{round_index:03d}.json")
+  summary_path = parent_of(RunDir(workdir).eval_summary(round_index))
   if os.path.exists(summary_path):
     with open(summary_path) as f:
       return json.load(f)
   tasks = eval_tasks[:config.dagger.eval_episodes]
-  traj_path = _path(workdir, "eval", f"round_{round_index:03d}.jsonl")
+  traj_path = parent_of(RunDir(workdir).eval_episodes(round_index))
   collector.collect(tasks, config=config, round_index=round_index, beta=0.0, teacher=None,
                     student=student, seed=10_000_000, out_path=traj_path, tokenizer=tokenizer)
   trajs = read_jsonl(traj_path)
@@ -216,7 +204,7 @@ def _acting_model(config, workdir, round_index):
   training starts from; equal up to jit rounding)."""
 
   model_config = Qwen3Config.from_config(config.model)
-  source = (checkpoint_dir(workdir, round_index - 1) if round_index > 0
+  source = (RunDir(workdir).checkpoints(round_index - 1) if round_index > 0
             else config.model.init_from)
   return loader.load_model(source, model_config, seed=int(config.seed))
 
@@ -263,8 +251,10 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
   betas = [schedule.beta(r, d) for r in range(d.rounds)]
 
   tokenizer = ensure_tokenizer(config, workdir, tokenizer_corpus(config, train_tasks, progress))
-  writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
-  metrics_path = os.path.join(workdir, "metrics.jsonl")
+  run_dir = RunDir(workdir)
+  run_dir.write_run_file(config, tokenizer_lib.tokenizer_dir(config.data, workdir))
+  writer = SummaryWriter(run_dir.tensorboard)
+  metrics_path = run_dir.metrics
   done_rows: dict[int, dict] = {}
   if os.path.exists(metrics_path):
     with open(metrics_path) as f:
@@ -292,14 +282,14 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
                                     student, tokenizer,
                                     None if target is None else target - labels_before)
       collect_s = time.time() - t0
-      shard = shards_lib.shard_dir(workdir, r)
+      shard = run_dir.shards(r)
       if not os.path.exists(os.path.join(shard, shards_lib.MANIFEST)):
         shards_lib.build_shards(trajs, tokenizer, config.data, shard, round=r)
       with open(os.path.join(shard, shards_lib.MANIFEST)) as f:
         round_tokens = json.load(f)["trained_tokens"]
       trained_tokens += round_tokens
       render_s = time.time() - t0 - collect_s
-      result = trainer.train(config, [shards_lib.shard_dir(workdir, i) for i in range(r + 1)],
+      result = trainer.train(config, [run_dir.shards(i) for i in range(r + 1)],
                              workdir=workdir, round_index=r, progress=progress,
                              log=lambda m: log.info("%s", m))
       model = model_from_params(Qwen3Config.from_config(config.model), result.state.params)

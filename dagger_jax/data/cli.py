@@ -50,7 +50,8 @@ def shards_inspect_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("dir", metavar="DIR", help="a shard directory")
   parser.add_argument("--row", type=int, default=0, help="which row to decode (default 0)")
   parser.add_argument("--tokenizer", default=None,
-                      help="HF tokenizer directory for decoding (default: config.data.tokenizer)")
+                      help="HF tokenizer directory for decoding (default: the one the shard's "
+                      "manifest names, else config.data.tokenizer)")
 
 
 def learned_slots(row: dict[str, np.ndarray]) -> np.ndarray:
@@ -105,9 +106,12 @@ def shards_inspect(args: argparse.Namespace, config) -> int:
         + ("" if same else f"  (differs from the given config: {shards.config_hash(config.data)})"))
   if not 0 <= args.row < shard.rows:
     raise UsageError(f"--row {args.row}: the shard has rows 0..{shard.rows - 1}")
+  recorded = m.get("tokenizer_dir")  # where the shard's tokenizer was (absolute)
   try:
-    tok = (tokenizer_lib.load_tokenizer_dir(args.tokenizer) if args.tokenizer else
-           tokenizer_lib.load_tokenizer(config.data, workdir=config.workdir))
+    if args.tokenizer or (recorded and os.path.isdir(recorded)):
+      tok = tokenizer_lib.load_tokenizer_dir(os.path.abspath(args.tokenizer or recorded))
+    else:
+      tok = tokenizer_lib.load_tokenizer(config.data, workdir=config.workdir)
     decode = lambda ids: tok.decode(ids)  # noqa: E731
   except tokenizer_lib.TokenizerError as e:
     print(f"  (cannot load the tokenizer, showing token ids: {e})")

@@ -66,11 +66,6 @@ class ShardError(DaggerJaxError, ValueError):
   """A shard is missing, corrupt or incompatible; the message names the file."""
 
 
-def shard_dir(workdir: str, round_: int) -> str:
-  """The conventional directory of round `round_`'s shard under a run's workdir."""
-  return os.path.join(workdir, "shards", f"round_{round_:03d}")
-
-
 def hashed_config(data_config) -> dict[str, Any]:
   return {k: data_config[k] for k in HASHED_KEYS if k in data_config}
 
@@ -211,6 +206,13 @@ def write_shard(out_dir: str, rows: Sequence[Row], *, round: int, data_config, p
   return manifest
 
 
+def tokenizer_files_dir(tokenizer) -> str | None:
+  """The absolute directory `tokenizer` was loaded from, if it is one (recorded in a shard's
+  manifest so that its rows can be decoded, and kept with checkpoints trained on it)."""
+  path = getattr(tokenizer, "name_or_path", "") or ""
+  return os.path.abspath(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+
+
 def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
                  round: int | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Renders trajectories (all of one round unless `round` is given) and writes one shard."""
@@ -230,7 +232,8 @@ def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
       json.dumps(tokenizer.get_vocab(), sort_keys=True).encode()).hexdigest()[:16]
   return write_shard(out_dir, rows, round=round, data_config=data_config,
                      pad_id=tokenizer.pad_token_id, stats=stats, overwrite=overwrite,
-                     extra={"tokenizer_fingerprint": fingerprint})
+                     extra={"tokenizer_fingerprint": fingerprint,
+                            "tokenizer_dir": tokenizer_files_dir(tokenizer)})
 
 
 # ----------------------------------------------------------------------------------------- reading

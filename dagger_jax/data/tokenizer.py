@@ -28,13 +28,13 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 from dagger_jax.errors import DaggerJaxError
+from dagger_jax.rundir import RunDir
 
 END_OF_TURN = "<|im_end|>"
 PAD = "<|endoftext|>"
 # The special tokens of the Qwen3 chat format that the demo tokenizer keeps atomic. The pad token
 # comes first so that it gets id 0.
 DEMO_SPECIAL_TOKENS = (PAD, "<|im_start|>", END_OF_TURN, "<think>", "</think>")
-DEMO_DIRNAME = "tokenizer"
 # How the demo BPE splits text before merging (see train_demo_tokenizer).
 IDENTIFIER_SPLIT = r"[A-Za-z_]+ ?|[0-9]|[^A-Za-z_0-9\s]+ ?|\s+"
 
@@ -87,7 +87,7 @@ def tokenizer_dir(data_config, workdir: str | None = None) -> str:
     if not workdir:
       raise TokenizerError("config.data.tokenizer='demo-bpe' lives in <workdir>/tokenizer: "
                            "pass workdir=config.workdir")
-    path = os.path.join(workdir, DEMO_DIRNAME)
+    path = RunDir(workdir).tokenizer
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
       raise TokenizerError(
           f"no demo tokenizer at {path}: train it first with "

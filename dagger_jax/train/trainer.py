@@ -50,8 +50,9 @@ from tqdm import tqdm
 
 from dagger_jax.errors import ConfigError
 from dagger_jax.data.shards import ShardReader
-from dagger_jax.model import loader, params_io, sharding
+from dagger_jax.model import hf, loader, params_io, sharding
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
+from dagger_jax.rundir import RunDir
 from dagger_jax.train import checkpoint, optim
 from dagger_jax.train.loss import loss_sum_and_count, token_weights
 
@@ -73,14 +74,10 @@ def mesh_from_config(mesh_config: Any, devices: Sequence[jax.Device] | None = No
   return sharding.make_mesh(mesh_config.data, mesh_config.fsdp, mesh_config.tensor, devices)
 
 
-def checkpoint_dir(workdir: str, round_index: int) -> str:
-  return os.path.join(workdir, "checkpoints", f"round_{round_index:03d}")
-
-
 def global_step_offset(workdir: str, round_index: int, steps_per_round: int) -> int:
   """The TensorBoard step just before round `round_index`'s first: what rounds 0..r-1 trained.
 
-  Each earlier round counts the step of its latest checkpoint in `checkpoint_dir(workdir, i)`
+  Each earlier round counts the step of its latest checkpoint in `RunDir(workdir).checkpoints(i)`
   (`train` always saves a round's last step, so a finished round counts all its steps, whatever
   `config.train.steps` was then); a round with no checkpoint there (trained in another workdir)
   counts `steps_per_round`. Only earlier rounds are read, and training round r never changes
@@ -93,7 +90,7 @@ def global_step_offset(workdir: str, round_index: int, steps_per_round: int) -> 
   """
   offset = 0
   for i in range(round_index):
-    directory = checkpoint_dir(workdir, i)
+    directory = RunDir(workdir).checkpoints(i)
     latest = None
     if os.path.isdir(directory):  # (opening a Checkpointer would create a missing directory)
       previous = checkpoint.Checkpointer(directory, async_save=False)
@@ -254,7 +251,7 @@ def _initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int
     return TrainState(arrays["params"], arrays["opt_state"], step, rng)
   seed = int(config.seed)
   if config.train.continue_from == "last" and round_index > 0:
-    previous = checkpoint.Checkpointer(checkpoint_dir(workdir, round_index - 1),
+    previous = checkpoint.Checkpointer(RunDir(workdir).checkpoints(round_index - 1),
                                        keep=config.train.keep_checkpoints, async_save=False)
     if previous.latest_step() is None:
       raise params_io.CheckpointError(
@@ -286,16 +283,20 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   mesh = mesh_from_config(config.mesh)
   trainer = Trainer(config, mesh)
   reader = ShardReader.from_config(shard_dirs, config, jax.process_index(), jax.process_count())
-  ckpt = checkpoint.Checkpointer(checkpoint_dir(workdir, round_index), keep=t.keep_checkpoints,
-                                 async_save=t.async_checkpoint)
+  ckpt = checkpoint.Checkpointer(RunDir(workdir).checkpoints(round_index),
+                                 keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   state = _initial_state(trainer, config, workdir, round_index, reader, ckpt, log)
   params_io.write_model_config(trainer.model_config, ckpt.directory)  # loadable by load_params
+  tokenizer_dir = reader.shards[0].manifest.get("tokenizer_dir")
+  if jax.process_index() == 0 and tokenizer_dir and os.path.isdir(tokenizer_dir):
+    # the checkpoint carries its tokenizer: `generate --ckpt` and `export-hf` find it there
+    params_io.keep_hf_files(tokenizer_dir, ckpt.directory, hf.EXTRA_FILES)
   start = int(state.step)
   offset = global_step_offset(workdir, round_index, t.steps)
   chief = jax.process_index() == 0
   writer = None
   if chief:  # a resumed round hides what the killed process logged after its checkpoint
-    writer = SummaryWriter(os.path.join(workdir, "tensorboard"),
+    writer = SummaryWriter(RunDir(workdir).tensorboard,
                            purge_step=offset + start + 1 if start else None,
                            filename_suffix=f".round_{round_index:03d}")  # unique within a second
   flops = flops_per_token(trainer.model_config, reader.row_len)

@@ -1,0 +1,72 @@
+"""One run-directory layout (`dagger_jax.rundir`): a run records its tokenizer, and the verbs work
+on any run's outputs without extra flags, whatever config they are given."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+import support
+from dagger_jax import cli, configlib
+from dagger_jax.dagger import loop
+from dagger_jax.rundir import DemoDir, RunDir
+
+BASE_CONFIG = os.path.join(configlib.REPO_ROOT, "configs", "base.py")  # tokenizer: qwen3
+
+
+def test_layout_names_every_path_once(tmp_path):
+  run = RunDir(str(tmp_path))
+  assert run.shards(2) == str(tmp_path / "shards" / "round_002")
+  assert run.checkpoints(0) == str(tmp_path / "checkpoints" / "round_000")
+  assert run.trajectories(1) == str(tmp_path / "trajectories" / "round_001.jsonl")
+  assert run.eval_episodes(1).endswith("eval/round_001.jsonl")
+  assert run.eval_summary(1).endswith("eval/round_001.json")
+  assert run.tasks("validation") == str(tmp_path / "tasks" / "validation.jsonl")
+  demo = DemoDir(str(tmp_path))
+  assert demo.run("sft", 3).root == str(tmp_path / "sft_seed3")
+  assert demo.shared.tasks("train") == str(tmp_path / "shared" / "tasks" / "train.jsonl")
+  assert not any(tmp_path.iterdir())  # naming a path creates nothing
+  with pytest.raises(ValueError, match="root"):
+    RunDir("")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+  """One teacher-only round of the demo loop at toy scale, with a BPE trained in the run."""
+  c = support.tiny_student(support.config())
+  c.sampler.max_new_tokens, c.sampler.length_buckets = 16, (512, 1024, 2048)
+  c.train.batch_size, c.train.steps, c.train.warmup_steps, c.train.checkpoint_every = 8, 2, 1, 2
+  c.env.max_turns, c.rollout.concurrency = 3, 3
+  c.tasks.n_train, c.tasks.n_eval = 4, 1
+  c.dagger.rounds, c.dagger.episodes_per_round, c.dagger.eval_episodes = 1, 3, 1
+  workdir = str(tmp_path_factory.mktemp("run"))
+  loop.run(c, workdir=workdir, progress=False)
+  return RunDir(workdir)
+
+
+def test_a_run_records_its_tokenizer(run_dir):
+  info = run_dir.read_run_file()
+  assert info["tokenizer"] == run_dir.tokenizer and os.path.isabs(info["tokenizer"])
+  assert info["config"]["data"]["tokenizer"] == "demo-bpe"
+  manifest = json.load(open(os.path.join(run_dir.shards(0), "manifest.json")))
+  assert manifest["tokenizer_dir"] == run_dir.tokenizer
+  kept = os.path.join(run_dir.checkpoints(0), "hf_files", "tokenizer.json")
+  assert open(kept, "rb").read() == open(os.path.join(run_dir.tokenizer, "tokenizer.json"),
+                                         "rb").read()
+
+
+def test_verbs_read_a_runs_outputs_with_another_config(run_dir, tmp_path, capsys):
+  """configs/base.py names the Qwen3 tokenizer, not the run's BPE: the verbs still decode with
+  the run's own (a shard's manifest, a checkpoint's hf_files)."""
+  assert cli.main(["shards", "inspect", run_dir.shards(0), "--config", BASE_CONFIG]) == 0
+  out = capsys.readouterr().out
+  assert "<|im_start|>system" in out and "showing token ids" not in out
+  assert cli.main(["generate", "--config", BASE_CONFIG, "--ckpt", run_dir.checkpoints(0),
+                   "--prompt", "Fix the bug.", "--max-new-tokens", "4", "--json"]) == 0
+  row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  assert len(row["ids"]) >= 1 and isinstance(row["text"], str)
+  out_dir = str(tmp_path / "hf")
+  assert cli.main(["export-hf", "--ckpt", run_dir.checkpoints(0), "--out", out_dir]) == 0
+  assert os.path.isfile(os.path.join(out_dir, "tokenizer.json"))  # ships with the weights
