@@ -21,18 +21,22 @@ after first-fit packing. The last line printed is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import sys
 import tempfile
 import time
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from configs import base  # noqa: E402
 from dagger_jax.data import render, shards, synthetic  # noqa: E402
 from dagger_jax.data.tokenizer import train_demo_tokenizer  # noqa: E402
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config  # noqa: E402
@@ -65,8 +69,10 @@ def parse_args():
 
 
 def model_and_step(vocab_size: int):
-  cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=64, intermediate_size=192, num_layers=2,
-                    num_heads=2, num_kv_heads=1, head_dim=32, rope_theta=10_000.0)
+  cfg = dataclasses.replace(
+      Qwen3Config.from_config(base.get_config().model), vocab_size=vocab_size, hidden_size=64,
+      intermediate_size=192, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=32,
+      rope_theta=10_000.0)
   model = Qwen3(cfg, rngs=nnx.Rngs(0))
 
   def nll_bt(model, b):

@@ -31,6 +31,7 @@ import jax  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
 
+from configs import base  # noqa: E402
 from dagger_jax.model import hf, sampler  # noqa: E402
 from dagger_jax.model.qwen3 import Qwen3Config  # noqa: E402
 
@@ -69,7 +70,7 @@ def main() -> None:
   args = parser.parse_args()
   repeats = args.repeats or (2 if args.quick else 5)
 
-  config = Qwen3Config()
+  config = Qwen3Config.from_config(base.get_config().model)  # configs/base.py's student
   hf_model, model = models(config)
   rng = np.random.default_rng(0)
   print(f"jax {jax.__version__} ({jax.devices()[0].platform}), torch {torch.__version__} "

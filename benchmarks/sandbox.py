@@ -23,7 +23,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from configs import base  # noqa: E402
 from dagger_jax.envs import sandbox as sbx  # noqa: E402
+
+LIMITS = sbx.SandboxLimits.from_config(base.get_config().env)
 
 COMMANDS = ("true", "git status --short", "python3 -c pass")
 TARGET_BWRAP_OVERHEAD_MS = 20.0
@@ -62,7 +65,7 @@ def bench_bwrap(repo: str, n: int, n_starts: int) -> dict:
   env = dict(sbx.SANDBOX_ENV, HOME=tmp, TMPDIR=tmp)
   out = {}
   try:
-    with sbx.BwrapSandbox(repo) as sb:
+    with sbx.BwrapSandbox(repo, LIMITS) as sb:
       out["cgroups"] = sb._cgroup is not None
       for command in COMMANDS:
         _plain(command, repo, env), _timed_run(sb, command)  # warm-up
@@ -77,7 +80,7 @@ def bench_bwrap(repo: str, n: int, n_starts: int) -> dict:
   starts = []
   for _ in range(n_starts):
     t = time.perf_counter()
-    with sbx.BwrapSandbox(repo) as sb:
+    with sbx.BwrapSandbox(repo, LIMITS) as sb:
       sb.run("true")
       starts.append((time.perf_counter() - t) * 1e3)
   out["start"] = statistics.median(starts)
@@ -90,7 +93,7 @@ def bench_docker(repo: str, n: int, n_starts: int) -> dict:
   starts, execs = [], {c: [] for c in COMMANDS}
   for i in range(n_starts):
     t = time.perf_counter()
-    sb = sbx.DockerSandbox(image, "/testbed", host_workdir_to_copy_in=repo)
+    sb = sbx.DockerSandbox(image, "/testbed", limits=LIMITS, host_workdir_to_copy_in=repo)
     starts.append((time.perf_counter() - t) * 1e3)
     with sb:
       if i == 0:

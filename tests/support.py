@@ -3,9 +3,14 @@ scripted stand-in student (the environment, teacher and grading around it are al
 
 from __future__ import annotations
 
+import dataclasses
+
+from configs import base as base_config
 from configs import demo as demo_config
 from dagger_jax.data.trajectory import Action
 from dagger_jax.envs import protocol
+from dagger_jax.envs.sandbox import SandboxLimits
+from dagger_jax.model.qwen3 import Qwen3Config
 from dagger_jax.policies.base import Policy
 
 
@@ -15,6 +20,16 @@ def config(in_flight: int = 3, env_workers: int = 3, **env):
   c.rollout.concurrency, c.rollout.env_workers = in_flight, env_workers
   c.env.update(env)
   return c
+
+
+def model_config(**fields) -> Qwen3Config:
+  """`configs/base.py`'s model (the one place with defaults), with `fields` changed."""
+  return dataclasses.replace(Qwen3Config.from_config(base_config.get_config().model), **fields)
+
+
+def limits(**fields) -> SandboxLimits:
+  """Sandbox limits from `configs/base.py`'s env section, with `fields` changed."""
+  return SandboxLimits.from_config(base_config.get_config().env, **fields)
 
 
 def tiny_student(c, vocab: int = 512, max_len: int = 2048):

@@ -13,6 +13,7 @@ import pytest
 from flax import nnx
 
 from configs import base
+import support
 from dagger_jax.data import render, shards, synthetic
 from dagger_jax.data.tokenizer import load_tokenizer, train_demo_tokenizer
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
@@ -30,7 +31,7 @@ def tok(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tok):
-  cfg = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+  cfg = support.model_config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                     num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10_000.0)
   assert len(tok) <= cfg.vocab_size
   model = Qwen3(cfg, rngs=nnx.Rngs(0))

@@ -9,8 +9,9 @@ import time
 
 import pytest
 
+import support
 from dagger_jax.envs import sandbox as sbx
-from dagger_jax.envs.sandbox import DockerSandbox, ExecResult, SandboxLimits
+from dagger_jax.envs.sandbox import DockerSandbox, ExecResult
 
 pytestmark = pytest.mark.docker
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -54,7 +55,8 @@ def repo(tmp_path):
 
 
 def test_base_image_has_the_toolchain(image, repo):
-  with DockerSandbox(image, "/testbed", host_workdir_to_copy_in=str(repo)) as sb:
+  with DockerSandbox(image, "/testbed", limits=support.limits(),
+                     host_workdir_to_copy_in=str(repo)) as sb:
     r = sb.run("git --version && python3 --version && python3 -m pytest --version && patch -v")
   assert r.returncode == 0, r.output
   for tool in ("git version", "Python 3.11", "pytest", "GNU patch"):
@@ -70,7 +72,7 @@ def test_base_image_is_cached(image, client):
 
 
 def test_exec_in_container(image, repo):
-  with DockerSandbox(image, "/testbed", SandboxLimits(command_timeout=20),
+  with DockerSandbox(image, "/testbed", limits=support.limits(command_timeout=20),
                      host_workdir_to_copy_in=str(repo)) as sb:
     r = sb.run("pwd; python3 hello.py; echo err >&2; echo out; exit 3")
     assert r == ExecResult(3, "/testbed\nhello\nerr\nout\n", False, r.duration_s)
@@ -84,8 +86,8 @@ def test_exec_in_container(image, repo):
 
 
 def test_container_limits_and_no_network(image, client):
-  limits = SandboxLimits(memory_mb=300, cpus=0.5, pids=40)
-  with DockerSandbox(image, "/testbed", limits) as sb:
+  limits = support.limits(memory_mb=300, cpus=0.5, pids=40)
+  with DockerSandbox(image, "/testbed", limits=limits) as sb:
     host = client.api.inspect_container(sb.container_id)["HostConfig"]
     assert host["NetworkMode"] == "none"
     assert host["Memory"] == 300 * 2**20 and host["MemorySwap"] == 300 * 2**20
@@ -103,7 +105,7 @@ def test_container_limits_and_no_network(image, client):
 
 
 def test_timeout_kills_every_command_process(image):
-  with DockerSandbox(image, "/testbed", SandboxLimits(command_timeout=1)) as sb:
+  with DockerSandbox(image, "/testbed", limits=support.limits(command_timeout=1)) as sb:
     t0 = time.monotonic()
     r = sb.run("echo before; sleep 300 & setsid sleep 301 & sleep 302")
     assert r.timed_out and r.returncode == -9 and r.output == "before\n"
@@ -115,21 +117,21 @@ def test_timeout_kills_every_command_process(image):
 
 
 def test_output_cap(image):
-  with DockerSandbox(image, "/testbed", SandboxLimits(max_output_chars=10_000)) as sb:
+  with DockerSandbox(image, "/testbed", limits=support.limits(max_output_chars=10_000)) as sb:
     r = sb.run("seq 1 1000000")
   full = "".join(f"{i}\n" for i in range(1, 1_000_001))
   assert r.output == full[:5000] + full[-5000:] and r.elided_chars == len(full) - 10_000
 
 
 def test_removed_on_close_and_on_error(image, client):
-  sb = DockerSandbox(image)
+  sb = DockerSandbox(image, limits=support.limits())
   cid = sb.container_id
   assert _exists(client, cid)
   sb.close()
   sb.close()
   assert _wait_removed(client, cid)
   with pytest.raises(RuntimeError, match="boom"):
-    with DockerSandbox(image) as sb:
+    with DockerSandbox(image, limits=support.limits()) as sb:
       cid = sb.container_id
       raise RuntimeError("boom")
   assert _wait_removed(client, cid)
@@ -138,7 +140,7 @@ def test_removed_on_close_and_on_error(image, client):
 def test_removed_on_ctrl_c(image, client):
   child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
       from dagger_jax.envs.sandbox import DockerSandbox
-      with DockerSandbox("dagger-jax/base:bookworm-py3") as sb:
+      with DockerSandbox("dagger-jax/base:bookworm-py3", limits=support.limits()) as sb:
         print(sb.container_id, flush=True)
         sb.run("sleep 600", timeout=900)
       """)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -155,7 +157,7 @@ def test_orphans_of_a_killed_process_are_reaped(image, client):
   child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
       import time
       from dagger_jax.envs.sandbox import DockerSandbox
-      sb = DockerSandbox("dagger-jax/base:bookworm-py3")
+      sb = DockerSandbox("dagger-jax/base:bookworm-py3", limits=support.limits())
       print(sb.container_id, flush=True)
       time.sleep(600)
       """)], cwd=REPO_ROOT, stdout=subprocess.PIPE, text=True)
@@ -168,7 +170,7 @@ def test_orphans_of_a_killed_process_are_reaped(image, client):
 
 
 def test_container_expires_by_itself(image, client):
-  sb = DockerSandbox(image, max_lifetime_s=2)
+  sb = DockerSandbox(image, limits=support.limits(), max_lifetime_s=2)
   cid = sb.container_id
   sb._finalizer.detach()  # pretend the owner vanished without cleaning up
   assert _wait_removed(client, cid, seconds=20)
@@ -176,4 +178,4 @@ def test_container_expires_by_itself(image, client):
 
 def test_missing_image_is_a_clear_error():
   with pytest.raises(sbx.SandboxError, match="never pulled"):
-    DockerSandbox("dagger-jax/no-such-image:1")
+    DockerSandbox("dagger-jax/no-such-image:1", limits=support.limits())

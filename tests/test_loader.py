@@ -18,7 +18,7 @@ from dagger_jax.train.trainer import Trainer, mesh_from_config
 
 import support
 
-CONFIG = Qwen3Config(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
+CONFIG = support.model_config(vocab_size=96, hidden_size=32, intermediate_size=64, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=256)
 
 

@@ -17,10 +17,11 @@ import transformers
 from flax import nnx
 from transformers.models.qwen3 import modeling_qwen3
 
+import support
 from dagger_jax.model import params_io
 from dagger_jax.model.qwen3 import KVCache, Qwen3, Qwen3Config, attention_mask, rope
 
-CONFIG = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+CONFIG = support.model_config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10_000.0)
 
 

@@ -12,11 +12,12 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+import support
 from dagger_jax.model import params_io
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 from dagger_jax.model.sharding import make_mesh
 
-CONFIG = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+CONFIG = support.model_config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16, tie_word_embeddings=False)
 
 

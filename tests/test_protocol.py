@@ -13,8 +13,9 @@ import jinja2
 import pytest
 import yaml
 
+import support
 from dagger_jax.envs import protocol
-from dagger_jax.envs.sandbox import ExecResult, SandboxLimits, UnsafeLocalSandbox
+from dagger_jax.envs.sandbox import ExecResult, UnsafeLocalSandbox
 
 
 @pytest.fixture(scope="module")
@@ -152,7 +153,7 @@ def test_timeout_observation_matches_mini_local_environment(mini_templates, tmp_
   mini_out = LocalEnvironment(cwd=str(tmp_path), timeout=1).execute({"command": command})
   assert mini_out["returncode"] == -1 and "timed out" in mini_out["exception_info"]
   with pytest.warns(RuntimeWarning, match="UNSAFE"):
-    sb = UnsafeLocalSandbox(str(tmp_path), SandboxLimits(command_timeout=1))
+    sb = UnsafeLocalSandbox(str(tmp_path), support.limits(command_timeout=1))
   with sb:
     result = sb.run(command)
   assert result.timed_out and result.output == "partial\n"

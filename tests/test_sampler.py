@@ -17,6 +17,7 @@ import torch
 import transformers
 from flax import nnx
 
+import support
 from dagger_jax import cli, configlib
 from dagger_jax.data import tokenizer
 from dagger_jax.data.render import prompt_ids
@@ -116,7 +117,7 @@ def test_greedy_equals_transformers_generate_base_tiny_model(tmp_path):
   """The same at the size of `configs/base.py`'s student (hidden 256, 4 layers, vocab 2048) with
   prompts that cross the prefill's 128-token query chunks and a 512 length bucket."""
   torch.manual_seed(1)
-  config = dict(hf.config_to_hf(Qwen3Config()), initializer_range=0.1)
+  config = dict(hf.config_to_hf(support.model_config()), initializer_range=0.1)
   reference = transformers.Qwen3ForCausalLM(transformers.Qwen3Config(**config)).eval()
   reference.save_pretrained(str(tmp_path))
   model = hf.load_pretrained(str(tmp_path))

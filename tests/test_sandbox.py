@@ -11,9 +11,10 @@ import time
 
 import pytest
 
+import support
 from configs import base
 from dagger_jax.envs import sandbox as sbx
-from dagger_jax.envs.sandbox import BwrapSandbox, ExecResult, SandboxError, SandboxLimits, process
+from dagger_jax.envs.sandbox import BwrapSandbox, ExecResult, SandboxError, process
 
 pytestmark = pytest.mark.skipif(
     not os.path.exists("/usr/bin/bwrap") and shutil.which("bwrap") is None,
@@ -54,7 +55,7 @@ def repo(tmp_path):
 
 @pytest.fixture(params=[True, False], ids=["cgroups", "rlimits"])
 def sb(request, repo):
-  with BwrapSandbox(str(repo), SandboxLimits(command_timeout=10, memory_mb=256, pids=64),
+  with BwrapSandbox(str(repo), support.limits(command_timeout=10, memory_mb=256, pids=64),
                     use_cgroups=request.param) as s:
     yield s
 
@@ -79,7 +80,7 @@ def test_private_tmp_persists_within_one_sandbox_only(sb, repo):
   sb.run(f"echo kept > /tmp/{marker}")
   assert sb.run(f"cat /tmp/{marker}").output == "kept\n"
   assert not os.path.exists(f"/tmp/{marker}")  # not the host's /tmp
-  with BwrapSandbox(str(repo)) as other:
+  with BwrapSandbox(str(repo), support.limits()) as other:
     assert other.run(f"cat /tmp/{marker}").returncode != 0
 
 
@@ -115,7 +116,7 @@ def test_background_processes_end_with_the_command(sb):
 
 
 def test_output_is_capped_head_and_tail(repo):
-  with BwrapSandbox(str(repo), SandboxLimits(max_output_chars=10_000)) as sb:
+  with BwrapSandbox(str(repo), support.limits(max_output_chars=10_000)) as sb:
     r = sb.run("seq 1 1000000")
   full = "".join(f"{i}\n" for i in range(1, 1_000_001))
   assert r.output == full[:5000] + full[-5000:]
@@ -146,7 +147,7 @@ def test_memory_limit(sb):
 
 
 def test_process_limit(repo):
-  with BwrapSandbox(str(repo), SandboxLimits(pids=20)) as sb:
+  with BwrapSandbox(str(repo), support.limits(pids=20)) as sb:
     if sb._cgroup is None:
       pytest.skip("no writable cgroups here; RLIMIT_NPROC does not bind host root")
     script = textwrap.dedent("""
@@ -166,7 +167,7 @@ def test_process_limit(repo):
 
 
 def test_cpu_limit(repo):
-  with BwrapSandbox(str(repo), SandboxLimits(cpus=0.25)) as sb:
+  with BwrapSandbox(str(repo), support.limits(cpus=0.25)) as sb:
     if sb._cgroup is None:
       pytest.skip("no writable cgroups here")
     r = sb.run("python3 -c 'import os, time\nt = time.time()\nwhile time.time() - t < 2: pass\n"
@@ -185,7 +186,7 @@ def test_write_file(sb, repo):
 
 
 def test_close_is_idempotent_and_cleans_up(repo):
-  sb = BwrapSandbox(str(repo))
+  sb = BwrapSandbox(str(repo), support.limits())
   tmp, cgroup_dirs = sb._tmp, list(sb._cgroup.dirs) if sb._cgroup else []
   sb.run("echo x > /tmp/x")
   sb.close()
@@ -200,8 +201,10 @@ def test_sandbox_dies_with_its_parent(repo):
   """SIGKILL the Python process that owns a sandbox: the sandboxed command dies too."""
   marker = f"{os.getpid() % 1000 + 3000}.{time.monotonic_ns() % 10**6}"
   child = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
-      from dagger_jax.envs.sandbox import BwrapSandbox
-      BwrapSandbox({str(repo)!r}).run("sleep {marker}", timeout=600)
+      from configs import base
+      from dagger_jax.envs.sandbox import BwrapSandbox, SandboxLimits
+      limits = SandboxLimits.from_config(base.get_config().env)
+      BwrapSandbox({str(repo)!r}, limits).run("sleep {marker}", timeout=600)
       """)], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   deadline = time.monotonic() + 30
   while not _host_pids_running(f"sleep\0{marker}"):
@@ -216,7 +219,7 @@ def test_missing_bwrap_says_how_to_install():
   with pytest.raises(SandboxError, match="apt-get install -y bubblewrap"):
     sbx.check_bwrap("bwrap-not-installed-here")
   with pytest.raises(SandboxError, match="unsafe_local"):
-    BwrapSandbox("/tmp", executable="bwrap-not-installed-here")
+    BwrapSandbox("/tmp", support.limits(), executable="bwrap-not-installed-here")
 
 
 def test_make_sandbox_from_config(repo):
@@ -234,7 +237,7 @@ def test_make_sandbox_from_config(repo):
 def test_unsafe_local_kills_the_group_on_timeout(repo):
   marker = f"{os.getpid() % 1000 + 4000}.{time.monotonic_ns() % 10**6}"
   with pytest.warns(RuntimeWarning):
-    sb = sbx.UnsafeLocalSandbox(str(repo), SandboxLimits(command_timeout=1))
+    sb = sbx.UnsafeLocalSandbox(str(repo), support.limits(command_timeout=1))
   with sb:
     r = sb.run(f"sleep {marker} & sleep {marker}")
     assert r.timed_out
@@ -260,7 +263,7 @@ def test_concurrent_sandboxes_from_threads(tmp_path):
     (tmp_path / f"r{i}").mkdir()
     (tmp_path / f"r{i}" / "id.txt").write_text(f"{i}\n")
     repos.append(str(tmp_path / f"r{i}"))
-  sandboxes = [BwrapSandbox(r) for r in repos]
+  sandboxes = [BwrapSandbox(r, support.limits()) for r in repos]
   try:
     def work(i):
       sb = sandboxes[i % 4]
@@ -281,7 +284,7 @@ def test_survives_the_thread_that_started_it_and_restarts_after_a_crash(repo):
   """--die-with-parent follows the forking *thread*: a worker thread that ends must not take the
   sandbox down; a sandbox killed from outside comes back (same tree, same /tmp)."""
   import threading
-  with BwrapSandbox(str(repo)) as sb:
+  with BwrapSandbox(str(repo), support.limits()) as sb:
     t = threading.Thread(target=lambda: sb.run("echo kept > /tmp/state"))
     t.start()
     t.join()
@@ -298,7 +301,7 @@ def test_survives_the_thread_that_started_it_and_restarts_after_a_crash(repo):
 def test_a_sandbox_that_cannot_start_says_why(tmp_path):
   work = tmp_path / "gone"
   work.mkdir()
-  with BwrapSandbox(str(work)) as sb:
+  with BwrapSandbox(str(work), support.limits()) as sb:
     work.rmdir()  # bwrap can no longer bind it
     with pytest.raises(SandboxError, match="could not start the sandbox(.|\n)*No such file"):
       sb.run("true")
@@ -320,7 +323,7 @@ def test_state_left_by_a_killed_process_is_reaped(repo, monkeypatch):
     stale_cgroup = None  # no writable v1 pids hierarchy here
   monkeypatch.setattr(process, "_REAPED_DIRS", set())  # reaping runs once per process
   try:
-    with BwrapSandbox(str(repo)) as sb:
+    with BwrapSandbox(str(repo), support.limits()) as sb:
       assert sb.run("echo ok").output == "ok\n"
     assert not os.path.exists(stale_tmp) and not os.path.exists(stale_task)
     assert os.path.exists(mine)  # a live process's state is left alone
@@ -334,6 +337,7 @@ def test_state_left_by_a_killed_process_is_reaped(repo, monkeypatch):
 
 _FD_PROBE = textwrap.dedent("""
     import os, sys
+    from configs import base
     from dagger_jax.envs.sandbox import BwrapSandbox, SandboxLimits
     k = int(sys.argv[2])
     free = []
@@ -346,7 +350,8 @@ _FD_PROBE = textwrap.dedent("""
     src = os.open(os.devnull, os.O_RDONLY)
     for fd in free[:-k]:
       os.dup2(src, fd)
-    with BwrapSandbox(sys.argv[1], SandboxLimits(command_timeout=10)) as sb:
+    limits = SandboxLimits.from_config(base.get_config().env, command_timeout=10)
+    with BwrapSandbox(sys.argv[1], limits) as sb:
       print(sb.run("echo ok").output + sb.run("echo again").output, end="")
 """)
 
@@ -359,7 +364,8 @@ def test_status_pipe_on_any_fd_number(repo, free_below_10):
   In a fresh process, leaves only the `free_below_10` highest free fd numbers under 10 free, so
   across the cases the FIFO and the status pipe of the first command take each spot up to fd 9."""
   r = subprocess.run([sys.executable, "-c", _FD_PROBE, str(repo), str(free_below_10)],
-                     capture_output=True, text=True, timeout=60)
+                     capture_output=True, text=True, timeout=60,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   assert r.returncode == 0, r.stderr[-2000:]
   assert r.stdout == "ok\nagain\n"
 
@@ -372,7 +378,7 @@ def test_sandboxes_from_many_threads(repo, tmp_path):
     tree = tmp_path / f"tree{i}"
     shutil.copytree(repo, tree)
     for _ in range(5):
-      with BwrapSandbox(str(tree), SandboxLimits(command_timeout=10)) as sb:
+      with BwrapSandbox(str(tree), support.limits(command_timeout=10)) as sb:
         assert sb.run(f"echo {i}").output == f"{i}\n"
     return i
 

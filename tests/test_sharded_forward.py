@@ -14,10 +14,11 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import support
 from dagger_jax.model import sharding
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
 
-CONFIG = Qwen3Config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
+CONFIG = support.model_config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,
                      num_heads=4, num_kv_heads=2, head_dim=16, rope_theta=10_000.0,
                      tie_word_embeddings=False)
 B, T = 8, 16

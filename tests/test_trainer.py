@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import train_data
+import support
 from dagger_jax.data.shards import ShardReader
 from dagger_jax.rundir import RunDir
 from dagger_jax.train import optim
@@ -243,7 +244,7 @@ def test_fused_training_mlp_equals_the_plain_mlp():
   from flax import nnx
 
   from dagger_jax.model.qwen3 import MLP, Qwen3Config
-  mlp = MLP(Qwen3Config(hidden_size=32, intermediate_size=48), nnx.Rngs(0))
+  mlp = MLP(support.model_config(hidden_size=32, intermediate_size=48), nnx.Rngs(0))
   graphdef, params = nnx.split(mlp)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 32)), jnp.float32)
   probe = jnp.asarray(np.random.default_rng(1).normal(size=(2, 7, 32)), jnp.float32)

@@ -179,7 +179,7 @@ def collect(tasks: Sequence[dict], *, config: Any, round_index: int, beta: float
       todo.append((eid, task, seed + i))
   out: list[Trajectory] = []
   wave = max(1, int(config.rollout.concurrency))
-  workers = max(1, int(config.rollout.get("env_workers", 4)))
+  workers = max(1, int(config.rollout.env_workers))
   bar = tqdm(total=len(todo), desc=f"collect r{round_index} beta={beta:.2f}", disable=not progress,
              dynamic_ncols=True)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:

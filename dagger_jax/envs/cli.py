@@ -55,7 +55,7 @@ def tasks_generate(args: argparse.Namespace, config: ml_collections.ConfigDict) 
   elif source.startswith("pypi:"):
     tasks = pypi.generate(source[len("pypi:"):], n, seed, out_path=args.out,
                           env_config=config.env,
-                          cache_dir=args.cache or config.tasks.get("pypi_cache") or None)
+                          cache_dir=args.cache or config.tasks.pypi_cache or None)
   else:
     raise UsageError(f"unknown --source {source!r} (toy | toy-arith | pypi:NAME)")
   T.save_tasks(args.out, tasks)
@@ -82,8 +82,7 @@ def tasks_validate_args(parser: argparse.ArgumentParser) -> None:
                       help="only this instance id (repeatable)")
   parser.add_argument("--workers", type=int, default=1, help="tasks graded at once")
   parser.add_argument("--timeout", type=float, default=None,
-                      help="seconds per test run (default: config.env.grade_timeout, or "
-                      f"{grading.DEFAULT_TIMEOUT_S:.0f})")
+                      help="seconds per test run (default: config.env.grade_timeout)")
   parser.add_argument("--json", action="store_true",
                       help="end with one JSON line: {tasks, gold_resolved, empty_resolved, ...}")
 

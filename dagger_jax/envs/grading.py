@@ -37,7 +37,6 @@ GIT_APPLY_CMDS = ("git apply --verbose", "git apply --verbose --reject",
                   "patch --batch --forward --fuzz=5 -p1 -i")
 _PATCH_FILE = ".git/dagger_jax_model.patch"  # inside .git: never part of the working tree
 _EVAL_FILE = ".git/dagger_jax_eval.sh"
-DEFAULT_TIMEOUT_S = 900.0
 
 
 class SandboxLike(Protocol):
@@ -95,10 +94,9 @@ def task_sandbox(task: dict, env_config: Any, **limit_overrides) -> Iterator[San
 
 def sandbox_factory(env_config: Any, timeout: float | None = None) -> SandboxFactory:
   """`grade`'s factory: task sandboxes whose output cap holds a whole test log (50M chars) and
-  whose command timeout is the grading timeout (`timeout`, else `config.env.grade_timeout`,
-  else DEFAULT_TIMEOUT_S)."""
+  whose command timeout is the grading timeout (`timeout`, else `config.env.grade_timeout`)."""
   if timeout is None:
-    timeout = float(env_config.get("grade_timeout", DEFAULT_TIMEOUT_S))
+    timeout = float(env_config.grade_timeout)
   return lambda task: task_sandbox(task, env_config, command_timeout=timeout,
                                    max_output_chars=50_000_000)
 

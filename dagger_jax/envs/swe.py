@@ -200,7 +200,7 @@ class SweEnv:
         self._patch = self._diff()
         observation = ""
       else:
-        if self.config.get("normalize_durations", False):  # the agent's view only
+        if self.config.normalize_durations:  # the agent's view only
           result = dataclasses.replace(result, output=normalize_durations(result.output))
         observation = protocol.format_observation(
             result, output_limit=self.config.output_limit, command=parsed.command, timeout=timeout)

@@ -156,7 +156,8 @@ def config_from_hf(hf: dict[str, Any], *, source: str = "config.json") -> Qwen3C
         head_dim=int(hf.get("head_dim") or 128), rope_theta=float(theta),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)))
+        max_position_embeddings=int(hf.get("max_position_embeddings", 32768)),
+        param_dtype="float32", dtype="float32")
   except (TypeError, ValueError) as e:
     fail(str(e))
 

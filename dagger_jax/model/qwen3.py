@@ -42,19 +42,22 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 @dataclasses.dataclass(frozen=True)
 class Qwen3Config:
-  vocab_size: int = 2048
-  hidden_size: int = 256
-  intermediate_size: int = 768
-  num_layers: int = 4
-  num_heads: int = 4
-  num_kv_heads: int = 2
-  head_dim: int = 64
-  rope_theta: float = 1_000_000.0
-  rms_norm_eps: float = 1e-6
-  tie_word_embeddings: bool = True
-  max_position_embeddings: int = 4096
-  param_dtype: str = "float32"
-  dtype: str = "float32"
+  """The architecture, from `config.model` (`from_config`) or an HF config.json
+  (`hf.config_from_hf`). No field has a default: `configs/base.py` is the one place that has
+  them, commented."""
+  vocab_size: int
+  hidden_size: int
+  intermediate_size: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  rms_norm_eps: float
+  tie_word_embeddings: bool
+  max_position_embeddings: int
+  param_dtype: str
+  dtype: str
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:

@@ -51,7 +51,6 @@ from flax import nnx
 from dagger_jax.errors import DaggerJaxError
 from dagger_jax.model.qwen3 import KVCache, Qwen3
 
-DEFAULT_LENGTH_BUCKETS = (128, 256, 512, 1024, 2048, 4096)
 _PAD = -1  # marks output slots after a row finished (never returned)
 
 
@@ -78,12 +77,15 @@ class SampleResult:
   steps: int
 
 
-def bucket(n: int, buckets: Sequence[int]) -> int:
-  """The smallest bucket >= n; past the largest, the next multiple of the largest.
+def bucket(n: int, buckets: Sequence[int] | None) -> int:
+  """The smallest bucket >= n; past the largest, the next multiple of the largest. With no
+  buckets (a library call without `config.sampler.length_buckets`): powers of two from 128.
 
-  >>> bucket(300, (128, 256, 512)), bucket(1100, (128, 256, 512))
-  (512, 1536)
+  >>> bucket(300, (128, 256, 512)), bucket(1100, (128, 256, 512)), bucket(300, None)
+  (512, 1536, 512)
   """
+  if not buckets:
+    return max(128, _pow2(n))
   for b in sorted(buckets):
     if b >= n:
       return b
@@ -315,7 +317,7 @@ def compiled_programs() -> int:
 def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
              stop_token_ids: Sequence[int] = (), seed: int = 0,
-             length_buckets: Sequence[int] = DEFAULT_LENGTH_BUCKETS,
+             length_buckets: Sequence[int] | None = None,
              prefix_cache: "PrefixCache | None" = None,
              cache_keys: Sequence[Any] | None = None) -> SampleResult:
   """Samples up to `max_new_tokens` new tokens for each prompt (a list of token-id lists).

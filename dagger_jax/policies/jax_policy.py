@@ -36,7 +36,7 @@ class JaxPolicy(Policy):
     self.seed = seed
     self.calls = 0
     self.max_prompt_len = max_prompt_len
-    entries = int(sampler_config.get("prefix_cache", 0))
+    entries = int(sampler_config.prefix_cache)
     # Keys and values of each episode's conversation so far: a turn prefills only what it adds.
     # A policy holds one set of params, so its cache never goes stale.
     self.prefix_cache = sampler.PrefixCache(entries) if entries > 0 else None

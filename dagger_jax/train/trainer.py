@@ -300,7 +300,7 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
                            purge_step=offset + start + 1 if start else None,
                            filename_suffix=f".round_{round_index:03d}")  # unique within a second
   flops = flops_per_token(trainer.model_config, reader.row_len)
-  peak = (float(t.get("peak_tflops", 0.0)) * 1e12 or peak_flops(mesh)) if chief else 0.0
+  peak = (float(t.peak_tflops) * 1e12 or peak_flops(mesh)) if chief else 0.0
   bar = tqdm(total=t.steps, initial=start, disable=not (progress and chief), desc="train",
              dynamic_ncols=True)
   history: list[dict[str, float]] = []

@@ -63,7 +63,7 @@ def scratch_dir(env_config: Any) -> str:
   temporary directory. A tmpfs (`/dev/shm`) makes the many small files of toy episodes cheap to
   create and remove (a grading ~35% faster on this project's CI machine); keep real repositories,
   which can be large, on disk."""
-  path = env_config.get("scratch_dir") or tempfile.gettempdir()
+  path = env_config.scratch_dir or tempfile.gettempdir()
   if not os.path.isdir(path):
     raise SandboxError(f"config.env.scratch_dir={path!r} is not a directory")
   return path
@@ -86,7 +86,7 @@ def make_sandbox(env_config: Any, host_workdir: str | None = None, *, image: str
   if kind == "docker":
     if image is None:
       image = images.ensure_base_image()
-    return DockerSandbox(image, workdir, limits, host_workdir_to_copy_in=host_workdir)
+    return DockerSandbox(image, workdir, limits=limits, host_workdir_to_copy_in=host_workdir)
   if kind == "unsafe_local":
     if host_workdir is None:
       raise ValueError("make_sandbox: config.env.sandbox=unsafe_local needs a host_workdir")

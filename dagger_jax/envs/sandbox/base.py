@@ -36,6 +36,9 @@ class SandboxError(DaggerJaxError, RuntimeError):
   """The sandbox itself failed (could not start, lost its container, ...); not a command failure."""
 
 
+MIN_CAPTURE_CHARS = 1_000_000  # what a sandbox keeps of a command's output, at least
+
+
 @dataclasses.dataclass(frozen=True)
 class SandboxLimits:
   """Per-command and per-sandbox resource limits.
@@ -44,11 +47,11 @@ class SandboxLimits:
   the observation is cut further by `protocol.format_observation(output_limit=...)` with
   `config.env.output_limit`.
   """
-  command_timeout: float = 30.0  # wall-clock seconds per command
-  max_output_chars: int = 1_000_000
-  memory_mb: int = 2048
-  cpus: float = 1.0
-  pids: int = 256
+  command_timeout: float  # wall-clock seconds per command
+  max_output_chars: int
+  memory_mb: int
+  cpus: float
+  pids: int
 
   def __post_init__(self):
     for name in ("command_timeout", "max_output_chars", "memory_mb", "cpus", "pids"):
@@ -59,7 +62,7 @@ class SandboxLimits:
   def from_config(cls, env_config: Any, **overrides) -> SandboxLimits:
     """From `config.env` (command_timeout, memory_mb, cpus, pids); the capture cap is at least
     4 x `config.env.output_limit` so the observation's head and tail are always exact."""
-    cap = max(cls.max_output_chars, 4 * int(env_config.get("output_limit", 0)))
+    cap = max(MIN_CAPTURE_CHARS, 4 * int(env_config.output_limit))
     kw = dict(command_timeout=float(env_config.command_timeout), max_output_chars=cap,
               memory_mb=int(env_config.memory_mb), cpus=float(env_config.cpus),
               pids=int(env_config.pids))

@@ -154,7 +154,7 @@ class BwrapSandbox(Sandbox):
   '/testbed\\ntouch: cannot touch \\'/usr/x\\': Read-only file system\\n'
   """
 
-  def __init__(self, host_workdir: str, limits: SandboxLimits | None = None, *,
+  def __init__(self, host_workdir: str, limits: SandboxLimits, *,
                workdir: str = "/testbed", executable: str = "bwrap", use_cgroups: bool = True,
                scratch_dir: str | None = None):
     self._bwrap = check_bwrap(executable)
@@ -164,7 +164,7 @@ class BwrapSandbox(Sandbox):
       raise ValueError(f"BwrapSandbox: workdir must be absolute, got {workdir!r}")
     self.host_workdir = os.path.realpath(host_workdir)
     self.workdir = workdir
-    self.limits = limits or SandboxLimits()
+    self.limits = limits
     self._closed = False
     self._lock = threading.Lock()  # one command at a time
     self._seq = 0

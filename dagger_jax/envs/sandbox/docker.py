@@ -102,11 +102,11 @@ class DockerSandbox(Sandbox):
   without it the image must already hold the tree there.
   """
 
-  def __init__(self, image: str, workdir_in_container: str = "/testbed",
-               limits: SandboxLimits | None = None, host_workdir_to_copy_in: str | None = None,
-               *, max_lifetime_s: int = 24 * 3600):
+  def __init__(self, image: str, workdir_in_container: str = "/testbed", *,
+               limits: SandboxLimits, host_workdir_to_copy_in: str | None = None,
+               max_lifetime_s: int = 24 * 3600):
     import docker  # lazy: optional SDK
-    self.limits = limits or SandboxLimits()
+    self.limits = limits
     self.workdir = workdir_in_container
     self._closed = False
     self._client = docker_client()

@@ -21,7 +21,7 @@ log = logging.getLogger(__name__)
 class UnsafeLocalSandbox(Sandbox):
   """Runs commands as plain subprocesses in `host_workdir`: NO isolation. Explicit opt-in only."""
 
-  def __init__(self, host_workdir: str, limits: SandboxLimits | None = None, *,
+  def __init__(self, host_workdir: str, limits: SandboxLimits, *,
                scratch_dir: str | None = None):
     msg = ("UNSAFE SANDBOX: config.env.sandbox=unsafe_local runs agent commands directly on this "
            f"machine in {host_workdir}, with no isolation (no read-only root, network on). Use it "
@@ -29,7 +29,7 @@ class UnsafeLocalSandbox(Sandbox):
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
     log.warning(msg)
     self.workdir = os.path.abspath(host_workdir)
-    self.limits = limits or SandboxLimits()
+    self.limits = limits
     self._tmp = tempfile.mkdtemp(prefix=f"dagger-jax-tmp-{os.getpid()}-", dir=scratch_dir)
     self._env = dict(SANDBOX_ENV, HOME=self._tmp, TMPDIR=self._tmp)
     self._closed = False
