@@ -42,6 +42,19 @@ def tiny_student(c, vocab: int = 512, max_len: int = 2048):
   return c
 
 
+def tiny_loop(rounds: int, episodes: int, steps: int, n_train: int, n_eval: int):
+  """The DAgger loop at toy scale: `tiny_student`, 3-turn episodes, 16 new tokens per turn,
+  `steps` steps per round (one checkpoint at the end), `n_eval` tasks evaluated."""
+  c = tiny_student(config())
+  c.sampler.max_new_tokens, c.sampler.length_buckets = 16, (512, 1024, 2048)
+  c.train.batch_size, c.train.steps, c.train.warmup_steps = 8, steps, 1  # 8 simulated devices
+  c.train.checkpoint_every = steps
+  c.env.max_turns, c.rollout.concurrency = 3, 3
+  c.tasks.n_train, c.tasks.n_eval = n_train, n_eval
+  c.dagger.rounds, c.dagger.episodes_per_round, c.dagger.eval_episodes = rounds, episodes, n_eval
+  return c
+
+
 def command(text: str) -> str:
   """An assistant turn that runs `text`."""
   return protocol.format_action(text, "THOUGHT: scripted.")

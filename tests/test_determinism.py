@@ -187,12 +187,7 @@ def test_same_seed_same_run(tmp_path):
   from dagger_jax.model.params_io import load_params, pure_params
 
   def run(workdir):
-    c = support.tiny_student(support.config())
-    c.sampler.max_new_tokens, c.sampler.length_buckets = 16, (512, 1024, 2048)
-    c.train.batch_size, c.train.steps, c.train.warmup_steps, c.train.checkpoint_every = 8, 3, 1, 3
-    c.env.max_turns, c.rollout.concurrency = 3, 3
-    c.tasks.n_train, c.tasks.n_eval = 6, 2
-    c.dagger.rounds, c.dagger.episodes_per_round, c.dagger.eval_episodes = 2, 3, 2
+    c = support.tiny_loop(rounds=2, episodes=3, steps=3, n_train=6, n_eval=2)
     rows = loop.run(c, workdir=str(workdir), progress=False)
     params = pure_params(load_params(RunDir(str(workdir)).checkpoints(1)))
     return rows, params

@@ -50,10 +50,15 @@ def test_checkpoints_load_as_saved_on_one_device_and_sharded(base, sources, kind
   assert len(pure_params(sharded)["embedding"].sharding.device_set) == 8
 
 
-def test_random_init_is_the_trainers_and_sharding_keeps_values():
+def test_random_init_follows_the_seed_and_sharding_keeps_values():
+  """(That it is the model the trainer starts from: tests/test_dagger.py,
+  test_round0_student_is_the_model_training_starts_from.)"""
   model = loader.load_model("", CONFIG, seed=5)
-  _assert_same(model, loader.init_model(CONFIG, jax.random.PRNGKey(5)))
-  _assert_same(loader.load_model("", CONFIG, seed=5, mesh=make_mesh(2, 2, 2)), model)
+  other = pure_params(loader.load_model("", CONFIG, seed=6))["embedding"]
+  assert not np.array_equal(np.asarray(pure_params(model)["embedding"]), np.asarray(other))
+  sharded = loader.load_model("", CONFIG, seed=5, mesh=make_mesh(2, 2, 2))
+  _assert_same(sharded, model)
+  assert len(pure_params(sharded)["embedding"].sharding.device_set) == 8
   with pytest.raises(CheckpointError, match="needs a model config"):
     loader.load_model("", None)
 

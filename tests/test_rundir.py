@@ -35,12 +35,7 @@ def test_layout_names_every_path_once(tmp_path):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
   """One teacher-only round of the demo loop at toy scale, with a BPE trained in the run."""
-  c = support.tiny_student(support.config())
-  c.sampler.max_new_tokens, c.sampler.length_buckets = 16, (512, 1024, 2048)
-  c.train.batch_size, c.train.steps, c.train.warmup_steps, c.train.checkpoint_every = 8, 2, 1, 2
-  c.env.max_turns, c.rollout.concurrency = 3, 3
-  c.tasks.n_train, c.tasks.n_eval = 4, 1
-  c.dagger.rounds, c.dagger.episodes_per_round, c.dagger.eval_episodes = 1, 3, 1
+  c = support.tiny_loop(rounds=1, episodes=3, steps=2, n_train=4, n_eval=1)
   workdir = str(tmp_path_factory.mktemp("run"))
   loop.run(c, workdir=workdir, progress=False)
   return RunDir(workdir)

@@ -146,7 +146,7 @@ def _already_collected(path: str | None) -> set[str]:
       done.add(json.loads(line)["id"])
     except (json.JSONDecodeError, KeyError) as e:
       raise TrajectoryError(f"{path}:{n}: not an episode record ({e}); move the file away to "
-                       f"collect this round again") from None
+                            f"collect this round again") from None
   return done
 
 

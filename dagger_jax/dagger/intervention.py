@@ -60,7 +60,7 @@ def check(names: Sequence[str], view: EpisodeView, proposal: str, label: str,
   for name in names:
     if name not in RULES:
       raise ConfigError(f"config.dagger.interventions: unknown rule {name!r} "
-                       f"(known: {', '.join(RULES)})")
+                        f"(known: {', '.join(RULES)})")
     if RULES[name](view, proposal, label, env_config):
       return name
   return None

@@ -59,7 +59,6 @@ def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict
   validation ones (`"validation"`: tasks of the test split drawn with another seed, none of them
   held out) on which a config is chosen, so that the held-out split is never tuned on.
   """
-
   t = config.tasks
   eval_split = config.dagger.eval_split
   if eval_split not in ("test", "validation"):
@@ -75,7 +74,7 @@ def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict
         raise ConfigError(f"config.tasks.{split}_file={file}: no such file")
       if t.source not in toy.FAMILIES:
         raise ConfigError(f"config.tasks.source={t.source!r}: generate the tasks first "
-                         f"(dagger-jax tasks generate) and set config.tasks.{split}_file")
+                          f"(dagger-jax tasks generate) and set config.tasks.{split}_file")
       split_name = "train" if split == "train" else "test"
       tasks = toy.generate(n + (n if split == "validation" else 0), seed, split=split_name,
                            family=t.source)
@@ -102,7 +101,7 @@ def ensure_tokenizer(config: Any, workdir: str, corpus: Callable[[], list[str]])
   tok = tokenizer_lib.load_tokenizer(config.data, workdir)
   if len(tok) > config.model.vocab_size:
     raise ConfigError(f"the tokenizer has {len(tok)} tokens but config.model.vocab_size="
-                     f"{config.model.vocab_size}")
+                      f"{config.model.vocab_size}")
   return tok
 
 
@@ -234,8 +233,8 @@ def _label_target(config, round_index: int) -> int | None:
     return None
   if len(budget) != int(config.dagger.rounds):
     raise ConfigError(f"config.dagger.label_budget has {len(budget)} entries for "
-                     f"config.dagger.rounds={config.dagger.rounds}: give one cumulative label "
-                     f"count per round")
+                      f"config.dagger.rounds={config.dagger.rounds}: give one cumulative label "
+                      f"count per round")
   return int(budget[round_index])
 
 
@@ -252,7 +251,7 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
 
   tokenizer = ensure_tokenizer(config, workdir, tokenizer_corpus(config, train_tasks, progress))
   run_dir = RunDir(workdir)
-  run_dir.write_run_file(config, tokenizer_lib.tokenizer_dir(config.data, workdir))
+  run_dir.write_run_file(config, tokenizer_lib.files_dir(tokenizer))
   writer = SummaryWriter(run_dir.tensorboard)
   metrics_path = run_dir.metrics
   done_rows: dict[int, dict] = {}

@@ -53,6 +53,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from dagger_jax.data import render
+from dagger_jax.data import tokenizer as tokenizer_lib
 from dagger_jax.data.render import DTYPES, FIELDS, Row
 from dagger_jax.errors import DaggerJaxError
 
@@ -206,13 +207,6 @@ def write_shard(out_dir: str, rows: Sequence[Row], *, round: int, data_config, p
   return manifest
 
 
-def tokenizer_files_dir(tokenizer) -> str | None:
-  """The absolute directory `tokenizer` was loaded from, if it is one (recorded in a shard's
-  manifest so that its rows can be decoded, and kept with checkpoints trained on it)."""
-  path = getattr(tokenizer, "name_or_path", "") or ""
-  return os.path.abspath(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
-
-
 def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
                  round: int | None = None, overwrite: bool = False) -> dict[str, Any]:
   """Renders trajectories (all of one round unless `round` is given) and writes one shard."""
@@ -233,7 +227,7 @@ def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
   return write_shard(out_dir, rows, round=round, data_config=data_config,
                      pad_id=tokenizer.pad_token_id, stats=stats, overwrite=overwrite,
                      extra={"tokenizer_fingerprint": fingerprint,
-                            "tokenizer_dir": tokenizer_files_dir(tokenizer)})
+                            "tokenizer_dir": tokenizer_lib.files_dir(tokenizer)})
 
 
 # ----------------------------------------------------------------------------------------- reading

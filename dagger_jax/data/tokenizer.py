@@ -98,6 +98,14 @@ def tokenizer_dir(data_config, workdir: str | None = None) -> str:
   return name
 
 
+def files_dir(tokenizer: PreTrainedTokenizerBase) -> str | None:
+  """The absolute directory a loaded tokenizer's files are in (`load_tokenizer` loads by absolute
+  path), None if it was not loaded from one. A run records it (run.json, shard manifests) so that
+  its rows can be decoded and its checkpoints carry their tokenizer."""
+  path = tokenizer.name_or_path or ""
+  return os.path.abspath(path) if os.path.isfile(os.path.join(path, "tokenizer.json")) else None
+
+
 def load_tokenizer(data_config, workdir: str | None = None) -> PreTrainedTokenizerBase:
   """The HF tokenizer named by `config.data.tokenizer` (cached per directory)."""
   return load_tokenizer_dir(os.path.abspath(tokenizer_dir(data_config, workdir)))

@@ -343,10 +343,10 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
   longest, limit = max(len(x) for x in prompts), model.config.max_position_embeddings
   if longest + max_new_tokens > limit:
     raise SampleError(f"generate: a prompt of {longest} tokens + max_new_tokens={max_new_tokens} "
-                     f"exceeds the model's max_position_embeddings={limit} (shorten the prompt)")
+                      f"exceeds the model's max_position_embeddings={limit} (shorten the prompt)")
   if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
     raise SampleError(f"generate: need temperature >= 0, 0 < top_p <= 1, top_k >= 0; got "
-                     f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+                      f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
   if any(not 0 <= t < vocab for t in stop_token_ids):
     raise SampleError(f"generate: stop_token_ids {list(stop_token_ids)} outside [0, {vocab})")
 

@@ -92,4 +92,4 @@ def make_sandbox(env_config: Any, host_workdir: str | None = None, *, image: str
       raise ValueError("make_sandbox: config.env.sandbox=unsafe_local needs a host_workdir")
     return UnsafeLocalSandbox(host_workdir, limits, scratch_dir=scratch)
   raise ConfigError(f"config.env.sandbox={kind!r}: must be one of "
-                   "('bwrap', 'docker', 'unsafe_local')")
+                    "('bwrap', 'docker', 'unsafe_local')")
