@@ -66,7 +66,7 @@ def bench_bwrap(repo: str, n: int, n_starts: int) -> dict:
   out = {}
   try:
     with sbx.BwrapSandbox(repo, LIMITS) as sb:
-      out["cgroups"] = sb._cgroup is not None
+      out["cgroups"] = sb.cgroup is not None
       for command in COMMANDS:
         _plain(command, repo, env), _timed_run(sb, command)  # warm-up
         plain, bwrap = [], []

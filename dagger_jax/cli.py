@@ -168,6 +168,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_args(parser)
   try:
     config_args, rest = _split_config_args(argv[len(words):])
+    if any(a == "--workdir" or a.startswith("--workdir=") for a in rest):
+      raise UsageError("the run directory is a config key: write --config.workdir=DIR, "
+                       "not --workdir DIR")
     args = parser.parse_args(rest)  # handles --help / bad options before any work
     config = load_config(config_args)
     if os.environ.get("DAGGER_JAX_MULTIHOST") == "1":  # set by launch/tpu.sh and launch/gpu.sh

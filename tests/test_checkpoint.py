@@ -73,7 +73,7 @@ def test_rounds_continue_from_last_or_restart_from_base(data, tmp_path):
     config.train.continue_from = continue_from
     reader = ShardReader.from_config(data[1], config)
     ckpt = C.Checkpointer(RunDir(workdir).checkpoints(round_index))
-    state = T._initial_state(trainer, config, workdir, round_index, reader, ckpt, lambda _: None)
+    state = T.initial_state(trainer, config, workdir, round_index, reader, ckpt, lambda _: None)
     return jax.device_get(state)
 
   exported = params_io.load_params(RunDir(workdir).checkpoints(0))  # what the sampler loads
@@ -101,7 +101,7 @@ def test_base_model_from_init_from(data, tmp_path, kind):
     hf.save_pretrained(base, config.model.init_from)
   reader = ShardReader.from_config(data[1], config)
   ckpt = C.Checkpointer(RunDir(str(tmp_path)).checkpoints(0))
-  state = T._initial_state(trainer, config, str(tmp_path), 0, reader, ckpt, lambda _: None)
+  state = T.initial_state(trainer, config, str(tmp_path), 0, reader, ckpt, lambda _: None)
   _assert_trees_equal(jax.device_get(state.params), jax.device_get(params_io.pure_params(base)))
   assert state.params["embedding"].sharding == trainer.state_shardings.params["embedding"]
 
@@ -116,7 +116,7 @@ def _train_command(shard_dir, workdir, steps):
   }
   return [sys.executable, "-m", "dagger_jax.cli", "train", "--config", "configs/base.py",
           *(f"--config.{k}={v}" for k, v in overrides.items()),
-          "--shards", shard_dir, "--workdir", workdir]
+          "--shards", shard_dir, f"--config.workdir={workdir}"]
 
 
 def _finished_steps(workdir):

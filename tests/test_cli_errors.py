@@ -25,10 +25,10 @@ def _cases(tmp: str, tasks_file: str) -> list[tuple[str, list[str], str]]:
   """(case, argv, what the one line must say)."""
   task_id = T.load_tasks(tasks_file)[0]["instance_id"]
   verbs = {  # each verb's required arguments, valid apart from what a case breaks
-      "demo": ["demo", "--workdir", f"{tmp}/demo", "--no-plot"],
-      "dagger": ["dagger", "--workdir", f"{tmp}/dagger"],
+      "demo": ["demo", f"--config.workdir={tmp}/demo", "--no-plot"],
+      "dagger": ["dagger", f"--config.workdir={tmp}/dagger"],
       "pretrain": ["pretrain", "--out", f"{tmp}/base"],
-      "train": ["train", "--shards", tmp, "--workdir", f"{tmp}/train"],
+      "train": ["train", "--shards", tmp, f"--config.workdir={tmp}/train"],
       "import-hf": ["import-hf", "--hf", tmp, "--out", f"{tmp}/ckpt"],
       "export-hf": ["export-hf", "--ckpt", tmp, "--out", f"{tmp}/hf"],
       "generate": ["generate", "--ids", "1 2"],
@@ -73,6 +73,9 @@ def _cases(tmp: str, tasks_file: str) -> list[tuple[str, list[str], str]]:
       ("env exec: docker unreachable",
        verbs["env exec"][:-2] + ["--config.env.sandbox=docker", "--", "ls"],
        "cannot reach the docker engine"),
+      # a flag never repeats a config key; the old spelling names the new one
+      ("train: --workdir", verbs["train"][:-1] + ["--workdir", f"{tmp}/train"],
+       "write --config.workdir=DIR, not --workdir DIR"),
       ("dagger: sglang", verbs["dagger"] + ["--config.rollout.engine=sglang"],
        "config.rollout.engine='sglang': only the in-process 'jax' sampler is built so far"),
   ]

@@ -152,7 +152,7 @@ def test_demo_end_to_end_and_resume(config, tmp_path, capsys):
   _tiny(config, tmp_path)
   parser = argparse.ArgumentParser()
   dagger_cli.demo_args(parser)
-  args = parser.parse_args(["--workdir", config.workdir])
+  args = parser.parse_args([])
   assert dagger_cli.demo(args, config) == 0
   out = capsys.readouterr().out
   summary = json.loads(out.strip().splitlines()[-1])
@@ -199,7 +199,8 @@ def test_dagger_refuses_parts_not_built_yet(config, tmp_path, key, value):
   group, name = key.split(".")
   config[group][name] = value
   with pytest.raises(NotImplementedError, match=f"config.{key}='{value}'"):
-    loop.run(config, workdir=str(tmp_path))
+    config.workdir = str(tmp_path)
+    loop.run(config)
   assert not any(tmp_path.iterdir())  # refused before any work
 
 
@@ -212,7 +213,7 @@ def test_round0_student_is_the_model_training_starts_from(config, tmp_path):
   from dagger_jax.train.trainer import Trainer, mesh_from_config
 
   _tiny(config, tmp_path)
-  acting = pure_params(loop._acting_model(config, str(tmp_path), 0))
+  acting = pure_params(loop.acting_model(config, str(tmp_path), 0))
   start = Trainer(config, mesh_from_config(config.mesh)).init_state(config.seed).params
   jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
                acting, start)

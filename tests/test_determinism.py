@@ -188,7 +188,8 @@ def test_same_seed_same_run(tmp_path):
 
   def run(workdir):
     c = support.tiny_loop(rounds=2, episodes=3, steps=3, n_train=6, n_eval=2)
-    rows = loop.run(c, workdir=str(workdir), progress=False)
+    c.workdir = str(workdir)
+    rows = loop.run(c, progress=False)
     params = pure_params(load_params(RunDir(str(workdir)).checkpoints(1)))
     return rows, params
 

@@ -139,6 +139,9 @@ def test_removed_on_close_and_on_error(image, client):
 
 def test_removed_on_ctrl_c(image, client):
   child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+      import sys
+      sys.path.insert(0, "tests")
+      import support
       from dagger_jax.envs.sandbox import DockerSandbox
       with DockerSandbox("dagger-jax/base:bookworm-py3", limits=support.limits()) as sb:
         print(sb.container_id, flush=True)
@@ -155,7 +158,10 @@ def test_removed_on_ctrl_c(image, client):
 
 def test_orphans_of_a_killed_process_are_reaped(image, client):
   child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
+      import sys
       import time
+      sys.path.insert(0, "tests")
+      import support
       from dagger_jax.envs.sandbox import DockerSandbox
       sb = DockerSandbox("dagger-jax/base:bookworm-py3", limits=support.limits())
       print(sb.container_id, flush=True)

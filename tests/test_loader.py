@@ -96,7 +96,7 @@ def test_loop_round0_student_and_trainer_start_from_an_hf_or_orbax_base(tmp_path
   else:
     config.model.init_from = str(tmp_path / "base")
     hf.save_pretrained(base, config.model.init_from)
-  _assert_same(loop._acting_model(config, config.workdir, 0), base)
+  _assert_same(loop.acting_model(config, config.workdir, 0), base)
   trainer = Trainer(config, mesh_from_config(config.mesh))
   model = loader.load_model(config.model.init_from, trainer.model_config, mesh=trainer.mesh)
   state = trainer.state_from_params(pure_params(model), config.seed)

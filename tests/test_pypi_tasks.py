@@ -50,8 +50,8 @@ def test_mutations_cover_every_kind_and_stay_on_one_line():
 def test_mutation_order_is_seeded_and_never_repeats_a_line():
   import random
   ms = pypi.mutations("m.py", SOURCE)
-  a = list(pypi._interleave_by_kind(list(ms), random.Random(0)))
-  b = list(pypi._interleave_by_kind(list(ms), random.Random(0)))
+  a = list(pypi.interleave_by_kind(list(ms), random.Random(0)))
+  b = list(pypi.interleave_by_kind(list(ms), random.Random(0)))
   assert a == b
   assert len({(m.path, m.line) for m in a}) == len(a)
   assert len({m.kind for m in a[:4]}) == 4  # kinds are interleaved, not one after another

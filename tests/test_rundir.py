@@ -37,7 +37,8 @@ def run_dir(tmp_path_factory):
   """One teacher-only round of the demo loop at toy scale, with a BPE trained in the run."""
   c = support.tiny_loop(rounds=1, episodes=3, steps=2, n_train=4, n_eval=1)
   workdir = str(tmp_path_factory.mktemp("run"))
-  loop.run(c, workdir=workdir, progress=False)
+  c.workdir = workdir
+  loop.run(c, progress=False)
   return RunDir(workdir)
 
 

@@ -148,7 +148,7 @@ def test_memory_limit(sb):
 
 def test_process_limit(repo):
   with BwrapSandbox(str(repo), support.limits(pids=20)) as sb:
-    if sb._cgroup is None:
+    if sb.cgroup is None:
       pytest.skip("no writable cgroups here; RLIMIT_NPROC does not bind host root")
     script = textwrap.dedent("""
         import subprocess
@@ -168,7 +168,7 @@ def test_process_limit(repo):
 
 def test_cpu_limit(repo):
   with BwrapSandbox(str(repo), support.limits(cpus=0.25)) as sb:
-    if sb._cgroup is None:
+    if sb.cgroup is None:
       pytest.skip("no writable cgroups here")
     r = sb.run("python3 -c 'import os, time\nt = time.time()\nwhile time.time() - t < 2: pass\n"
                "c = os.times()\nprint(c.user + c.system)'")
@@ -187,7 +187,7 @@ def test_write_file(sb, repo):
 
 def test_close_is_idempotent_and_cleans_up(repo):
   sb = BwrapSandbox(str(repo), support.limits())
-  tmp, cgroup_dirs = sb._tmp, list(sb._cgroup.dirs) if sb._cgroup else []
+  tmp, cgroup_dirs = sb._tmp, list(sb.cgroup.dirs) if sb.cgroup else []
   sb.run("echo x > /tmp/x")
   sb.close()
   sb.close()

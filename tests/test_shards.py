@@ -178,7 +178,7 @@ def test_reader_epochs_cover_every_row_once(two_rounds):
   reader = shards.ShardReader(two_rounds, batch_size=4, seed=3)
   n = reader.epoch_len
   assert n == sum(shards.Shard(d).rows for d in two_rounds)
-  picks = reader._take(2 * n)
+  picks = reader.take(2 * n)
   for e in range(2):
     epoch = picks[e * n:(e + 1) * n]
     assert len({tuple(p) for p in epoch.tolist()}) == n
@@ -222,7 +222,7 @@ def test_round_weights(two_rounds, config):
                             ((0.5, 1.0), round(0.5 * sizes[0]) + sizes[1])):
     reader = shards.ShardReader(two_rounds, batch_size=2, seed=0, weights=weights)
     assert reader.epoch_len == expected
-    plan = reader._epoch_plan(0)
+    plan = reader.epoch_plan(0)
     counts = np.bincount(plan[:, 0], minlength=2)
     assert counts.tolist() == [int(w * n + 0.5) if w % 1 else int(w) * n
                                for w, n in zip(weights, sizes)]

@@ -232,7 +232,7 @@ def test_block_skipping_attention_equals_full_masked_attention():
 def test_train_cli_names_a_bad_shard_directory(tmp_path):
   (tmp_path / "not_a_shard").mkdir()
   out = subprocess.run([sys.executable, "-m", "dagger_jax.cli", "train", "--shards",
-                        str(tmp_path / "not_a_shard"), "--workdir", str(tmp_path / "run"),
+                        str(tmp_path / "not_a_shard"), f"--config.workdir={tmp_path / 'run'}",
                         "--config.train.batch_size=8"],  # divisible by the 8 simulated devices
                        capture_output=True, text=True, timeout=300)
   assert out.returncode != 0

@@ -1,6 +1,6 @@
 """CLI verbs of the DAgger room: `dagger-jax dagger`, `dagger-jax demo`, `dagger-jax pretrain`.
 
-    dagger-jax dagger --config configs/qwen3_4b_swe.py --workdir runs/4b
+    dagger-jax dagger --config configs/qwen3_4b_swe.py --config.workdir runs/4b
     dagger-jax demo --config configs/demo.py [--seeds 3] [--methods dagger,sft]
     dagger-jax pretrain --config configs/demo.py --out assets/demo_base
 """
@@ -26,13 +26,9 @@ def setup_logging() -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def dagger_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", default=None, help="run directory (default: config.workdir)")
-
-
 def dagger(args: argparse.Namespace, config: Any) -> int:
   setup_logging()
-  for row in loop.run(config, workdir=args.workdir):
+  for row in loop.run(config):
     evaluated = (f"eval resolved {row['eval_resolved']}/{row['eval_episodes']} "
                  f"({100 * row['eval_resolve_rate']:.1f}%)" if row["eval_episodes"] else
                  "not evaluated (config.dagger.eval_every)")
@@ -42,9 +38,6 @@ def dagger(args: argparse.Namespace, config: Any) -> int:
 
 
 def demo_args(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--workdir", default=None,
-                      help="run directory (default: config.workdir); one sub-folder per method "
-                      "and seed, tasks in shared/")
   parser.add_argument("--seeds", type=int, default=1,
                       help="repeat the comparison with seeds config.seed, config.seed+1, ...")
   parser.add_argument("--methods", default=",".join(demo_lib.METHODS),
@@ -55,7 +48,7 @@ def demo_args(parser: argparse.ArgumentParser) -> None:
 
 def demo(args: argparse.Namespace, config: Any) -> int:
   setup_logging()
-  demo_lib.run(config, workdir=args.workdir or config.workdir, seeds=args.seeds,
+  demo_lib.run(config, seeds=args.seeds,
                methods=[m.strip() for m in args.methods.split(",") if m.strip()],
                make_plot=not args.no_plot)
   return 0

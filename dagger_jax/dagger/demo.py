@@ -314,10 +314,12 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
   return path
 
 
-def run(config: Any, *, workdir: str, seeds: int = 1, methods: Sequence[str] = METHODS,
+def run(config: Any, *, seeds: int = 1, methods: Sequence[str] = METHODS,
         make_plot: bool = True) -> dict:
-  """The whole comparison (module doc); prints its report and returns the summary that
-  demo.json holds (its last printed line). `dagger` always runs: it sets the label budget."""
+  """The whole comparison (module doc) in `config.workdir`; prints its report and returns the
+  summary that demo.json holds (its last printed line). `dagger` always runs: it sets the label
+  budget."""
+  workdir = config.workdir
   root = DemoDir(workdir)
   _enable_compilation_cache(root.compilation_cache)
   shared = root.shared
@@ -342,7 +344,7 @@ def run(config: Any, *, workdir: str, seeds: int = 1, methods: Sequence[str] = M
       if m != "dagger":
         _share_round0(dagger_dir, run_dir)
       print(f"== {m}, seed {seed} -> {run_dir.root}", flush=True)
-      results[m].append(loop.run(c, workdir=run_dir.root))
+      results[m].append(loop.run(c))
       if m == "dagger":
         budget = cumulative_labels(results[m][-1])
   print(f"\nper method and round ({config.dagger.eval_split} split, student alone; "

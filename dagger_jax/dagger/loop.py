@@ -197,7 +197,7 @@ def _student(config, model, tokenizer):
                    - config.sampler.max_new_tokens)
 
 
-def _acting_model(config, workdir, round_index):
+def acting_model(config, workdir, round_index):
   """The student acting in round r: round r-1's last checkpoint, for round 0 the base model
   (`config.model.init_from`: HF or Orbax) or a random init from `config.seed` (the model round 0's
   training starts from; equal up to jit rounding)."""
@@ -238,11 +238,11 @@ def _label_target(config, round_index: int) -> int | None:
   return int(budget[round_index])
 
 
-def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> list[dict]:
-  """Runs (or resumes) every round; returns one metrics dict per round."""
+def run(config: Any, *, progress: bool = True) -> list[dict]:
+  """Runs (or resumes) every round in `config.workdir`; returns one metrics dict per round."""
   _check_supported(config)
   check_available(config.env)  # a missing tool fails the run here, not once per episode
-  workdir = workdir or config.workdir
+  workdir = config.workdir
   os.makedirs(workdir, exist_ok=True)
   d = config.dagger
   train_tasks, eval_tasks = load_or_make_tasks(config, workdir)
@@ -275,7 +275,7 @@ def run(config: Any, *, workdir: str | None = None, progress: bool = True) -> li
       t0 = time.time()
       student = None
       if beta < 1:
-        student = _student(config, model or _acting_model(config, workdir, r), tokenizer)
+        student = _student(config, model or acting_model(config, workdir, r), tokenizer)
       target = _label_target(config, r)
       trajs, stats = _collect_round(config, workdir, r, beta, train_tasks, used_tasks, teacher,
                                     student, tokenizer,

@@ -349,7 +349,7 @@ class ShardReader:
   def steps_per_epoch(self) -> float:
     return self.epoch_len / self.batch_size
 
-  def _epoch_plan(self, epoch: int) -> np.ndarray:
+  def epoch_plan(self, epoch: int) -> np.ndarray:
     """[epoch_len, 2] (shard, row) pairs of epoch `epoch`, in order."""
     if epoch != self._plan_epoch:
       rng = np.random.default_rng([self.seed, epoch])
@@ -365,10 +365,11 @@ class ShardReader:
       self._plan_epoch = epoch
     return self._plan
 
-  def _take(self, n: int) -> np.ndarray:
+  def take(self, n: int) -> np.ndarray:
+    """The next `n` (shard, row) pairs of the stream, across epoch boundaries; advances it."""
     out = []
     while n:
-      plan = self._epoch_plan(self.epoch)
+      plan = self.epoch_plan(self.epoch)
       k = min(n, self.epoch_len - self.offset)
       out.append(plan[self.offset:self.offset + k])
       self.offset += k
@@ -379,7 +380,7 @@ class ShardReader:
 
   def next_batch(self) -> dict[str, np.ndarray]:
     """This process's slice of the next global batch: 7 fields of shape [local_batch, row_len]."""
-    picks = self._take(self.batch_size)
+    picks = self.take(self.batch_size)
     mine = picks[self.process_index * self.local_batch:(self.process_index + 1) * self.local_batch]
     batch = {f: np.empty((self.local_batch, self.row_len), DTYPES[f]) for f in FIELDS}
     for d in np.unique(mine[:, 0]):

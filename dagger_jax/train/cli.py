@@ -1,6 +1,7 @@
 """CLI verb of the training room: `dagger-jax train`.
 
-    dagger-jax train --config configs/demo.py --shards runs/x/shards/round_000 --workdir runs/x
+    dagger-jax train --config configs/demo.py --shards runs/x/shards/round_000 \
+        --config.workdir runs/x
 """
 
 from __future__ import annotations
@@ -16,8 +17,6 @@ from dagger_jax.train import trainer
 def train_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--shards", nargs="+", required=True, metavar="DIR",
                       help="shard directories (one per round) to train on")
-  parser.add_argument("--workdir", default=None,
-                      help="where checkpoints and TensorBoard logs go (default: config.workdir)")
   parser.add_argument("--round", type=int, default=0, dest="round_index",
                       help="the DAgger round this training belongs to (default 0)")
 
@@ -26,7 +25,7 @@ def train(args: argparse.Namespace, config: Any) -> int:
   for d in args.shards:
     if not os.path.isdir(d):
       raise UsageError(f"--shards {d}: no such directory")
-  result = trainer.train(config, args.shards, workdir=args.workdir or config.workdir,
+  result = trainer.train(config, args.shards, workdir=config.workdir,
                          round_index=args.round_index)
   last = result.history[-1] if result.history else {}
   print(f"trained round {result.round_index} to step {result.steps}: "

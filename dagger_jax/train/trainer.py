@@ -1,6 +1,7 @@
 """Sharded SFT of the student on token shards: mesh, optimizer, one compiled step, resume.
 
-    dagger-jax train --config configs/demo.py --shards runs/demo/shards/round_000 --workdir runs/x
+    dagger-jax train --config configs/demo.py --shards runs/demo/shards/round_000 \
+        --config.workdir runs/x
     (the verb: `dagger_jax/train/cli.py`)
 
 Library use (the DAgger loop calls the same function each round):
@@ -236,8 +237,8 @@ class TrainResult:
   step_offset: int = 0  # TensorBoard's step before this round's first (`global_step_offset`)
 
 
-def _initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int, reader,
-                   ckpt: checkpoint.Checkpointer, log: Callable[[str], None]) -> TrainState:
+def initial_state(trainer: Trainer, config: Any, workdir: str, round_index: int, reader,
+                  ckpt: checkpoint.Checkpointer, log: Callable[[str], None]) -> TrainState:
   """Resume this round, continue from the previous round, or start from the base model."""
   if ckpt.latest_step() is not None:
     arrays, meta = ckpt.restore(trainer.abstract_state)
@@ -285,7 +286,7 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   reader = ShardReader.from_config(shard_dirs, config, jax.process_index(), jax.process_count())
   ckpt = checkpoint.Checkpointer(RunDir(workdir).checkpoints(round_index),
                                  keep=t.keep_checkpoints, async_save=t.async_checkpoint)
-  state = _initial_state(trainer, config, workdir, round_index, reader, ckpt, log)
+  state = initial_state(trainer, config, workdir, round_index, reader, ckpt, log)
   params_io.write_model_config(trainer.model_config, ckpt.directory)  # loadable by load_params
   tokenizer_dir = reader.shards[0].manifest.get("tokenizer_dir")
   if jax.process_index() == 0 and tokenizer_dir and os.path.isdir(tokenizer_dir):

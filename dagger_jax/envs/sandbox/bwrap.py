@@ -184,6 +184,11 @@ class BwrapSandbox(Sandbox):
                                        self._executor)
     self._argv = self._build_argv()
 
+  @property
+  def cgroup(self) -> Cgroup | None:
+    """The cgroup that limits this sandbox; None where cgroups are not writable (rlimits)."""
+    return self._cgroup
+
   def _build_argv(self) -> list[str]:
     argv: list[str] = []
     if self._cgroup is not None:  # join the cgroup(s) first, then become bwrap (no extra fork)

@@ -246,7 +246,7 @@ def mutations(path: str, text: str) -> list[Mutation]:
   return good
 
 
-def _interleave_by_kind(ms: list[Mutation], rng: random.Random) -> Iterator[Mutation]:
+def interleave_by_kind(ms: list[Mutation], rng: random.Random) -> Iterator[Mutation]:
   """A seeded order that cycles through mutation kinds, one source line at most once."""
   by_kind: dict[str, list[Mutation]] = {}
   for m in ms:
@@ -360,7 +360,7 @@ def generate(spec: str, n: int, seed: int, *, out_path: str, env_config: Any,
         raise PypiError(f"{name}=={version}: none of its tests pass unmodified ({cmd})")
       log(f"pypi:{name}: {len(passing)} tests pass unmodified")
       tries = 0
-      for m in _interleave_by_kind(candidates, rng):
+      for m in interleave_by_kind(candidates, rng):
         if len(tasks) == n or tries >= MAX_TRIES_PER_TASK * n:
           break
         tries += 1
