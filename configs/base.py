@@ -114,14 +114,36 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
 
   c.rollout = ml_collections.ConfigDict()
   c.rollout.engine = "jax"  # jax | sglang
+  # engine=sglang: the server to use, or (sglang_launch set) the server to start. The launch
+  # template's {model} is the round's exported HF directory and {port} the URL's port, e.g.
+  # "python -m sglang.launch_server --model-path {model} --port {port}" or
+  # "dagger-jax serve --model {model} --port {port}". Its log goes to <workdir>/sglang.log.
   c.rollout.sglang_url = "http://127.0.0.1:30000"
+  c.rollout.sglang_launch = ""
+  c.rollout.request_timeout_s = 600.0  # one /generate call (a batch of episodes' turns)
+  c.rollout.request_retries = 3  # retries of a failed call (connection errors, 5xx), backoff capped
+  c.rollout.startup_timeout_s = 600.0  # a launched server must answer /health within this
+  # engine=jax: the mesh the in-process sampler runs on ("" = the training mesh; e.g.
+  # "data=4,tensor=2"). Params are resharded in memory from the trainer's layout each round.
+  c.rollout.mesh = ""
   c.rollout.concurrency = 16  # episodes in flight (one student batch per turn)
   c.rollout.env_workers = 4  # threads running sandbox commands, teacher calls and grading
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.kind = "oracle"  # oracle | openai
+  # kind=openai: any OpenAI-compatible chat-completions endpoint (a hosted model, vLLM, SGLang,
+  # `dagger-jax serve`). url is the base ("http://host:port/v1"); the API key is read from the
+  # environment variable named by api_key_env ("" = no key), never from the config.
   c.teacher.url = ""
   c.teacher.model = ""
+  c.teacher.api_key_env = ""
+  c.teacher.temperature = 0.0
+  c.teacher.top_p = 1.0
+  c.teacher.max_tokens = 1024
+  c.teacher.concurrency = 8  # requests in flight
+  c.teacher.timeout_s = 120.0  # one request
+  c.teacher.request_retries = 5  # connection errors, 429 and 5xx; backoff capped, Retry-After kept
+  c.teacher.max_retries = 2  # labels that break the action protocol, re-asked before giving up
 
   c.dagger = ml_collections.ConfigDict()
   c.dagger.rounds = 4

@@ -58,6 +58,8 @@ _POSITIVE = (
     "data.max_len", "train.batch_size", "train.grad_accum", "train.steps", "train.lr",
     "train.loss_chunk_size", "train.keep_checkpoints", "sampler.max_new_tokens",
     "env.command_timeout", "env.output_limit", "env.max_turns", "env.max_format_errors",
+    "rollout.request_timeout_s", "rollout.startup_timeout_s", "teacher.max_tokens",
+    "teacher.concurrency", "teacher.timeout_s",
 )
 
 
@@ -88,6 +90,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("dagger.beta0", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
       ("dagger.beta_decay", lambda v: 0 <= v <= 1, "must be in [0, 1]"),
       ("dagger.rounds", lambda v: v >= 1, "must be >= 1"),
+      ("rollout.request_retries", lambda v: v >= 0, "must be >= 0"),
+      ("teacher.request_retries", lambda v: v >= 0, "must be >= 0"),
+      ("teacher.max_retries", lambda v: v >= 0, "must be >= 0"),
+      ("teacher.temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
+      ("teacher.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
   ]
   for key, ok, why in checks:
     value = _get(config, key)
