@@ -13,6 +13,10 @@ $(STAMP): setup.py
 	@# torch first, pinned to the local CPU wheel: never let a dependency pull a CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,docker,notebooks]'
+	@# SGLang's own JSON schema (sglang/api/v1/api_types.py, needs only msgspec) is the tests'
+	@# contract for the SGLang client and `dagger-jax serve`; the server itself needs a GPU, so
+	@# the wheel goes in without its dependencies.
+	$(PY) -m pip install -q --no-deps 'sglang==0.5.23'
 	@touch $@
 
 install: $(STAMP)

@@ -39,6 +39,7 @@ setup(
             TORCH_CPU,
             "mini-swe-agent>=2.0",  # reference for the text-mode agent protocol
             "docker>=7",
+            "msgspec",  # SGLang's api_types schema, the tests' contract (Makefile: sglang --no-deps)
         ],
         "docker": ["docker>=7"],
         "sglang": ["sglang>=0.5", "requests"],
