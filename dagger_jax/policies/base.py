@@ -16,6 +16,7 @@ import dataclasses
 from typing import Any, Sequence
 
 from dagger_jax.data.trajectory import Action
+from dagger_jax.errors import DaggerJaxError
 
 
 @dataclasses.dataclass
@@ -33,6 +34,12 @@ class EpisodeView:
   messages: list[dict[str, str]]
   assistant_ids: list[tuple[int, ...] | None]
   env: Any = None
+
+
+class LabelError(DaggerJaxError):
+  """A policy could not act on one episode (a remote teacher's labels kept breaking the action
+  protocol, or its endpoint kept failing after every retry). The collector ends that episode as
+  failed with this message as the reason; the other episodes and the run go on."""
 
 
 class Policy(abc.ABC):
