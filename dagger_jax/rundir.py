@@ -106,6 +106,19 @@ class RunDir:
       return json.load(f)
 
 
+def run_of(path: str) -> RunDir | None:
+  """The run that `path` (a checkpoint, a shard, any file of a run) belongs to: the nearest
+  directory at or above it that holds run.json; None outside a run."""
+  d = os.path.abspath(path)
+  while True:
+    if os.path.isfile(os.path.join(d, RUN_FILE)):
+      return RunDir(d)
+    up = os.path.dirname(d)
+    if up == d:
+      return None
+    d = up
+
+
 def parent_of(path: str) -> str:
   """`path`, after creating the directory it goes in."""
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

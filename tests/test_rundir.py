@@ -66,3 +66,37 @@ def test_verbs_read_a_runs_outputs_with_another_config(run_dir, tmp_path, capsys
   out_dir = str(tmp_path / "hf")
   assert cli.main(["export-hf", "--ckpt", run_dir.checkpoints(0), "--out", out_dir]) == 0
   assert os.path.isfile(os.path.join(out_dir, "tokenizer.json"))  # ships with the weights
+
+
+def test_an_export_is_what_serving_engines_load(run_dir, tmp_path, capsys):
+  """export-hf of a run's checkpoint: generation_config.json stops at the end of a turn, every
+  file is world-readable, and the tokenizer travels with the weights, from the checkpoint's
+  hf_files or else from the tokenizer its run recorded; with neither, the export says so."""
+  import shutil
+  import stat
+
+  import transformers
+  out = str(tmp_path / "hf")
+  assert cli.main(["export-hf", "--ckpt", run_dir.checkpoints(0), "--out", out]) == 0
+  tok = json.load(open(os.path.join(out, "tokenizer.json"), encoding="utf-8"))
+  ids = {t["content"]: t["id"] for t in tok["added_tokens"]}
+  generation = transformers.GenerationConfig.from_pretrained(out)
+  assert generation.eos_token_id == [ids["<|im_end|>"], ids["<|endoftext|>"]]
+  for name in os.listdir(out):
+    assert stat.S_IMODE(os.stat(os.path.join(out, name)).st_mode) == 0o644, name
+  assert stat.S_IMODE(os.stat(out).st_mode) == 0o755
+  capsys.readouterr()
+
+  bare = tmp_path / "run_copy"  # the same run, its checkpoint without the kept tokenizer files
+  shutil.copytree(run_dir.root, bare, ignore=shutil.ignore_patterns("shards", "trajectories"))
+  shutil.rmtree(RunDir(str(bare)).checkpoints(0) + "/hf_files")
+  assert cli.main(["export-hf", "--ckpt", RunDir(str(bare)).checkpoints(0),
+                   "--out", str(tmp_path / "hf2")]) == 0
+  assert f"tokenizer files from {run_dir.read_run_file()['tokenizer']}" in capsys.readouterr().out
+  assert os.path.isfile(tmp_path / "hf2" / "tokenizer.json")
+
+  os.remove(RunDir(str(bare)).run_file)  # no run around it: nothing to ship, and it says so
+  assert cli.main(["export-hf", "--ckpt", RunDir(str(bare)).checkpoints(0),
+                   "--out", str(tmp_path / "hf3")]) == 0
+  assert "WITHOUT tokenizer files" in capsys.readouterr().out
+  assert not os.path.exists(tmp_path / "hf3" / "tokenizer.json")

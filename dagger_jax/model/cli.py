@@ -11,6 +11,7 @@ import os
 
 import jax
 
+from dagger_jax import rundir
 from dagger_jax.model import hf, params_io
 
 
@@ -55,9 +56,22 @@ def export_hf(args: argparse.Namespace, config) -> int:
   del config  # the architecture comes from the checkpoint's model_config.json
   params_dir = params_io.resolve_params_dir(args.ckpt)
   model = params_io.load_params(params_dir)
-  extras = args.tokenizer or params_io.hf_files_dir(params_dir)
+  extras = args.tokenizer or params_io.hf_files_dir(params_dir) or _run_tokenizer(params_dir)
   hf.save_pretrained(model, args.out, dtype=args.dtype, extras_from=extras,
                      max_shard_size=args.max_shard_size)
-  print(f"exported {params_dir} -> {os.path.abspath(args.out)} "
-        f"({args.dtype or model.config.param_dtype}, tokenizer files from {extras or 'nowhere'})")
+  out = os.path.abspath(args.out)
+  print(f"exported {params_dir} -> {out} ({args.dtype or model.config.param_dtype}, "
+        f"tokenizer files from {extras})" if extras else
+        f"exported {params_dir} -> {out} ({args.dtype or model.config.param_dtype}) WITHOUT "
+        f"tokenizer files: none was given (--tokenizer), kept with the checkpoint (hf_files/) or "
+        f"recorded by its run (run.json). Serving engines need them: export again with "
+        f"--tokenizer DIR, the tokenizer the model was trained with.")
   return 0
+
+
+def _run_tokenizer(ckpt_dir: str) -> str | None:
+  """The tokenizer directory recorded in run.json by the run that wrote `ckpt_dir`, if any."""
+  run = rundir.run_of(ckpt_dir)
+  info = run.read_run_file() if run is not None else None
+  tok = (info or {}).get("tokenizer")
+  return tok if tok and os.path.isfile(os.path.join(tok, "tokenizer.json")) else None

@@ -13,7 +13,9 @@ bit-exact in the same dtype.
 
 A saved directory holds `config.json` (`config_to_hf`), `model.safetensors` (or
 `model-0000k-of-0000N.safetensors` + `model.safetensors.index.json` above `max_shard_size`),
-`generation_config.json`, and the tokenizer files found in `extras_from`. It loads with
+`generation_config.json` (its `eos_token_id` lists `<|im_end|>` and `<|endoftext|>` when the
+tokenizer has them, so serving engines stop at the end of a turn), and the tokenizer files found
+in `extras_from`; every file is world-readable. It loads with
 `transformers.AutoModelForCausalLM.from_pretrained` (tested); its layout is the Hub's, which
 SGLang and vLLM read.
 
@@ -388,14 +390,39 @@ def save_pretrained(model: Qwen3, path: str, *, dtype: str | None = None,
     source = _read_json(os.path.join(extras_from, "config.json"))
   hf_config = config_to_hf(config, dtype=dtype)
   hf_config.update({k: source[k] for k in _PASSTHROUGH if source.get(k) is not None})
-  with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
-    json.dump(hf_config, f, indent=2)
   for name in EXTRA_FILES:
     if extras_from and os.path.isfile(os.path.join(extras_from, name)):
       shutil.copy2(os.path.join(extras_from, name), os.path.join(tmp, name))
-  if not os.path.isfile(os.path.join(tmp, "generation_config.json")):
-    generation = {"_from_model_config": True,
-                  **{k: hf_config[k] for k in _PASSTHROUGH if k in hf_config}}
-    with open(os.path.join(tmp, "generation_config.json"), "w", encoding="utf-8") as f:
+  generation_path = os.path.join(tmp, "generation_config.json")
+  copied = os.path.isfile(generation_path)  # the source's own is kept as it is when complete
+  generation = (_read_json(generation_path) if copied else
+                {k: hf_config[k] for k in _PASSTHROUGH if k in hf_config})
+  stops = end_of_turn_ids(tmp)
+  if stops and "eos_token_id" not in generation:  # engines stop at the end of a turn
+    generation["eos_token_id"] = stops
+    generation.setdefault("pad_token_id", stops[-1])
+    hf_config.setdefault("eos_token_id", stops[0])
+    copied = False
+  with open(os.path.join(tmp, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(hf_config, f, indent=2)
+  if not copied:
+    with open(generation_path, "w", encoding="utf-8") as f:
       json.dump(generation, f, indent=2)
+  for name in os.listdir(tmp):  # readable by a serving engine running as another user
+    os.chmod(os.path.join(tmp, name), 0o644)
+  os.chmod(tmp, 0o755)
   _swap_in(tmp, path)
+
+
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|endoftext|>")  # Qwen3's (and the demo BPE's)
+
+
+def end_of_turn_ids(tokenizer_dir: str) -> list[int]:
+  """The ids of `END_OF_TURN_TOKENS` in `tokenizer_dir/tokenizer.json`'s added tokens, in that
+  order (those present); [] without tokenizer files. An export's generation_config.json lists
+  them as `eos_token_id`, so HF generate, SGLang and vLLM stop where a chat turn ends."""
+  path = os.path.join(tokenizer_dir, "tokenizer.json")
+  if not os.path.isfile(path):
+    return []
+  added = {t["content"]: int(t["id"]) for t in _read_json(path).get("added_tokens", ())}
+  return [added[t] for t in END_OF_TURN_TOKENS if t in added]
