@@ -10,7 +10,7 @@ from dagger_jax.dagger import collector, intervention, schedule
 from dagger_jax.data.trajectory import read_jsonl
 from dagger_jax.envs import protocol
 from dagger_jax.envs.tasks import toy
-from dagger_jax.policies.base import EpisodeView
+from dagger_jax.policies.base import EpisodeView, LabelError
 from dagger_jax.policies.oracle import OracleTeacher
 
 
@@ -54,6 +54,41 @@ def test_teacher_alone_resolves_every_task(tasks, config):
     assert all(turn.actor == "teacher" and turn.reason == "coin" for turn in t.turns)
     assert t.outcome.teacher_calls == len(t.turns) == t.outcome.turns
     assert 4 <= len(t.turns) <= config.env.max_turns
+
+
+class _GivesUpOn(OracleTeacher):
+  """The oracle, except that on one task, from its third state on, it cannot label (what a remote
+  teacher does whose labels keep breaking the protocol: `policies.base.LabelError`)."""
+
+  def __init__(self, task_id: str):
+    super().__init__()
+    self.task_id = task_id
+
+  def act(self, views):
+    for v in views:
+      if v.task["instance_id"] == self.task_id and len(v.assistant_ids) >= 2:
+        raise LabelError(f"{self.task_id}: 3 labels broke the action protocol")
+    return super().act(views)
+
+
+@pytest.mark.parametrize("beta", [1.0, 0.0])
+def test_an_episode_without_a_label_ends_failed_and_the_others_go_on(tasks, config, tmp_path,
+                                                                     beta):
+  bad = tasks[1]["instance_id"]
+  out = str(tmp_path / "round.jsonl")
+  trajs, stats = collector.collect(tasks[:3], config=config, round_index=0, beta=beta,
+                                   teacher=_GivesUpOn(bad), student=Scripted(_cmd("ls")),
+                                   out_path=out, progress=False)
+  by_task = {t.task_id: t for t in read_jsonl(out)}
+  assert set(by_task) == {t["instance_id"] for t in tasks[:3]}  # every episode written
+  failed = by_task.pop(bad)
+  assert failed.outcome.failure == f"{bad}: 3 labels broke the action protocol"
+  assert len(failed.turns) == 2 and all(t.label is not None or t.actor == "teacher"
+                                        for t in failed.turns)  # the states before keep labels
+  assert failed.outcome.resolved is False and stats.exit_status["label_failed"] == 1
+  assert all(t.outcome.failure is None for t in by_task.values())
+  if beta == 1.0:
+    assert all(t.outcome.resolved for t in by_task.values())
 
 
 def test_without_interventions_a_bad_student_ends_its_episodes(tasks, config):

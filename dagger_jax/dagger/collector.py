@@ -55,7 +55,7 @@ from tqdm import tqdm
 from dagger_jax.dagger import intervention
 from dagger_jax.data.trajectory import Action, Outcome, Trajectory, TrajectoryError, Turn
 from dagger_jax.envs.swe import SweEnv
-from dagger_jax.policies.base import EpisodeView, Policy
+from dagger_jax.policies.base import EpisodeView, LabelError, Policy
 
 log = logging.getLogger(__name__)
 
@@ -119,6 +119,7 @@ class _Episode:
   teacher_calls: int = 0
   teacher_tokens: int = 0
   done: bool = False
+  failure: str | None = None  # the LabelError that ended it
 
   def view(self) -> EpisodeView:
     return EpisodeView(self.task, self.messages, self.assistant_ids, self.env)
@@ -255,12 +256,15 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
   coins = [random.Random(f"{e.seed}/{len(e.turns)}").random() < beta for e in active]
   student_idx = [i for i, c in enumerate(coins) if not c]
 
-  def label(e: _Episode) -> Action:
-    return teacher.act([e.view()])[0]
+  def label(e: _Episode) -> Action | LabelError:
+    try:
+      return teacher.act([e.view()])[0]
+    except LabelError as err:  # this episode ends (failed, with the reason); the others go on
+      return err
 
   def label_and_step(e: _Episode):
     action = label(e)
-    return action, e.env.step(action.text)
+    return action, None if isinstance(action, LabelError) else e.env.step(action.text)
 
   labels: dict[int, concurrent.futures.Future] = {}  # student-coin episodes: the label
   chained: dict[int, concurrent.futures.Future] = {}  # teacher-coin episodes: (label, step)
@@ -278,6 +282,8 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
       for i in student_idx:
         e, proposal = active[i], proposals[i]
         label_i = labels[i].result() if i in labels else None
+        if isinstance(label_i, LabelError):
+          continue  # no label for this state: the episode ends here
         rule = intervention.check(rules, e.view(), proposal.text, label_i.text,
                                   config.env) if label_i is not None else None
         if rule is not None:
@@ -292,9 +298,16 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
   for i, e in enumerate(active):
     if coins[i]:
       label_i, result = chained[i].result()
-      turn, text = Turn("teacher", label_i, None, "coin"), label_i.text
     else:
       label_i = labels[i].result() if i in labels else None
+    if isinstance(label_i, LabelError):
+      log.error("episode %s: ended without a label at turn %d: %s", e.id, len(e.turns), label_i)
+      e.done, e.failure = True, str(label_i)
+      stats.exit_status["label_failed"] += 1
+      continue
+    if coins[i]:
+      turn, text = Turn("teacher", label_i, None, "coin"), label_i.text
+    else:
       (turn, text), result = executed[i], stepped[i].result()
     if label_i is not None:
       e.teacher_calls += 1
@@ -333,7 +346,8 @@ def _finish(e: _Episode, round_index: int, beta: float, grade: bool) -> Trajecto
       log.error("episode %s: could not grade the submission: %s", e.id, err)
       return None
   outcome = Outcome(submitted=submitted, patch=patch, resolved=resolved, turns=len(e.turns),
-                    teacher_calls=e.teacher_calls, teacher_tokens=e.teacher_tokens)
+                    teacher_calls=e.teacher_calls, teacher_tokens=e.teacher_tokens,
+                    failure=e.failure)
   return Trajectory(id=e.id, task_id=e.task["instance_id"], round=round_index, seed=e.seed,
                     beta=float(beta), messages=tuple(e.messages), turns=tuple(e.turns),
                     outcome=outcome)

@@ -12,7 +12,7 @@ A `Trajectory` holds the whole conversation (`messages`, as the chat template re
                 "label": {"text": "```bash\\ngit status\\n```", "ids": null},
                 "reason": null, "intervention": null}, ...],
      "outcome": {"submitted": true, "patch": "diff --git ...", "resolved": false, "turns": 6,
-                 "teacher_calls": 6, "teacher_tokens": 412}}
+                 "teacher_calls": 6, "teacher_tokens": 412, "failure": null}}
 
 Contract of a turn:
 
@@ -80,6 +80,10 @@ class Outcome:
   turns: int = 0
   teacher_calls: int = 0
   teacher_tokens: int = 0
+  # Why the episode ended before its environment did, when a policy could not act on it (e.g. a
+  # remote teacher's labels kept breaking the action protocol: `policies.base.LabelError`). Its
+  # turns so far are kept: each visited state still has its label.
+  failure: str | None = None
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
