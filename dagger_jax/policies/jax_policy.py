@@ -11,7 +11,11 @@ renderer does). So what is trained is exactly what was seen.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Sequence
+
+import jax
+from jax.sharding import Mesh
 
 from transformers import PreTrainedTokenizerBase
 
@@ -28,7 +32,8 @@ class JaxPolicy(Policy):
   name = "student"
 
   def __init__(self, model: Qwen3, tokenizer: PreTrainedTokenizerBase, sampler_config: Any,
-               *, enable_thinking: bool = False, seed: int = 0, max_prompt_len: int | None = None):
+               *, enable_thinking: bool = False, seed: int = 0, max_prompt_len: int | None = None,
+               mesh: Mesh | None = None):
     self.model = model
     self.tokenizer = tokenizer
     self.config = sampler_config
@@ -36,6 +41,9 @@ class JaxPolicy(Policy):
     self.seed = seed
     self.calls = 0
     self.max_prompt_len = max_prompt_len
+    # The rollout mesh the params were resharded onto (`config.rollout.mesh`): sampling under it
+    # splits batch rows and the KV cache over `data` (model/reshard.py). None: as placed.
+    self.mesh = mesh
     entries = int(sampler_config.prefix_cache)
     # Keys and values of each episode's conversation so far: a turn prefills only what it adds.
     # A policy holds one set of params, so its cache never goes stale.
@@ -48,13 +56,8 @@ class JaxPolicy(Policy):
                for v in views]
     if self.max_prompt_len:  # keep the most recent context when a prompt outgrows the model
       prompts = [p[-self.max_prompt_len:] for p in prompts]
-    c = self.config
-    result = sampler.generate(
-        self.model, prompts, int(c.max_new_tokens), temperature=float(c.temperature),
-        top_p=float(c.top_p), top_k=int(c.top_k), stop_token_ids=(self.tokenizer.eos_token_id,),
-        seed=self.seed + self.calls, length_buckets=tuple(c.length_buckets),
-        prefix_cache=self.prefix_cache,
-        cache_keys=[_episode_key(v) for v in views] if self.prefix_cache is not None else None)
+    with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
+      result = self._generate(prompts, views)
     self.calls += 1
     eos_id = self.tokenizer.eos_token_id
     actions = []
@@ -62,6 +65,15 @@ class JaxPolicy(Policy):
       ids = ids[:-1] if ids and ids[-1] == eos_id else ids
       actions.append(Action(self.tokenizer.decode(ids, skip_special_tokens=False), tuple(ids)))
     return actions
+
+  def _generate(self, prompts, views) -> sampler.SampleResult:
+    c = self.config
+    return sampler.generate(
+        self.model, prompts, int(c.max_new_tokens), temperature=float(c.temperature),
+        top_p=float(c.top_p), top_k=int(c.top_k), stop_token_ids=(self.tokenizer.eos_token_id,),
+        seed=self.seed + self.calls, length_buckets=tuple(c.length_buckets),
+        prefix_cache=self.prefix_cache,
+        cache_keys=[_episode_key(v) for v in views] if self.prefix_cache is not None else None)
 
 
 def _episode_key(view: EpisodeView):
