@@ -1,7 +1,9 @@
-"""CLI verb of the policies room: `dagger-jax generate`, the student sampled from a checkpoint.
+"""CLI verbs of the policies room: `dagger-jax generate`, the student sampled from a checkpoint,
+and `dagger-jax serve`, the same sampler behind SGLang's and OpenAI's HTTP APIs.
 
     dagger-jax generate --config configs/demo.py --prompt "Fix the bug in shift."
     dagger-jax generate --ckpt runs/demo/dagger_seed0/checkpoints/round_002 --ids '5 6 7' --json
+    dagger-jax serve --model runs/demo/dagger_seed0/checkpoints/round_002 --port 30000
 
 It lives here, not in `model/`, because it renders chat prompts with the data room's template
 and tokenizer (the model room imports nothing from `data/`).
@@ -11,7 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
+import signal
+import threading
 from typing import Any
 
 from dagger_jax.data import tokenizer as tokenizers
@@ -19,6 +24,7 @@ from dagger_jax.data.render import prompt_ids
 from dagger_jax.errors import UsageError
 from dagger_jax.model import loader, params_io, sampler
 from dagger_jax.model.qwen3 import Qwen3Config
+from dagger_jax.policies.serve import Server
 
 
 def _tokenizer_for(args: argparse.Namespace, config: Any, vocab_size: int):
@@ -101,4 +107,60 @@ def generate(args: argparse.Namespace, config: Any) -> int:
                         "finish_reason": reason}))
     else:
       print(text if text is not None else " ".join(map(str, new)))
+  return 0
+
+
+def serve_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--model", metavar="DIR", default=None,
+                      help="HF checkpoint dir or Orbax params checkpoint to serve (default: "
+                           "config.model.init_from)")
+  parser.add_argument("--host", default="127.0.0.1",
+                      help="address to bind (default 127.0.0.1; 0.0.0.0 serves every interface)")
+  parser.add_argument("--port", type=int, default=30000, help="default 30000 (SGLang's); 0: any")
+  parser.add_argument("--api-key-env", metavar="VAR", default=None,
+                      help="require `Authorization: Bearer $VAR` on every request but /health*")
+  parser.add_argument("--tokenizer", metavar="DIR", default=None,
+                      help="HF tokenizer dir (default: the model's own tokenizer files, else "
+                           "for the config's model config.data.tokenizer; none: /generate takes "
+                           "input_ids only)")
+  parser.add_argument("--max-batch", type=int, default=Server.max_batch, metavar="N",
+                      help="most prompts per sampler call (default %(default)s)")
+  parser.add_argument("--log-requests", action="store_true", help="log every request (DEBUG)")
+
+
+def serve(args: argparse.Namespace, config: Any) -> int:
+  """Serves until SIGTERM or Ctrl-C (see `dagger_jax.policies.serve`)."""
+  logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
+  logging.getLogger("dagger_jax").setLevel(logging.INFO)
+  if args.log_requests:
+    logging.getLogger("dagger_jax.policies.serve").setLevel(logging.DEBUG)
+  api_key = None
+  if args.api_key_env:
+    api_key = os.environ.get(args.api_key_env)
+    if not api_key:
+      raise UsageError(f"--api-key-env {args.api_key_env}: that environment variable is not set "
+                       f"or empty; export the key in it")
+  model = args.model or config.model.init_from
+  if not model:
+    raise UsageError("give --model DIR (an HF directory or an Orbax params checkpoint), or set "
+                     "--config.model.init_from")
+  if args.max_batch < 1:
+    raise UsageError(f"--max-batch {args.max_batch}: must be >= 1")
+  tokenizer = args.tokenizer
+  own = os.path.isfile(os.path.join(model, "tokenizer.json")) or params_io.hf_files_dir(model)
+  if tokenizer is None and not args.model and not own:  # the config's model: its tokenizer too
+    tokenizer = tokenizers.tokenizer_dir(config.data, config.workdir)
+  server = Server(model, config, host=args.host, port=args.port, api_key=api_key,
+                  tokenizer_dir=tokenizer)
+  server.max_batch = args.max_batch
+  stop = threading.Event()
+  previous = {sig: signal.signal(sig, lambda *_: stop.set())
+              for sig in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    with server.start():
+      print(f"dagger-jax serve: listening on {server.url}", flush=True)
+      stop.wait()
+  finally:
+    for sig, handler in previous.items():
+      signal.signal(sig, handler)
   return 0
