@@ -4,6 +4,7 @@
     tokenizer.py   the real Qwen3 tokenizer, the demo BPE, or a tokenizer directory
     render.py      trajectory -> rows with teacher labels as branches; `prompt_ids` for policies
     shards.py      atomic shard writer, first-fit packing, the resumable `ShardReader`
-    cli.py         `dagger-jax shards build | inspect`
+    miniswe.py     mini-swe-agent trajectory files -> teacher-only records
+    cli.py         `dagger-jax shards build | inspect`, `dagger-jax import-trajectories`
     synthetic.py   random trajectories for tests and benchmarks
 """

@@ -1,13 +1,20 @@
-"""`dagger-jax shards build` and `dagger-jax shards inspect`.
+"""`dagger-jax shards build`, `dagger-jax shards inspect` and `dagger-jax import-trajectories`.
 
     dagger-jax shards build --trajectories runs/demo/round_001.jsonl --out runs/demo/shards/round_001 \
         --config configs/demo.py
     dagger-jax shards inspect runs/demo/shards/round_001 --config configs/demo.py [--row 3]
+    dagger-jax import-trajectories runs/mswea/ --out runs/x/trajectories/round_000.jsonl
 
 `inspect` prints the manifest figures and one decoded row, segment by segment, with what is learned
 marked: `[[...]]` learned tokens, `{{branch N: ...}}` a branch (the rest of the generation prompt,
 then the teacher's label, learned), plain text = context only (prompts, observations, the
 student's own untrained actions after a branch).
+
+`import-trajectories` converts mini-swe-agent trajectory files (`*.json` / `*.traj.json`, named or
+found under folders) into teacher-only records (`data/miniswe.py`) and appends them to `--out`,
+skipping ids it already holds, so it can be re-run. A file with nothing to import (the batch
+runner's `preds.json`, a run that ended before the model's first reply) is listed as refused; a
+malformed one stops the import before anything is written.
 """
 
 from __future__ import annotations
@@ -17,8 +24,8 @@ import os
 
 import numpy as np
 
-from dagger_jax.data import shards, tokenizer as tokenizer_lib
-from dagger_jax.data.trajectory import iter_jsonl
+from dagger_jax.data import miniswe, shards, tokenizer as tokenizer_lib
+from dagger_jax.data.trajectory import iter_jsonl, write_jsonl
 from dagger_jax.errors import UsageError
 
 
@@ -119,4 +126,72 @@ def shards_inspect(args: argparse.Namespace, config) -> int:
   print(f"\nrow {args.row}: [[learned]]  {{{{branch N: generation header rest, [[label]]}}}}  "
         f"plain = context only")
   print(format_row(shard.row(args.row), decode))
+  return 0
+
+
+def import_trajectories_args(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("paths", nargs="+", metavar="FILE_OR_DIR",
+                      help="mini-swe-agent trajectory files, or folders searched for *.json")
+  parser.add_argument("--out", required=True, metavar="FILE.jsonl",
+                      help="trajectory JSON Lines file to append to (created if absent)")
+  parser.add_argument("--task-id", default=None, metavar="ID",
+                      help="the task id of every record (default: the id each file names)")
+  parser.add_argument("--round", type=int, default=0, help="the round to record (default 0)")
+
+
+def trajectory_files(paths: list[str]) -> list[str]:
+  """The files named, and the `*.json` files under the folders named, each once, in order."""
+  found: list[str] = []
+  for path in paths:
+    if os.path.isdir(path):
+      for root, dirs, files in os.walk(path):
+        dirs.sort()
+        found += [os.path.join(root, n) for n in sorted(files) if n.endswith(".json")]
+    elif os.path.isfile(path):
+      found.append(path)
+    else:
+      raise UsageError(f"FILE_OR_DIR {path}: no such file or directory")
+  unique, seen = [], set()
+  for path in found:
+    if os.path.realpath(path) not in seen:
+      seen.add(os.path.realpath(path))
+      unique.append(path)
+  return unique
+
+
+def import_trajectories(args: argparse.Namespace, config) -> int:
+  if args.round < 0:
+    raise UsageError(f"--round {args.round}: must be >= 0")
+  files = trajectory_files(args.paths)
+  if not files:
+    raise UsageError(f"no *.json files under {' '.join(args.paths)}")
+  have = {t.id for t in iter_jsonl(args.out)} if os.path.isfile(args.out) else set()
+  # Everything is converted before anything is written: a bad file leaves --out as it was.
+  records, skipped, refused = [], [], []
+  for path in files:
+    try:
+      traj = miniswe.convert_file(path, task_id=args.task_id, round_index=args.round)
+    except miniswe.NotImportableError as e:
+      refused.append(str(e))
+      continue
+    if traj.id in have:
+      skipped.append(path)
+      continue
+    have.add(traj.id)
+    records.append(traj)
+  if records:
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    write_jsonl(args.out, records, append=True)
+  turns = sum(len(t.turns) for t in records)
+  print(f"import-trajectories: {len(files)} files: {len(records)} converted "
+        f"({turns} turns, {sum(t.outcome.submitted for t in records)} submitted), "
+        f"{len(skipped)} skipped (ids already in {args.out}), {len(refused)} refused")
+  unparsed = sum(miniswe.unparsed_turns(t) for t in records)
+  if unparsed:
+    print(f"  {unparsed} of {turns} turns do not hold exactly one ```{miniswe.ACTION_FENCE} "
+          "block (kept as the teacher's labels: see data/miniswe.py)")
+  for reason in refused:
+    print(f"  refused {reason}")
+  if records:
+    print(f"appended {len(records)} records to {args.out}")
   return 0
