@@ -45,10 +45,14 @@ VERBS: dict[tuple[str, ...], tuple[str, str]] = {
                      "Export an Orbax checkpoint to a HF directory (safetensors + config.json)."),
     ("generate",): ("dagger_jax.policies.cli:generate",
                     "Sample from a checkpoint with the in-process JAX KV-cache sampler."),
+    ("serve",): ("dagger_jax.policies.cli:serve",
+                 "Serve a checkpoint over HTTP: SGLang's /generate API and OpenAI's chat API."),
     ("shards", "build"): ("dagger_jax.data.cli:shards_build",
                           "Render trajectories (JSONL) into numpy token shards."),
     ("shards", "inspect"): ("dagger_jax.data.cli:shards_inspect",
                             "Print a shard's manifest figures and one decoded row."),
+    ("import-trajectories",): ("dagger_jax.data.cli:import_trajectories",
+                               "Convert mini-swe-agent trajectory files into teacher records."),
     ("tasks", "generate"): ("dagger_jax.envs.cli:tasks_generate",
                             "Generate SWE tasks (toy repos, or bugs injected into a PyPI library)."),
     ("tasks", "validate"): ("dagger_jax.envs.cli:tasks_validate",
@@ -66,7 +70,7 @@ def _usage() -> str:
   lines = ["usage: dagger-jax <verb> [--config FILE[:arg]] [--config.key=value ...] [options]",
            "", "verbs:"]
   for words, (_, help_) in VERBS.items():
-    lines.append(f"  {' '.join(words):<18} {help_}")
+    lines.append(f"  {' '.join(words):<20} {help_}")
   lines += ["", "every verb takes:", *("  " + l for l in CONFIG_HELP.splitlines()),
             "", "`dagger-jax <verb> --help` lists that verb's options."]
   return "\n".join(lines)

@@ -14,6 +14,9 @@ layout below is the whole story, and a newcomer changes it here only:
       eval/round_RRR.jsonl, .json        held-out episodes of round r and their figures
       metrics.jsonl                      one line per round
       tensorboard/                       TensorBoard scalars (one global step across rounds)
+      rollout/VERSION/                   rollout.engine=sglang: the weights the server loads
+                                         (HF safetensors; only the current version is kept)
+      sglang.log                         the log of a server the run launched
 
 The demo puts one run per method and seed under its own root (`DemoDir`):
 
@@ -83,6 +86,13 @@ class RunDir:
   @property
   def tensorboard(self) -> str:
     return self.path("tensorboard")
+
+  def rollout_weights(self, version: str) -> str:
+    return self.path("rollout", version)
+
+  @property
+  def sglang_log(self) -> str:
+    return self.path("sglang.log")
 
   @property
   def run_file(self) -> str:

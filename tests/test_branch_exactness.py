@@ -16,7 +16,7 @@ from configs import base
 import support
 from dagger_jax.data import render, shards, synthetic
 from dagger_jax.data.tokenizer import load_tokenizer, train_demo_tokenizer
-from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
+from dagger_jax.model.qwen3 import Qwen3
 
 
 

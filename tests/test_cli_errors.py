@@ -32,6 +32,8 @@ def _cases(tmp: str, tasks_file: str) -> list[tuple[str, list[str], str]]:
       "import-hf": ["import-hf", "--hf", tmp, "--out", f"{tmp}/ckpt"],
       "export-hf": ["export-hf", "--ckpt", tmp, "--out", f"{tmp}/hf"],
       "generate": ["generate", "--ids", "1 2"],
+      "serve": ["serve", "--model", tmp, "--port", "0"],
+      "import-trajectories": ["import-trajectories", tmp, "--out", f"{tmp}/r.jsonl"],
       "shards build": ["shards", "build", "--trajectories", tasks_file, "--out", f"{tmp}/s"],
       "shards inspect": ["shards", "inspect", tmp],
       "tasks generate": ["tasks", "generate", "--n", "1", "--out", f"{tmp}/t.jsonl"],
@@ -64,7 +66,7 @@ def _cases(tmp: str, tasks_file: str) -> list[tuple[str, list[str], str]]:
       ("env exec: missing file",
        ["env", "exec", "--tasks", f"{MISSING}.jsonl", "--instance", "x", "--", "ls"],
        f"{MISSING}.jsonl"),
-      # servers: the package index, the docker engine; SGLang is refused until it is built
+      # servers: the package index, the docker engine, a rollout server
       ("tasks generate: index unreachable",
        verbs["tasks generate"] + ["--source", "pypi:six", "--cache", f"{tmp}/sdists"],
        "is the package registry reachable?"),
@@ -76,8 +78,17 @@ def _cases(tmp: str, tasks_file: str) -> list[tuple[str, list[str], str]]:
       # a flag never repeats a config key; the old spelling names the new one
       ("train: --workdir", verbs["train"][:-1] + ["--workdir", f"{tmp}/train"],
        "write --config.workdir=DIR, not --workdir DIR"),
-      ("dagger: sglang", verbs["dagger"] + ["--config.rollout.engine=sglang"],
-       "config.rollout.engine='sglang': only the in-process 'jax' sampler is built so far"),
+      ("serve: missing dir", ["serve", "--model", MISSING, "--port", "0"],
+       f"{MISSING}: no such checkpoint directory"),
+      ("import-trajectories: missing file",
+       ["import-trajectories", f"{MISSING}.traj.json", "--out", f"{tmp}/r.jsonl"],
+       f"{MISSING}.traj.json"),
+      ("dagger: sglang unreachable",
+       verbs["dagger"] + ["--config.rollout.engine=sglang", f"--config.rollout.sglang_url="
+                          f"http://{UNREACHABLE}", "--config.rollout.startup_timeout_s=1",
+                          "--config.dagger.beta0=0.5"], "start one with `dagger-jax serve"),
+      ("dagger: teacher unset", verbs["dagger"] + ["--config.teacher.kind=openai"],
+       "config.teacher.url"),
   ]
   return cases
 

@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import support
 from dagger_jax.model import params_io
-from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
+from dagger_jax.model.qwen3 import Qwen3
 from dagger_jax.model.sharding import make_mesh
 
 CONFIG = support.model_config(vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2,

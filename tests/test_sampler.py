@@ -22,7 +22,7 @@ from dagger_jax import cli, configlib
 from dagger_jax.data import tokenizer
 from dagger_jax.data.render import prompt_ids
 from dagger_jax.model import hf, params_io, sampler, sharding
-from dagger_jax.model.qwen3 import KVCache, Qwen3Config
+from dagger_jax.model.qwen3 import KVCache
 
 VOCAB = 512
 BUCKETS = (16, 32)  # small prompt-length buckets keep compiles cheap

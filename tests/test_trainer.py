@@ -243,7 +243,7 @@ def test_train_cli_names_a_bad_shard_directory(tmp_path):
 def test_fused_training_mlp_equals_the_plain_mlp():
   from flax import nnx
 
-  from dagger_jax.model.qwen3 import MLP, Qwen3Config
+  from dagger_jax.model.qwen3 import MLP
   mlp = MLP(support.model_config(hidden_size=32, intermediate_size=48), nnx.Rngs(0))
   graphdef, params = nnx.split(mlp)
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 7, 32)), jnp.float32)

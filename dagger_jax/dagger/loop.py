@@ -8,8 +8,12 @@ Round r (beta_r from `schedule.beta`):
   2. render them into the round's shard (`<workdir>/shards/round_r`);
   3. train on the aggregate, shards 0..r, continuing from round r-1's checkpoint
      (`config.train.continue_from`);
-  4. hand the new params to the in-process student (`JaxPolicy`) and evaluate it alone
-     (beta = 0, no teacher) on held-out tasks.
+  4. hand the new params to the student's engine (`policies.make_student`: in process, or an
+     SGLang server whose weights are updated) and evaluate it alone (beta = 0, no teacher) on
+     held-out tasks.
+
+The teacher is `policies.make_teacher(config)`: the scripted oracle, or any OpenAI-compatible
+endpoint; its calls and tokens are counted per round in metrics.jsonl (`teacher_usage`).
 
 Everything a run writes lives under `config.workdir`, laid out by `dagger_jax.rundir.RunDir`
 (tasks, tokenizer, trajectories, shards, checkpoints, eval, metrics.jsonl, tensorboard, and
@@ -33,6 +37,7 @@ from typing import Any, Callable
 
 from tensorboardX import SummaryWriter
 
+from dagger_jax import policies
 from dagger_jax.dagger import collector, schedule
 from dagger_jax.data import shards as shards_lib
 from dagger_jax.data import tokenizer as tokenizer_lib
@@ -40,11 +45,10 @@ from dagger_jax.data.trajectory import Trajectory, read_jsonl
 from dagger_jax.envs import tasks as tasks_lib
 from dagger_jax.envs.sandbox import check_available
 from dagger_jax.envs.tasks import toy
-from dagger_jax.errors import ConfigError, NotBuiltError
-from dagger_jax.model import loader
+from dagger_jax.errors import ConfigError
+from dagger_jax.model import loader, reshard
 from dagger_jax.model.params_io import model_from_params
 from dagger_jax.model.qwen3 import Qwen3Config
-from dagger_jax.policies.jax_policy import JaxPolicy
 from dagger_jax.policies.oracle import OracleTeacher
 from dagger_jax.rundir import RunDir, parent_of
 from dagger_jax.train import trainer
@@ -190,13 +194,6 @@ def evaluate(config, workdir, round_index, student, tokenizer, eval_tasks) -> di
   return summary
 
 
-def _student(config, model, tokenizer):
-
-  return JaxPolicy(model, tokenizer, config.sampler, enable_thinking=config.data.enable_thinking,
-                   seed=config.seed, max_prompt_len=config.model.max_position_embeddings
-                   - config.sampler.max_new_tokens)
-
-
 def acting_model(config, workdir, round_index):
   """The student acting in round r: round r-1's last checkpoint, for round 0 the base model
   (`config.model.init_from`: HF or Orbax) or a random init from `config.seed` (the model round 0's
@@ -208,14 +205,10 @@ def acting_model(config, workdir, round_index):
   return loader.load_model(source, model_config, seed=int(config.seed))
 
 
-def _check_supported(config) -> None:
-  """Config values the schema accepts but this loop does not run yet."""
-  if config.teacher.kind != "oracle":
-    raise NotBuiltError(f"config.teacher.kind={config.teacher.kind!r}: only the scripted "
-                        f"'oracle' teacher is built so far")
-  if config.rollout.engine != "jax":
-    raise NotBuiltError(f"config.rollout.engine={config.rollout.engine!r}: only the "
-                        f"in-process 'jax' sampler is built so far")
+def weights_version(round_index: int) -> str:
+  """The name of the student weights trained in round r (`-1`: the base model round 0 acts
+  with); a rollout server loads and reports this version."""
+  return "base" if round_index < 0 else f"round_{round_index:03d}"
 
 
 def _evaluated(config, round_index: int) -> bool:
@@ -240,19 +233,21 @@ def _label_target(config, round_index: int) -> int | None:
 
 def run(config: Any, *, progress: bool = True) -> list[dict]:
   """Runs (or resumes) every round in `config.workdir`; returns one metrics dict per round."""
-  _check_supported(config)
   check_available(config.env)  # a missing tool fails the run here, not once per episode
+  teacher = policies.make_teacher(config)  # a bad teacher config fails here too
+  if config.rollout.engine == "jax" and config.rollout.mesh:
+    reshard.rollout_mesh(config)  # and a bad rollout mesh
   workdir = config.workdir
   os.makedirs(workdir, exist_ok=True)
   d = config.dagger
   train_tasks, eval_tasks = load_or_make_tasks(config, workdir)
-  teacher = OracleTeacher()
   betas = [schedule.beta(r, d) for r in range(d.rounds)]
 
   tokenizer = ensure_tokenizer(config, workdir, tokenizer_corpus(config, train_tasks, progress))
   run_dir = RunDir(workdir)
   run_dir.write_run_file(config, tokenizer_lib.files_dir(tokenizer))
   writer = SummaryWriter(run_dir.tensorboard)
+  engine = policies.make_student(config, tokenizer, run_dir)
   metrics_path = run_dir.metrics
   done_rows: dict[int, dict] = {}
   if os.path.exists(metrics_path):
@@ -275,7 +270,8 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
       t0 = time.time()
       student = None
       if beta < 1:
-        student = _student(config, model or acting_model(config, workdir, r), tokenizer)
+        student = engine.policy(model or acting_model(config, workdir, r),
+                                weights_version(r - 1))
       target = _label_target(config, r)
       trajs, stats = _collect_round(config, workdir, r, beta, train_tasks, used_tasks, teacher,
                                     student, tokenizer,
@@ -295,7 +291,7 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
       train_s = time.time() - t0 - collect_s - render_s
       ev = {"resolve_rate": None, "resolved": None, "episodes": None, "submitted": None}
       if _evaluated(config, r):
-        ev = evaluate(config, workdir, r, _student(config, model, tokenizer), tokenizer,
+        ev = evaluate(config, workdir, r, engine.policy(model, weights_version(r)), tokenizer,
                       eval_tasks)
       labels = sum(len(t.turns) for t in trajs)
       used_tasks += len(trajs)
@@ -314,6 +310,9 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
              "eval_resolve_rate": ev["resolve_rate"], "eval_resolved": ev["resolved"],
              "eval_episodes": ev["episodes"], "eval_submitted": ev["submitted"],
              "eval_split": config.dagger.eval_split, "collect": stats.summary(),
+             "teacher_calls": sum(t.outcome.teacher_calls for t in trajs),
+             "teacher_usage": teacher.reset_stats(),
+             "label_failures": sum(t.outcome.failure is not None for t in trajs),
              "collect_s": round(collect_s, 1), "render_s": round(render_s, 1),
              "train_s": round(train_s, 1),
              "eval_s": round(time.time() - t0 - collect_s - render_s - train_s, 1)}
@@ -332,5 +331,6 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
       for k, v in row["interventions"].items():
         writer.add_scalar(f"dagger/interventions/{k}", v, r)
   finally:
+    engine.close()
     writer.close()
   return results

@@ -50,3 +50,8 @@ class Policy(abc.ABC):
   @abc.abstractmethod
   def act(self, views: Sequence[EpisodeView]) -> list[Action]:
     ...
+
+  def reset_stats(self) -> dict[str, Any]:
+    """What acting cost since the last call (e.g. a remote teacher's calls and tokens), then
+    zeroed; the loop records it per round. Policies that cost nothing countable return {}."""
+    return {}
