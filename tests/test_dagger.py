@@ -212,6 +212,8 @@ def test_demo_end_to_end_and_resume(config, tmp_path, capsys):
     for r in (0, 1):
       want = runs["dagger"][r]["labels_cumulative"]
       assert abs(rows[r]["labels_cumulative"] - want) <= 0.05 * want, (m, r)
+    assert summary["methods"][m]["teacher"]["calls"] == sum(r["teacher_calls"] for r in rows) > 0
+    assert summary["methods"][m]["teacher"]["prompt_tokens"] == 0  # the oracle costs no tokens
     if m != "dagger":  # the three methods share round 0: copied, not redone
       assert rows[0]["copied_from"].endswith("dagger_seed0")
       assert {k: v for k, v in rows[0].items() if k != "copied_from"} == runs["dagger"][0]

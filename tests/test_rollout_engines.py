@@ -72,3 +72,23 @@ def test_no_server_is_a_clear_error(tmp_path):
   c.dagger.beta0 = 0.5  # round 0 needs the student at once
   with pytest.raises(DaggerJaxError, match="dagger-jax serve"):
     loop.run(c, progress=False)
+
+
+def test_a_dagger_round_with_a_teacher_over_http(tmp_path, monkeypatch):
+  """teacher.kind=openai through the config: the loop's teacher is an OpenAI-compatible endpoint
+  (a scripted teacher served over HTTP, with a key in an environment variable); the round's
+  episodes resolve, and its calls and tokens land in metrics.jsonl."""
+  from scripted_teacher_server import MODEL, ScriptedTeacherServer
+  monkeypatch.setenv("DAGGER_JAX_TEST_TEACHER_KEY", "sk-test")
+  with ScriptedTeacherServer(api_key="sk-test") as server:
+    c = _config(str(tmp_path))
+    c.dagger.rounds, c.dagger.eval_episodes = 1, 1
+    c.env.max_turns = 6
+    c.teacher.kind, c.teacher.url, c.teacher.model = "openai", server.url, MODEL
+    c.teacher.api_key_env = "DAGGER_JAX_TEST_TEACHER_KEY"
+    row, = loop.run(c, progress=False)
+  assert row["train_resolved"] == row["episodes_this_round"] == 3
+  assert row["teacher_calls"] == row["labels_this_round"] == row["teacher_usage"]["calls"]
+  assert row["teacher_usage"]["prompt_tokens"] == server.usage_sent["prompt_tokens"] > 0
+  assert row["teacher_usage"]["completion_tokens"] == server.usage_sent["completion_tokens"]
+  assert set(server.authorizations) == {"Bearer sk-test"}

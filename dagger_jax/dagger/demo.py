@@ -223,7 +223,8 @@ def summarize(results: dict[str, list[list[dict]]], wall_s: float) -> dict[str, 
         "teacher_labels": statistics.mean(cumulative_labels(run)[-1] for run in runs),
         "trained_tokens": statistics.mean(run[-1].get("trained_tokens_aggregate", 0)
                                           for run in runs),
-        "steps": sum(row.get("steps", 0) for row in runs[0])}
+        "steps": sum(row.get("steps", 0) for row in runs[0]),
+        "teacher": _teacher_cost(runs)}
   out["heldout_tasks"] = n
   out["seeds"] = len(results["dagger"])
   if "sft" in results:
@@ -240,6 +241,16 @@ def summarize(results: dict[str, list[list[dict]]], wall_s: float) -> dict[str, 
                                "dagger_ahead_every_seed": all(g > 0 for g in gaps)}
   out["wall_s"] = round(wall_s, 1)
   return out
+
+
+def _teacher_cost(runs: list[list[dict]]) -> dict[str, float]:
+  """Teacher calls and (for a remote teacher) prompt and completion tokens, summed over a run's
+  rounds, mean over seeds (`teacher_calls`, `teacher_usage` in metrics.jsonl)."""
+  def total(run: list[dict], key: str) -> float:
+    return sum((row.get("teacher_usage") or {}).get(key, 0) if key != "calls" else
+               row.get("teacher_calls", 0) for row in run)
+  return {k: statistics.mean(total(run, k) for run in runs)
+          for k in ("calls", "prompt_tokens", "completion_tokens")}
 
 
 def _split_name(results: dict[str, list[list[dict]]]) -> str:
