@@ -39,6 +39,8 @@ VERBS: dict[tuple[str, ...], tuple[str, str]] = {
                   "Run DAgger rounds: collect -> aggregate -> train -> sync weights -> evaluate."),
     ("train",): ("dagger_jax.train.cli:train",
                  "Train the student by SFT on one or more shard directories."),
+    ("plan",): ("dagger_jax.train.cli:plan",
+                "Memory and step-time plan of a training config on a mesh; allocates nothing."),
     ("import-hf",): ("dagger_jax.model.cli:import_hf",
                      "Convert a HF Qwen3 checkpoint directory into an Orbax checkpoint."),
     ("export-hf",): ("dagger_jax.model.cli:export_hf",

@@ -33,6 +33,7 @@ def _cases(tmp: str, tasks_file: str) -> list[tuple[str, list[str], str]]:
       "export-hf": ["export-hf", "--ckpt", tmp, "--out", f"{tmp}/hf"],
       "generate": ["generate", "--ids", "1 2"],
       "serve": ["serve", "--model", tmp, "--port", "0"],
+      "plan": ["plan", "--mesh", "data=1,fsdp=1,tensor=1", "--device", "cpu", "--no-compile"],
       "import-trajectories": ["import-trajectories", tmp, "--out", f"{tmp}/r.jsonl"],
       "shards build": ["shards", "build", "--trajectories", tasks_file, "--out", f"{tmp}/s"],
       "shards inspect": ["shards", "inspect", tmp],
@@ -78,6 +79,9 @@ def _cases(tmp: str, tasks_file: str) -> list[tuple[str, list[str], str]]:
       # a flag never repeats a config key; the old spelling names the new one
       ("train: --workdir", verbs["train"][:-1] + ["--workdir", f"{tmp}/train"],
        "write --config.workdir=DIR, not --workdir DIR"),
+      ("plan: a mesh the batch does not divide",
+       ["plan", "--mesh", "fsdp=3", "--no-compile", "--config.train.batch_size=8"],
+       "must be a multiple of config.train.grad_accum=1 x mesh data*fsdp=3"),
       ("serve: missing dir", ["serve", "--model", MISSING, "--port", "0"],
        f"{MISSING}: no such checkpoint directory"),
       ("import-trajectories: missing file",

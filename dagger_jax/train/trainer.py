@@ -223,6 +223,12 @@ class Trainer:
     with jax.set_mesh(self.mesh):
       return self._step(state, batch)
 
+  def lower_step(self, batch: dict[str, jax.ShapeDtypeStruct]) -> jax.stages.Lowered:
+    """The jitted step lowered for the abstract state and `batch` (shapes with shardings):
+    nothing is allocated or run. `dagger-jax plan` compiles it for XLA's memory analysis."""
+    with jax.set_mesh(self.mesh):
+      return self._step.lower(self.abstract_state, batch)
+
 
 # ------------------------------------------------------------------------------- the training run
 

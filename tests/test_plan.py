@@ -1,0 +1,171 @@
+"""`dagger-jax plan`: exact state bytes, the compiler's figures scaled per layer, the verdict.
+
+Times (2 CPU cores): compiling the paper configs' step at their 32768 tokens takes ~1 min per
+depth even at 1 layer (the attention is unrolled over 128-token blocks), so the tests plan the
+paper configs at 32768 tokens from shapes (`--no-compile`: the exact state, which does not depend
+on the compiler) and compile them (at 1 and 2 layers, scaled to 36) at 4096 tokens (slow).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from dagger_jax import configlib
+from dagger_jax.errors import UsageError
+from dagger_jax.model.qwen3 import Qwen3Config
+from dagger_jax.train import cli as train_cli
+from dagger_jax.train import plan as P
+
+PAPER = ("qwen3_4b_swe", "qwen3_8b_swe")
+MESH_64 = "data=1,fsdp=64,tensor=1"
+
+
+def run_plan(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [configlib.REPO_ROOT, *filter(None, [os.environ.get("PYTHONPATH")])]))
+  return subprocess.run([sys.executable, "-m", "dagger_jax.cli", "plan", *args],
+                        capture_output=True, text=True, timeout=timeout, env=env,
+                        cwd=configlib.REPO_ROOT)
+
+
+def paper(name: str):
+  return configlib.load(f"{configlib.REPO_ROOT}/configs/{name}.py")
+
+
+def expected_state(model_config, fsdp: int) -> dict[str, int]:
+  """Per-device bytes from the parameter count: every matrix has the model dimension, which
+  fsdp shards; the RMSNorm scales (2 of d and 2 of head_dim per layer, the final d) are
+  replicated. Float32 params; Adam's mu and nu in the param dtype plus its int32 step count."""
+  c = Qwen3Config.from_config(model_config)
+  assert c.param_dtype == "float32" and c.hidden_size % fsdp == 0
+  replicated = c.num_layers * (2 * c.hidden_size + 2 * c.head_dim) + c.hidden_size
+  matrices = c.num_params() - replicated
+  params = 4 * (matrices // fsdp + replicated)
+  return {"params": params, "opt_state": 2 * params + 4, "grads": params}
+
+
+def tiny(layers: int = 6, max_len: int = 512):
+  config = configlib.load(f"{configlib.REPO_ROOT}/configs/base.py")
+  config.model.num_layers, config.data.max_len = layers, max_len
+  config.train.batch_size, config.mesh.data, config.mesh.fsdp = 16, 1, 8
+  return config
+
+
+# --------------------------------------------------------------------------------- the mesh
+
+
+def test_mesh_flag_overrides_and_errors_name_the_flag():
+  assert P.resolve_mesh("data=1,fsdp=64,tensor=1", None) == {"data": 1, "fsdp": 64, "tensor": 1}
+  assert P.resolve_mesh("fsdp=8", None) == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert P.resolve_mesh(None, tiny().mesh) == {"data": 1, "fsdp": 8, "tensor": 1}
+  for spec, needle in [("fsdp=x", "--mesh fsdp=x"), ("fsdp=-1", "--num-devices"),
+                       ("pipe=2", "unknown axis")]:
+    with pytest.raises(UsageError, match=needle):
+      P.resolve_mesh(spec, None)
+  with pytest.raises(UsageError, match="--mesh data=1,fsdp=64"):  # paper configs: fsdp=-1
+    P.resolve_mesh(None, paper("qwen3_8b_swe").mesh)
+  assert P.resolve_mesh(None, paper("qwen3_8b_swe").mesh, 16)["fsdp"] == 16
+
+
+# ------------------------------------------------------------------ compiled, in this process
+
+
+def test_reduced_depth_scales_to_the_full_depth_compile():
+  """Compiling 1 and 2 layers and scaling per layer gives the full-depth compile's figures."""
+  config = tiny(layers=6)
+  full = P.make_plan(config, device="cpu", full_depth=True)
+  scaled = P.make_plan(config, device="cpu")
+  assert full.compiler["compiled_layers"] == [6] and scaled.compiler["compiled_layers"] == [1, 2]
+  for k in ("argument", "output", "alias"):  # linear in the layers: exactly
+    assert scaled.compiler[k] == full.compiler[k], k
+  assert abs(scaled.compiler["temp"] - full.compiler["temp"]) <= 0.02 * full.compiler["temp"]
+  assert scaled.compiler_flops == pytest.approx(full.compiler_flops, rel=0.01)
+  for p in (full, scaled):
+    pd = p.per_device_bytes
+    assert pd == {**pd, **expected_state(config.model, 8)}
+    assert sum(pd[k] for k in ("params", "opt_state", "grads", "activations", "other")) == \
+        pd["total"]
+    c = p.compiler
+    assert pd["total"] == c["argument"] + c["output"] - c["alias"] + c["temp"] + c[
+        "generated_code"]
+    assert pd["activations"] >= p.attention["probs"] + p.attention["mask_bias"] > 0
+    assert p.fits and not p.fixes
+
+
+def test_verb_prints_json_and_exits_0_when_it_fits(capsys):
+  args = argparse.Namespace(mesh="data=2,fsdp=4,tensor=1", num_devices=None, device="h100",
+                            mfu=0.5, json=True, no_compile=False, full_depth=False)
+  assert train_cli.plan(args, tiny(layers=2, max_len=256)) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert out["fits"] is True and out["mesh"] == {"data": 2, "fsdp": 4, "tensor": 1}
+  assert out["device_bytes"] == 80 * 2 ** 30 and out["step_flops"] > 0
+  assert set(out["per_device_bytes"]) >= {"params", "opt_state", "grads", "activations", "total"}
+  assert out["step_time_s"] == pytest.approx(
+      out["step_flops"] / (8 * 989e12 * 0.5), rel=1e-6)
+
+
+# ------------------------------------------------------------ the paper configs, 64 devices
+
+
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_config_state_on_64_devices(name):
+  """At 32768 tokens, in a child process with 64 simulated devices (this one has 8)."""
+  config = paper(name)
+  p = P.make_plan(config, mesh=MESH_64, device="v5p", use_compiler=False)
+  pd = p.per_device_bytes
+  assert pd == {**pd, **expected_state(config.model, 64)}
+  assert p.batch["rows_per_device"] == 1 and p.batch["max_len"] == 32768
+  # no remat, no flash attention: every layer's float32 probabilities are kept
+  assert "no remat setting" in p.remat
+  assert pd["activations"] > p.attention["probs"] > 36 * 32 * 32768 ** 2 // 2 * 4
+  assert not p.fits and any("max_len" in f for f in p.fixes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", PAPER)
+def test_paper_config_compiled_on_64_devices(name):
+  """The real step compiled at 1 and 2 layers on 64 simulated devices (4096 tokens: see the
+  module docstring), through the command line; the scaled arguments are the exact state."""
+  out = run_plan("--config", f"configs/{name}.py", "--config.data.max_len=4096",
+                 "--mesh", MESH_64, "--device", "v5p", "--json")
+  plan = json.loads(out.stdout)
+  assert out.returncode == (0 if plan["fits"] else 1), out.stderr
+  pd, c = plan["per_device_bytes"], plan["compiler"]
+  assert pd == {**pd, **expected_state(paper(name).model, 64)}
+  assert c["compiled_layers"] == [1, 2]
+  scalars_and_batch = c["argument"] - pd["params"] - pd["opt_state"]
+  # the int32 step, the uint32[2] rng, and one row of the batch: 5 int32 fields and the uint8
+  # loss mask (label_ids only count with normalize=turn; jit drops an unused argument)
+  assert paper(name).train.normalize == "token"
+  assert scalars_and_batch == 4 + 8 + 4096 * (5 * 4 + 1)
+  assert pd["activations"] > plan["attention"]["probs"]
+  assert plan["compiler_flops"] > 0.4 * plan["step_flops"]
+
+
+# ------------------------------------------------------------------------------- the verdict
+
+
+def test_does_not_fit_exits_1_naming_the_fixes():
+  """8B with float32 params and Adam on one H100: the state alone (~122 GiB) cannot fit, so
+  nothing is compiled; through the command line (one device: planned in the verb's process)."""
+  out = run_plan("--config", "configs/qwen3_8b_swe.py", "--mesh", "data=1,fsdp=1,tensor=1",
+                 "--device", "h100")
+  assert out.returncode == 1, out.stderr
+  assert "DOES NOT FIT" in out.stdout
+  message = out.stderr.strip().splitlines()[-1]
+  assert message.startswith("dagger-jax plan: qwen3_8b_swe does not fit")
+  for fix in ("more fsdp", "--mesh data=1,fsdp=", "param_dtype=bfloat16", "max_len"):
+    assert fix in message, fix
+  out = run_plan("--config", "configs/qwen3_8b_swe.py", "--mesh", "data=1,fsdp=1,tensor=1",
+                 "--device", "h100", "--json")
+  assert out.returncode == 1
+  plan = json.loads(out.stdout)
+  assert plan["fits"] is False and plan["compiler"] is None and plan["fixes"]
+  assert plan["per_device_bytes"]["params"] == expected_state(paper("qwen3_8b_swe").model, 1)[
+      "params"]
