@@ -24,7 +24,3 @@ class ConfigError(DaggerJaxError, ValueError):
 
 class UsageError(DaggerJaxError, ValueError):
   """A command-line argument is missing or invalid; the message names the flag."""
-
-
-class NotBuiltError(DaggerJaxError, NotImplementedError):
-  """A config value the schema accepts but this version does not run yet; names the key."""
