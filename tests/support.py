@@ -4,6 +4,7 @@ scripted stand-in student (the environment, teacher and grading around it are al
 from __future__ import annotations
 
 import dataclasses
+import socket
 
 from configs import base as base_config
 from configs import demo as demo_config
@@ -73,3 +74,10 @@ class Scripted(Policy):
   def act(self, views):
     self.calls += 1
     return [Action(self.text, tuple(self.text.encode())) for _ in views]
+
+
+def free_port() -> int:
+  """A TCP port on 127.0.0.1 that nothing listens on right now."""
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]

@@ -15,7 +15,6 @@ import copy
 import json
 import os
 import shutil
-import socket
 import tempfile
 
 # Before minisweagent / litellm are imported: litellm fetches its model-cost map from the internet
@@ -337,19 +336,13 @@ def test_how_a_run_ended_is_its_outcome(scripted, status, extra, failure):
   assert traj.outcome.failure == failure
 
 
-def _closed_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_a_run_that_crashed_before_any_reply_is_refused(task, tmp_path, capsys):
   """The model's endpoint is down: mini-swe-agent records the exception and re-raises it."""
   repo = str(tmp_path / "repo")
   materialize(task, repo)
   model = LitellmTextbasedModel(
       model_name="openai/none", cost_tracking="ignore_errors", **model_templates(),
-      model_kwargs={"api_base": f"http://127.0.0.1:{_closed_port()}/v1", "api_key": "unused",
+      model_kwargs={"api_base": f"http://127.0.0.1:{support.free_port()}/v1", "api_key": "unused",
                     "max_retries": 0})
   path = tmp_path / "down.traj.json"
   agent = DefaultAgent(model, local_env(repo), **agent_kwargs(step_limit=3, output_path=path))

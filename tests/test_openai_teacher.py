@@ -10,7 +10,6 @@ from __future__ import annotations
 import email.utils
 import logging
 import os
-import socket
 import threading
 import time
 
@@ -72,11 +71,6 @@ def first_view(task: dict) -> EpisodeView:
                             {"role": "user",
                              "content": protocol.instance_prompt(task["problem_statement"])}], [])
 
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 # --- labels and the protocol
@@ -199,7 +193,7 @@ def test_a_reply_that_is_not_a_chat_completion_is_retried(server, tasks):
 
 
 def test_connection_errors_are_retried_then_end_the_episode(tasks):
-  url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens there
+  url = f"http://127.0.0.1:{support.free_port()}/v1"  # nothing listens there
   policy = make_policy(url, request_retries=2)
   with pytest.raises(LabelError, match="ConnectionError") as e:
     policy.act([first_view(tasks[0])])

@@ -20,12 +20,6 @@ from dagger_jax.rundir import RunDir
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-  import socket
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def _config(workdir: str):
   c = support.tiny_loop(rounds=2, episodes=3, steps=3, n_train=6, n_eval=2)
@@ -33,7 +27,7 @@ def _config(workdir: str):
   return c
 
 
-def _records(run: RunDir, path: str) -> list[dict]:
+def _records(path: str) -> list[dict]:
   rows = [json.loads(line) for line in open(path, encoding="utf-8")]
   return sorted(rows, key=lambda r: r["id"])
 
@@ -45,18 +39,18 @@ def test_a_served_student_writes_the_same_run_as_the_in_process_one(tmp_path):
   served = RunDir(str(tmp_path / "sglang"))
   c = _config(served.root)
   c.rollout.engine = "sglang"
-  c.rollout.sglang_url = f"http://127.0.0.1:{_free_port()}"
+  c.rollout.sglang_url = f"http://127.0.0.1:{support.free_port()}"
   buckets = ",".join(str(b) for b in c.sampler.length_buckets)
   c.rollout.sglang_launch = (f"{sys.executable} -m dagger_jax.cli serve --model {{model}} "
                              f"--port {{port}} --config.sampler.length_buckets=({buckets})")
   rows = loop.run(c, progress=False)
 
   for r in range(2):
-    assert (_records(served, served.trajectories(r)) ==
-            _records(jax_run, jax_run.trajectories(r))), f"round {r} trajectories differ"
-    assert (_records(served, served.eval_episodes(r)) ==
-            _records(jax_run, jax_run.eval_episodes(r))), f"round {r} evaluation differs"
-  assert any(t["actor"] == "student" for rec in _records(served, served.trajectories(1))
+    assert (_records(served.trajectories(r)) ==
+            _records(jax_run.trajectories(r))), f"round {r} trajectories differ"
+    assert (_records(served.eval_episodes(r)) ==
+            _records(jax_run.eval_episodes(r))), f"round {r} evaluation differs"
+  assert any(t["actor"] == "student" for rec in _records(served.trajectories(1))
              for t in rec["turns"])  # the served student did act
   log = open(served.sglang_log, encoding="utf-8").read()  # the launched server's, in the run
   assert "version 'round_000'" in log and "version 'round_001'" in log, log[-2000:]
@@ -67,7 +61,7 @@ def test_a_served_student_writes_the_same_run_as_the_in_process_one(tmp_path):
 def test_no_server_is_a_clear_error(tmp_path):
   c = _config(str(tmp_path))
   c.rollout.engine = "sglang"
-  c.rollout.sglang_url = f"http://127.0.0.1:{_free_port()}"
+  c.rollout.sglang_url = f"http://127.0.0.1:{support.free_port()}"
   c.rollout.startup_timeout_s = 1.0
   c.dagger.beta0 = 0.5  # round 0 needs the student at once
   with pytest.raises(DaggerJaxError, match="dagger-jax serve"):

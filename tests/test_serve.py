@@ -367,11 +367,6 @@ def test_chat_completions_equal_the_sampler_on_the_chat_template(server, dirs):
 
 # ----------------------------------------------------------------------------- CLI
 
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 def test_cli_errors_are_one_line(dirs, capsys):
   demo = f"{configlib.REPO_ROOT}/configs/demo.py"
@@ -392,7 +387,7 @@ def test_cli_errors_are_one_line(dirs, capsys):
 
 
 def test_cli_serves_an_orbax_checkpoint_until_terminated(dirs):
-  port = _free_port()
+  port = support.free_port()
   argv = [sys.executable, "-m", "dagger_jax.cli", "serve", "--config",
           f"{configlib.REPO_ROOT}/configs/base.py", "--model", dirs["orbax"], "--port", str(port),
           "--config.sampler.max_new_tokens=4"]

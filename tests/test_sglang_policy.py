@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -275,11 +274,6 @@ def fast_backoff(monkeypatch):
   monkeypatch.setattr(sglang, "BACKOFF_S", 0.01)
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
 
 # ----------------------------------------------------------------------------- acting
 
@@ -374,7 +368,7 @@ def test_5xx_after_every_retry_is_a_clear_error(fake, tok, views, fast_backoff):
 
 
 def test_unreachable_url_fails_fast_naming_the_fix(tok, views):
-  url = f"http://127.0.0.1:{free_port()}"
+  url = f"http://127.0.0.1:{support.free_port()}"
   c = make_config(request_retries=2)
   start = time.monotonic()
   with pytest.raises(SGLangError) as e:
@@ -542,7 +536,7 @@ def script(tmp_path):
 
 
 def test_launched_server_starts_logs_and_is_gone_after_close(script, tmp_path):
-  url, log_path = f"http://127.0.0.1:{free_port()}", str(tmp_path / "logs" / "sglang.log")
+  url, log_path = f"http://127.0.0.1:{support.free_port()}", str(tmp_path / "logs" / "sglang.log")
   template = "{python} " + script + " {port} serve {model}"
   with LaunchedServer(template, str(tmp_path / "my model"), url, log_path, 30.0) as server:
     assert server.command() == [sys.executable, script, url.rsplit(":", 1)[1], "serve",
@@ -557,7 +551,7 @@ def test_launched_server_starts_logs_and_is_gone_after_close(script, tmp_path):
 
 
 def test_launched_server_that_ignores_sigterm_is_killed(script, tmp_path):
-  url, log_path = f"http://127.0.0.1:{free_port()}", str(tmp_path / "sglang.log")
+  url, log_path = f"http://127.0.0.1:{support.free_port()}", str(tmp_path / "sglang.log")
   server = LaunchedServer("{python} " + script + " {port} stubborn {model}", "m", url, log_path,
                           30.0)
   server.GRACE_S = 0.5
@@ -570,7 +564,7 @@ def test_launched_server_that_ignores_sigterm_is_killed(script, tmp_path):
 
 def test_launched_server_dropped_without_close_is_stopped(script, tmp_path):
   import gc
-  url, log_path = f"http://127.0.0.1:{free_port()}", str(tmp_path / "sglang.log")
+  url, log_path = f"http://127.0.0.1:{support.free_port()}", str(tmp_path / "sglang.log")
   pid = LaunchedServer("{python} " + script + " {port} serve {model}", "m", url, log_path,
                        30.0).start().pid
   gc.collect()
@@ -580,7 +574,7 @@ def test_launched_server_dropped_without_close_is_stopped(script, tmp_path):
 def test_no_launched_server_outlives_a_killed_run(script, tmp_path):
   """The launching process dies by SIGKILL (no atexit, no finalizer): the watchdog in the
   server's process group stops the server and its children."""
-  url, log_path = f"http://127.0.0.1:{free_port()}", str(tmp_path / "sglang.log")
+  url, log_path = f"http://127.0.0.1:{support.free_port()}", str(tmp_path / "sglang.log")
   template = "{python} " + script + " {port} serve {model}"
   code = (f"import os, signal, sys\nsys.path[:0] = {sys.path!r}\n"
           f"from dagger_jax.policies.launch import LaunchedServer\n"
@@ -595,7 +589,7 @@ def test_no_launched_server_outlives_a_killed_run(script, tmp_path):
 
 def test_launch_failures_are_clear(script, tmp_path, fake):
   log_path = str(tmp_path / "sglang.log")
-  url = f"http://127.0.0.1:{free_port()}"
+  url = f"http://127.0.0.1:{support.free_port()}"
   start = time.monotonic()
   with pytest.raises(SGLangError, match=r"(?s)exited with code 3 .*Last lines of .*child \d+"):
     LaunchedServer("{python} " + script + " {port} exit {model}", "m", url, log_path,
@@ -660,7 +654,7 @@ def test_against_dagger_jax_serve_equal_updated_refused_and_stale(exports, model
 
 
 def test_launched_dagger_jax_serve_answers_logs_and_is_gone(exports, model, tok, views, tmp_path):
-  url, log_path = f"http://127.0.0.1:{free_port()}", str(tmp_path / "sglang.log")
+  url, log_path = f"http://127.0.0.1:{support.free_port()}", str(tmp_path / "sglang.log")
   template = "{python} -m dagger_jax.cli serve --model {model} --port {port}"
   c = make_config(concurrency=4)
   with LaunchedServer(template, exports["a"], url, log_path, 300.0).start() as server:
@@ -695,7 +689,7 @@ def test_real_sglang_greedy_equals_our_sampler_and_updates(tmp_path, tok, views)
   with jax.default_matmul_precision("float32"):
     want = [jax_actions(m, tok, c, views) for m in models]
   assert want[0] != want[1] and no_other_stops(want[0] + want[1], dirs[0], tok)
-  url = f"http://127.0.0.1:{free_port()}"
+  url = f"http://127.0.0.1:{support.free_port()}"
   with LaunchedServer(SGLANG_LAUNCH, dirs[0], url, str(tmp_path / "sglang.log"), 600.0):
     policy = SGLangPolicy(url, tok, c.sampler, c.rollout, expected_version="default")
     assert [a.ids for a in policy.act(views)] == [a.ids for a in want[0]]

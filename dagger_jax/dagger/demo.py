@@ -245,12 +245,12 @@ def summarize(results: dict[str, list[list[dict]]], wall_s: float) -> dict[str, 
 
 def _teacher_cost(runs: list[list[dict]]) -> dict[str, float]:
   """Teacher calls and (for a remote teacher) prompt and completion tokens, summed over a run's
-  rounds, mean over seeds (`teacher_calls`, `teacher_usage` in metrics.jsonl)."""
-  def total(run: list[dict], key: str) -> float:
-    return sum((row.get("teacher_usage") or {}).get(key, 0) if key != "calls" else
-               row.get("teacher_calls", 0) for row in run)
-  return {k: statistics.mean(total(run, k) for run in runs)
-          for k in ("calls", "prompt_tokens", "completion_tokens")}
+  rounds, mean over seeds (`teacher_calls`, `teacher_usage` in metrics.jsonl; rows written
+  before these were recorded count 0)."""
+  per_run = [{"calls": sum(row.get("teacher_calls", 0) for row in run),
+              **{k: sum(row.get("teacher_usage", {}).get(k, 0) for row in run)
+                 for k in ("prompt_tokens", "completion_tokens")}} for run in runs]
+  return {k: statistics.mean(r[k] for r in per_run) for k in per_run[0]}
 
 
 def _split_name(results: dict[str, list[list[dict]]]) -> str:

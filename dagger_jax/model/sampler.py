@@ -85,7 +85,7 @@ def bucket(n: int, buckets: Sequence[int] | None) -> int:
   (512, 1536, 512)
   """
   if not buckets:
-    return max(128, _pow2(n))
+    return max(128, pow2(n))
   for b in sorted(buckets):
     if b >= n:
       return b
@@ -93,7 +93,8 @@ def bucket(n: int, buckets: Sequence[int] | None) -> int:
   return -(-n // top) * top
 
 
-def _pow2(n: int) -> int:
+def pow2(n: int) -> int:
+  """The smallest power of two >= n (batch sizes are padded to one: one program per size)."""
   return 1 << max(n - 1, 0).bit_length()
 
 
@@ -357,7 +358,7 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
   call = _Call(graphdef_state=nnx.split(model), max_new_tokens=np.int32(max_new_tokens),
                is_stop_v=is_stop_v, temperature=np.float32(temperature or 1.0),
                top_k=np.int32(top_k), top_p=np.float32(top_p), key=jax.random.key(seed),
-               buffer=max(_pow2(max_new_tokens), 8),
+               buffer=max(pow2(max_new_tokens), 8),
                mode=_Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1))
 
   n = len(prompts)
@@ -420,7 +421,7 @@ def _run_padded(call: _Call, prompts, rows, length_buckets, keep_cache=False):
   """Whole prompts, left-padded to one bucket -> (tokens, logprobs, steps, kv_of(j, fed) or
   None without `keep_cache`); `rows` are the prompts' indices in the caller's list."""
   n = len(prompts)
-  b = _pow2(n)
+  b = pow2(n)
   p = bucket(max(len(x) for x in prompts), length_buckets)
   tokens_bp = np.zeros((b, p), np.int32)
   prompt_lens_b = np.ones((b,), np.int32)  # dummy rows: one token, never recorded
@@ -446,10 +447,10 @@ def _run_extend(call: _Call, prompts, hits, rows, length_buckets):
   """Prompts whose first tokens are cached (`hits`: PrefixCache.lookup's answers): only the rest
   is prefilled (`_generate_extend`) -> (tokens, logprobs, steps, kv_of(j, fed))."""
   n = len(prompts)
-  b = _pow2(n)
+  b = pow2(n)
   lens = [common for _, common in hits]
   p = bucket(max(lens), length_buckets)
-  m = max(_pow2(max(len(x) - c for x, c in zip(prompts, lens))), 32)
+  m = max(pow2(max(len(x) - c for x, c in zip(prompts, lens))), 32)
   layers, two, kv_heads, _, head = hits[0][0].shape
   prefix_kv = np.zeros((layers, two, b, kv_heads, p, head), hits[0][0].dtype)
   tokens_bm = np.zeros((b, m), np.int32)

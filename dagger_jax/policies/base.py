@@ -15,6 +15,9 @@ import abc
 import dataclasses
 from typing import Any, Sequence
 
+from transformers import PreTrainedTokenizerBase
+
+from dagger_jax.data import render
 from dagger_jax.data.trajectory import Action
 from dagger_jax.errors import DaggerJaxError
 
@@ -34,6 +37,27 @@ class EpisodeView:
   messages: list[dict[str, str]]
   assistant_ids: list[tuple[int, ...] | None]
   env: Any = None
+
+
+def student_prompts(views: Sequence[EpisodeView], tokenizer: PreTrainedTokenizerBase,
+                    enable_thinking: bool, max_prompt_len: int | None) -> list[list[int]]:
+  """Each view's prompt ids as a sampling student sees them: `render.prompt_ids` (earlier student
+  turns as their exact ids), cut to the most recent `max_prompt_len` ids when it outgrows the
+  model. Every student engine builds its prompts here, so they all see the same tokens."""
+  prompts = [render.prompt_ids(v.messages, v.assistant_ids, tokenizer, enable_thinking)
+             for v in views]
+  return [p[-max_prompt_len:] for p in prompts] if max_prompt_len else prompts
+
+
+def student_actions(outputs: Sequence[Sequence[int]], tokenizer: PreTrainedTokenizerBase
+                    ) -> list[Action]:
+  """The sampled ids of each row as an `Action`: the end-of-turn id that stopped it stripped
+  (the trajectory contract), the text decoded from exactly those ids."""
+  actions = []
+  for ids in outputs:
+    ids = list(ids[:-1] if ids and ids[-1] == tokenizer.eos_token_id else ids)
+    actions.append(Action(tokenizer.decode(ids, skip_special_tokens=False), tuple(ids)))
+  return actions
 
 
 class LabelError(DaggerJaxError):

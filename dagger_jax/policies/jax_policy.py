@@ -19,11 +19,10 @@ from jax.sharding import Mesh
 
 from transformers import PreTrainedTokenizerBase
 
-from dagger_jax.data import render
 from dagger_jax.data.trajectory import Action
 from dagger_jax.model import sampler
 from dagger_jax.model.qwen3 import Qwen3
-from dagger_jax.policies.base import EpisodeView, Policy
+from dagger_jax.policies.base import EpisodeView, Policy, student_actions, student_prompts
 
 
 class JaxPolicy(Policy):
@@ -52,19 +51,11 @@ class JaxPolicy(Policy):
   def act(self, views: Sequence[EpisodeView]) -> list[Action]:
     if not views:
       return []
-    prompts = [render.prompt_ids(v.messages, v.assistant_ids, self.tokenizer, self.enable_thinking)
-               for v in views]
-    if self.max_prompt_len:  # keep the most recent context when a prompt outgrows the model
-      prompts = [p[-self.max_prompt_len:] for p in prompts]
+    prompts = student_prompts(views, self.tokenizer, self.enable_thinking, self.max_prompt_len)
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       result = self._generate(prompts, views)
     self.calls += 1
-    eos_id = self.tokenizer.eos_token_id
-    actions = []
-    for ids in result.tokens:
-      ids = ids[:-1] if ids and ids[-1] == eos_id else ids
-      actions.append(Action(self.tokenizer.decode(ids, skip_special_tokens=False), tuple(ids)))
-    return actions
+    return student_actions(result.tokens, self.tokenizer)
 
   def _generate(self, prompts, views) -> sampler.SampleResult:
     c = self.config

@@ -215,10 +215,6 @@ class _Row:
   done: threading.Event = dataclasses.field(default_factory=threading.Event)
 
 
-def _pow2(n: int) -> int:
-  return 1 << max(n - 1, 0).bit_length()
-
-
 @functools.partial(jax.jit, static_argnames="graphdef")
 def _token_logprobs(graphdef, state, tokens_bt):
   """log p(token t | tokens before t) for t >= 1 (right padding is never attended to)."""
@@ -231,7 +227,7 @@ def prompt_logprobs(model: Qwen3, prompts: list[list[int]], buckets) -> list[lis
   """Each prompt's token logprobs from its second token on: one forward over the batch, padded
   as the sampler pads (it holds [batch, length, vocab] logits: ~2.5 GB per 4k-token row of a
   Qwen3 vocabulary)."""
-  tokens_bt = np.zeros((_pow2(len(prompts)), sampler.bucket(max(map(len, prompts)), buckets)),
+  tokens_bt = np.zeros((sampler.pow2(len(prompts)), sampler.bucket(max(map(len, prompts)), buckets)),
                        np.int32)
   for i, p in enumerate(prompts):
     tokens_bt[i, :len(p)] = p
@@ -478,7 +474,7 @@ class Server:
     mode = ("greedy",) if greedy else (sampling["temperature"], top_p, sampling["top_k"],
                                        None if seed is None else group)
     return _Row(prompt=list(prompt), max_new_tokens=max_new, sampling=sampling,
-                key=(mode, sampling["stop_token_ids"], max_new and max(_pow2(max_new), 8)),
+                key=(mode, sampling["stop_token_ids"], max_new and max(sampler.pow2(max_new), 8)),
                 stop_strs=tuple(x for x in stop_strs if x),
                 skip_special_tokens=get("skip_special_tokens", True),
                 no_stop_trim=get("no_stop_trim", False), logprob_start=logprob_start)

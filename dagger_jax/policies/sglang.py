@@ -54,11 +54,10 @@ from typing import Any, Sequence
 
 import requests
 
-from dagger_jax.data import render
 from dagger_jax.data.trajectory import Action
 from dagger_jax.errors import ConfigError
 from dagger_jax.model import hf
-from dagger_jax.policies.base import EpisodeView, Policy
+from dagger_jax.policies.base import EpisodeView, Policy, student_actions, student_prompts
 from dagger_jax.policies.launch import FIX, SGLangError, connection_reason
 
 log = logging.getLogger(__name__)
@@ -204,17 +203,6 @@ class SGLangPolicy(Policy):
     self._in_flight = 0
     self._updating = False
 
-  @classmethod
-  def from_config(cls, config: Any, tokenizer, *, url: str | None = None,
-                  api_key: str | None = None, expected_version: str | None = None
-                  ) -> "SGLangPolicy":
-    """The student of a run: the same prompt settings as the loop's `JaxPolicy`."""
-    return cls(url or config.rollout.sglang_url, tokenizer, config.sampler, config.rollout,
-               enable_thinking=bool(config.data.enable_thinking), seed=int(config.seed),
-               max_prompt_len=int(config.model.max_position_embeddings)
-               - int(config.sampler.max_new_tokens),
-               api_key=api_key, expected_version=expected_version)
-
   # -- acting
 
   def sampling_params(self, rows: Sequence[int]) -> dict | list[dict]:
@@ -236,11 +224,7 @@ class SGLangPolicy(Policy):
 
   def prompts(self, views: Sequence[EpisodeView]) -> list[list[int]]:
     """The prompt ids of each view, exactly as `JaxPolicy` builds them."""
-    prompts = [render.prompt_ids(v.messages, v.assistant_ids, self.tokenizer, self.enable_thinking)
-               for v in views]
-    if self.max_prompt_len:  # keep the most recent context when a prompt outgrows the model
-      prompts = [p[-self.max_prompt_len:] for p in prompts]
-    return prompts
+    return student_prompts(views, self.tokenizer, self.enable_thinking, self.max_prompt_len)
 
   def act(self, views: Sequence[EpisodeView]) -> list[Action]:
     if not views:
@@ -260,12 +244,7 @@ class SGLangPolicy(Policy):
         self._in_flight -= 1
         self._gate.notify_all()
     self.calls += 1
-    eos_id = self.tokenizer.eos_token_id
-    actions = []
-    for ids in outputs:
-      ids = ids[:-1] if ids and ids[-1] == eos_id else ids
-      actions.append(Action(self.tokenizer.decode(ids, skip_special_tokens=False), tuple(ids)))
-    return actions
+    return student_actions(outputs, self.tokenizer)
 
   def _generate(self, prompts: list[list[int]], rows: Sequence[int]) -> list[list[int]]:
     body = {"input_ids": prompts, "sampling_params": self.sampling_params(rows),
