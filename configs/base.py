@@ -102,6 +102,10 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   # Rewrite pytest's summary duration (" in 1.23s") to " in 0.00s" in observations (not in
   # grading), so that runs of one seed see the same text (envs/swe.py: normalize_durations).
   c.env.normalize_durations = False
+  # A file in the sandbox's home ("~/ISSUE.md") that holds the problem statement, written when an
+  # episode starts ("" = none). The oracle's restore after a failed change then re-reads it
+  # (`git checkout -- . && cat ~/ISSUE.md`), so its retry copies from the latest observation.
+  c.env.issue_file = ""
 
   c.tasks = ml_collections.ConfigDict()
   c.tasks.source = "toy"  # toy | pypi:NAME | path to a SWE-bench json/jsonl/parquet file

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -17,6 +18,9 @@ from dagger_jax.errors import ConfigError  # noqa: F401  (re-exported: configlib
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO_ROOT, "configs", "demo.py")
+# `env.issue_file`: a plain path under the sandbox's home or an absolute one (it goes into a
+# shell command unquoted, so that `~` expands).
+ISSUE_FILE_RE = re.compile(r"(~/|/)[\w.-]+(/[\w.-]+)*")
 
 
 def ensure_configs_importable(path: str) -> None:
@@ -95,6 +99,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
       ("teacher.max_retries", lambda v: v >= 0, "must be >= 0"),
       ("teacher.temperature", lambda v: v >= 0, "must be >= 0 (0 = greedy)"),
       ("teacher.top_p", lambda v: 0 < v <= 1, "must be in (0, 1]"),
+      ("env.issue_file", lambda v: v == "" or ISSUE_FILE_RE.fullmatch(v),
+       "must be '' or a plain path under the sandbox's home or an absolute one, "
+       "such as '~/ISSUE.md'"),
   ]
   for key, ok, why in checks:
     value = _get(config, key)

@@ -48,6 +48,7 @@ def test_override_applies():
     (["--config.mesh.data=0"], "mesh.data"),
     (["--config.data.max_len=8192"], "data.max_len=8192 exceeds config.model.max_position"),
     (["--config", "does/not/exist.py"], "does/not/exist.py"),
+    (["--config.env.issue_file=~/a b"], "env.issue_file='~/a b': must be '' or a plain path"),
 ])
 def test_bad_config_names_the_problem(args, needle):
   with pytest.raises(configlib.ConfigError) as e:

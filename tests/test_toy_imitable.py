@@ -1,7 +1,8 @@
-"""The `toy` family is imitable: a teacher that reads only the conversation (no task record, no
-gold patch, no working tree) resolves every generated task from a clean start, in the real
-bubblewrap sandbox, graded like the swebench harness. So a perfect imitator of the oracle
-resolves every task, and the demo measures imitation, not arithmetic.
+"""The `toy` and `toy-rewrite` families are imitable: a teacher that reads only the conversation
+(no task record, no gold patch, no working tree) resolves every generated task from a clean
+start, and recovers from a bad edit, in the real bubblewrap sandbox, graded like the swebench
+harness. So a perfect imitator of the oracle resolves every task, and the demo measures
+imitation, not arithmetic.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from dagger_jax.policies.oracle import OracleTeacher
 
 
 class ConversationTeacher(Policy):
-  """Acts from the messages alone: the function and its correct line from the statement, the
-  file and line from grep's answer; tests after an edit, submit when they pass."""
+  """Acts from the messages alone: the function and its correct line from the statement (or
+  from the issue file, once re-read), the file from grep's answer; tests after an edit, submit
+  when they pass, restore and re-read the issue when they fail."""
 
   name = "conversation"
 
@@ -32,18 +34,25 @@ class ConversationTeacher(Policy):
   def command(messages) -> str:
     statement = messages[1]["content"]
     function = re.search(r"`def (\w+)\(", statement).group(1)
-    new_line = re.search(r"\n\n    (.+)\n", statement).group(1)
     commands = [protocol.parse_action(m["content"]).command for m in messages
                 if m["role"] == "assistant"]
     if not commands:
       return f'grep -rn "def {function}(" .'
-    last = commands[-1]
-    if last.startswith("grep"):
-      path = re.search(r"^(\./\S+\.py):\d+:def ", messages[-1]["content"], re.M).group(1)
-      return f"sed -i '/def {function}(/{{n;s/.*/    {new_line}/}}' {path}"
+    last, answer = commands[-1], messages[-1]["content"]
+    if last.startswith(("grep", "git checkout")):
+      # the new line from the newest copy of the issue: the statement, or the re-read file
+      new_line = re.search(r"\n\n    (.+)\n", answer if last.startswith("git") else statement)
+      grep_answer = messages[3 + 2 * commands.index(f'grep -rn "def {function}(" .')]["content"]
+      path = re.search(r"^(\./\S+\.py):\d+:def ", grep_answer, re.M).group(1)
+      span = re.search(r"`s\|([^|`]+)\|([^|`]+)\|`", statement)  # toy-rewrite
+      if span:
+        return f"sed -i '/def {function}(/{{n;s|{span[1]}|{span[2]}|}}' {path}"
+      return f"sed -i '/def {function}(/{{n;s/.*/    {new_line.group(1)}/}}' {path}"
     if last.startswith("sed -i"):
       return "python3 run_tests.py"
-    return f"echo {protocol.SUBMIT_SENTINEL}"
+    if answer.startswith("<returncode>0</returncode>"):
+      return f"echo {protocol.SUBMIT_SENTINEL}"
+    return "git checkout -- . && cat ~/ISSUE.md"
 
 
 @pytest.fixture(scope="module")
@@ -53,9 +62,10 @@ def config():
   return c
 
 
+@pytest.mark.parametrize("family", toy.IMITABLE)
 @pytest.mark.parametrize("split,seed", [("train", 0), ("test", 1)])
-def test_a_conversation_only_teacher_resolves_every_task(config, split, seed):
-  tasks = toy.generate(40, seed, split=split)
+def test_a_conversation_only_teacher_resolves_every_task(config, split, seed, family):
+  tasks = toy.generate(40, seed, split=split, family=family)
   trajs, stats = collector.collect(tasks, config=config, round_index=0, beta=1.0,
                                    teacher=ConversationTeacher(), student=None, progress=False,
                                    interventions=())
@@ -68,10 +78,11 @@ def test_a_conversation_only_teacher_resolves_every_task(config, split, seed):
                                    "recovered": 0, "submitted_red": 0, "not_submitted": 0}
 
 
-def test_the_oracle_takes_the_same_path_from_a_clean_start(config):
+@pytest.mark.parametrize("family", toy.IMITABLE)
+def test_the_oracle_takes_the_same_path_from_a_clean_start(config, family):
   """The privileged oracle's straight path is the conversation-only teacher's, command for
   command, so imitating the oracle is imitating a conversation-only policy."""
-  tasks = toy.generate(12, 2, split="train")
+  tasks = toy.generate(12, 2, split="train", family=family)
   oracle, _ = collector.collect(tasks, config=config, round_index=0, beta=1.0,
                                 teacher=OracleTeacher(), student=None, progress=False, grade=False)
   for t in oracle:
@@ -81,13 +92,15 @@ def test_the_oracle_takes_the_same_path_from_a_clean_start(config):
       assert protocol.parse_action(turn.action.text).command == ConversationTeacher.command(upto)
 
 
-def test_the_oracle_recovers_from_a_bad_edit(config):
-  """After a wrong edit the oracle tests, restores, fixes again, tests and submits:
-  the recovery a DAgger student sees labels for and an SFT student never does."""
+@pytest.mark.parametrize("noop", [False, True], ids=["bad-edit", "edit-that-changes-nothing"])
+@pytest.mark.parametrize("family", toy.IMITABLE)
+def test_the_oracle_recovers_from_a_bad_edit(config, family, noop):
+  """After a wrong edit the oracle tests, restores and re-reads the issue, fixes again, tests
+  and submits: the recovery a DAgger student sees labels for and an SFT student never does."""
   from dagger_jax.envs.swe import SweEnv
   from dagger_jax.policies.base import EpisodeView
 
-  task = toy.generate(1, 4, split="train")[0]
+  task = toy.generate(1, 4, split="train", family=family)[0]
   bug = task["bug"]
   oracle = OracleTeacher()
   with SweEnv(task, config.env) as env:
@@ -101,15 +114,64 @@ def test_the_oracle_recovers_from_a_bad_edit(config):
       return result
 
     step(oracle.next_action(EpisodeView(task, messages, [], env)))  # grep
-    step(protocol.format_action(f"sed -i '{bug['line']}s/.*/    return 0/' {bug['file']}"))
+    step(protocol.format_action(f"sed -i '{bug['line']}s/{'no such text' if noop else '.*'}/"
+                                f"    return 0/' {bug['file']}"))
+    assert bool(env.submission()) != noop  # the conversation looks the same either way
     path = []
     for _ in range(6):
       action = oracle.next_action(EpisodeView(task, messages, [], env))
-      path.append(protocol.parse_action(action).command.split()[0])
+      command = protocol.parse_action(action).command
+      assert command == ConversationTeacher.command(messages)  # recovery too: conversation only
+      path.append(command)
       if step(action).done:
         break
-    assert path == ["python3", "git", "sed", "python3", "echo"]
+    assert [c.split()[0] for c in path] == ["python3", "git", "sed", "python3", "echo"]
+    assert path[1] == "git checkout -- . && cat ~/ISSUE.md"
+    assert messages[9]["content"] == ("<returncode>0</returncode>\n<output>\n"
+                                      f"{task['problem_statement'].rstrip()}\n</output>")
     assert env.exit_status == "submitted" and env.grade().resolved
+
+
+def test_without_an_issue_file_the_restore_only_restores(config):
+  from dagger_jax.envs.swe import SweEnv
+  from dagger_jax.policies.base import EpisodeView
+
+  task = toy.generate(1, 4, split="train")[0]
+  env_config = config.env.copy_and_resolve_references()
+  env_config.issue_file = ""
+  with SweEnv(task, env_config) as env:
+    messages = [{"role": "system", "content": env.system_prompt},
+                {"role": "user", "content": env.reset()}]
+    for text in (protocol.format_action(f"sed -i '{task['bug']['line']}s/.*/    return 0/' "
+                                        f"{task['bug']['file']}"),
+                 protocol.format_action("python3 run_tests.py")):
+      messages += [{"role": "assistant", "content": text},
+                   {"role": "user", "content": env.step(text).observation}]
+    action = OracleTeacher().next_action(EpisodeView(task, messages, [], env))
+    assert protocol.parse_action(action).command == "git checkout -- ."
+    assert "No such file" in env.sandbox.run("cat ~/ISSUE.md").output
+
+
+def test_a_bad_issue_file_path_is_refused(config):
+  from dagger_jax.envs.swe import SweEnv
+
+  env_config = config.env.copy_and_resolve_references()
+  env_config.issue_file = "~/a b; rm -rf ."
+  with SweEnv(toy.generate(1, 4, split="train")[0], env_config) as env:
+    with pytest.raises(ValueError, match="config.env.issue_file"):
+      env.reset()
+
+
+def test_the_rewrite_family_names_one_short_span():
+  tasks = toy.generate(200, 0, split="train", family="toy-rewrite")
+  assert {t["bug"]["kind"] for t in tasks} == {"operator", "comparison", "constant"}
+  assert len({t["FAIL_TO_PASS"][0] for t in tasks}) > 150
+  for t in tasks:
+    x, y = toy.rewrite(t["bug"]["old"], t["bug"]["new"])
+    assert t["bug"]["old"].replace(x, y, 1) == t["bug"]["new"]
+    assert f"`{x}` should be `{y}` (`s|{x}|{y}|`)" in t["problem_statement"]
+    assert t["bug"]["new"] not in t["problem_statement"]  # the line itself is not given
+  assert len({toy.rewrite(t["bug"]["old"], t["bug"]["new"]) for t in tasks}) >= 10
 
 
 def test_the_family_is_varied():

@@ -27,7 +27,8 @@ from dagger_jax.errors import UsageError
 
 def tasks_generate_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--source", default=None,
-                      help="toy (imitable) | toy-arith (the fix must be worked out) | "
+                      help="toy (imitable: the statement gives the line) | toy-rewrite (imitable: "
+                      "it gives the span to replace) | toy-arith (the fix must be worked out) | "
                       "pypi:NAME[==VERSION] (default: config.tasks.source)")
   parser.add_argument("--n", type=int, default=None, help="number of tasks (default: "
                       "config.tasks.n_train, or n_eval with --split test)")
@@ -57,7 +58,7 @@ def tasks_generate(args: argparse.Namespace, config: ml_collections.ConfigDict) 
                           env_config=config.env,
                           cache_dir=args.cache or config.tasks.pypi_cache or None)
   else:
-    raise UsageError(f"unknown --source {source!r} (toy | toy-arith | pypi:NAME)")
+    raise UsageError(f"unknown --source {source!r} ({' | '.join(toy.FAMILIES)} | pypi:NAME)")
   T.save_tasks(args.out, tasks)
   print(f"wrote {len(tasks)} {source} tasks to {args.out} "
         f"({time.monotonic() - start:.1f} s)")

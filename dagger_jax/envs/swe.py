@@ -37,6 +37,7 @@ import logging
 import re
 from typing import Any, Callable, ContextManager
 
+from dagger_jax import configlib
 from dagger_jax.envs import grading, protocol
 from dagger_jax.envs.sandbox import Sandbox
 
@@ -167,7 +168,23 @@ class SweEnv:
       stack.close()
       raise
     self._stack = stack
+    issue_file = getattr(self.config, "issue_file", "")
+    if issue_file:
+      self._write_issue(issue_file)
     return protocol.instance_prompt(self.task["problem_statement"], self._sandbox.workdir)
+
+  def _write_issue(self, path: str) -> None:
+    """Writes the problem statement to `path` in the sandbox (`config.env.issue_file`)."""
+    if not configlib.ISSUE_FILE_RE.fullmatch(path):
+      raise ValueError(f"config.env.issue_file={path!r}: use a plain path under the sandbox's "
+                       "home or an absolute one, such as '~/ISSUE.md'")
+    statement = self.task["problem_statement"].rstrip("\n")
+    tag = "DAGGER_JAX_ISSUE_EOF"
+    result = self.sandbox.run(f'mkdir -p "$(dirname {path})" && cat > {path} <<\'{tag}\'\n'
+                              f"{statement}\n{tag}", timeout=60.0)
+    if result.returncode != 0:
+      raise EpisodeError(f"{self.task['instance_id']}: could not write config.env.issue_file "
+                         f"{path}: {result.output[-300:]}")
 
   def step(self, assistant_text: str, finish_reason: str | None = None) -> StepResult:
     """Parses one action from the assistant turn, runs it, and returns the observation.

@@ -10,7 +10,12 @@ Policy, by the state of the working tree and the last command:
                                            `grep`, do not count as changes)
     changed, tests ran: passed and the
       change is the fix                 -> submit
-    changed, tests ran: anything else   -> restore the touched files (`git checkout -- FILES`)
+    changed, tests ran: anything else   -> restore the files (`git checkout -- .`), and with
+                                           `config.env.issue_file` read the issue again
+                                           (`git checkout -- . && cat ~/ISSUE.md`)
+    clean after an edit (one that changed
+      nothing; the conversation cannot
+      tell it from one that did)        -> the same: run the tests, then restore (and re-read)
     clean                               -> the first step not yet taken of
                                            find the function -> show its lines (not for `toy`)
                                            -> apply the fix
@@ -45,6 +50,7 @@ from typing import Sequence
 
 from dagger_jax.data.trajectory import Action
 from dagger_jax.envs import protocol
+from dagger_jax.envs.tasks import toy
 from dagger_jax.policies.base import EpisodeView, Policy
 
 DEFAULT_TEST_CMD = "python3 -m pytest -rA -q -p no:cacheprovider"
@@ -78,7 +84,7 @@ class Plan:
   fix_cmd: str
   test_cmd: str
   gold: dict
-  show_lines: bool  # show the lines before editing (not for `toy`: its fix names no line)
+  show_lines: bool  # show the lines before editing (not for `toy.IMITABLE`: no line number)
 
   @classmethod
   def of(cls, task: dict) -> "Plan":
@@ -94,7 +100,7 @@ class Plan:
       fix_cmd = _git_apply_cmd(task["patch"])
     function, def_line = _function_at(task, file, line)
     return cls(file, line, function, def_line, fix_cmd, test_cmd, gold,
-               show_lines=task.get("family") != "toy")
+               show_lines=task.get("family") not in toy.IMITABLE)
 
 
 def _first_hunk(patch: str) -> tuple[str, int]:
@@ -176,6 +182,17 @@ def _restored_at(commands: list[str]) -> int:
   return 0
 
 
+def _restore(issue_file: str) -> str:
+  """After the tests failed: restore the files, and re-read the issue when there is an issue
+  file, so that the retry copies from the newest observation rather than from the failed edit."""
+  if issue_file:
+    return protocol.format_action(
+        f"git checkout -- . && cat {issue_file}",
+        "THOUGHT: The tests fail. Restore the files and read the issue again.")
+  return protocol.format_action("git checkout -- .",
+                                "THOUGHT: The change broke the tests. Restore the files.")
+
+
 class OracleTeacher(Policy):
   """The scripted expert (see the module docstring)."""
 
@@ -187,6 +204,7 @@ class OracleTeacher(Policy):
   def next_action(self, view: EpisodeView) -> str:
     plan = Plan.of(view.task)
     diff = changed_lines(view.env.submission()) if view.env is not None else {}
+    issue_file = getattr(view.env.config, "issue_file", "") if view.env is not None else ""
     commands = _commands(view)
     if diff:
       passed = _last_test(view, commands, plan.test_cmd)
@@ -195,8 +213,17 @@ class OracleTeacher(Policy):
       if diff == plan.gold and passed:
         return protocol.format_action(f"echo {protocol.SUBMIT_SENTINEL}",
                                       "THOUGHT: The tests pass. Submit.")
-      return protocol.format_action("git checkout -- .",
-                                    "THOUGHT: The change broke the tests. Restore the files.")
+      return _restore(issue_file)
+    # A clean tree after an edit that changed nothing. The conversation does not show that it
+    # changed nothing (sed prints nothing either way), so the labels are those after any edit:
+    # run the tests, and when they fail, restore and re-read.
+    edited = any(not _read_only(c) and c != plan.test_cmd and not c.startswith("git checkout")
+                 for c in commands[_restored_at(commands):])
+    if edited and _last_test(view, commands, plan.test_cmd) is None:
+      return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests to check the change.")
+    if edited and commands[-1] == plan.test_cmd and _last_test(
+        view, commands, plan.test_cmd) is False:
+      return _restore(issue_file)
     # A clean tree: the first step not yet taken. Each one only uses what the conversation
     # already shows (the function name is in the issue, the file and line in grep's answer), so
     # a student can learn to take it; after a restore the lines are shown again before the edit.

@@ -4,7 +4,7 @@ Each repository holds one module of 3-5 two-argument functions (generated functi
 `blend_range`, random argument names, flat or package layout), a distractor module, a README,
 tests, and a small test runner. One line of one function carries a bug of one of `BUG_KINDS`.
 FAIL_TO_PASS is the buggy function's test, PASS_TO_PASS every other test; `test_patch` adds more
-assertions (the grader's hidden checks). Two families share the generator:
+assertions (the grader's hidden checks). Three families share the generator:
 
 `toy` (the default; imitable). The statement names the function and gives its correct line, so
 every step of the fix can be read off the conversation: the name from the statement, the file and
@@ -19,6 +19,15 @@ the code; ~20 ms instead of pytest's ~170 ms, which is most of a CPU episode's c
   grep -rn "def shift(" .              ->  ./ledger.py:4:def shift(s, t):
   nl -ba ledger.py | sed -n '4,+3p'    ->  4  def shift(s, t):  /  5      return s * t  / ...
   fix_cmd:    sed -i '5s/.*/    return s - t/' ledger.py
+
+`toy-rewrite` (imitable, easier to copy; the demo's family). The statement names the function
+and the one short span of the line after its def to replace (an operator, a comparison or a
+number) and what replaces it, so the fix copies two short spans instead of a whole line. Only
+bugs whose fix is one such span (its first occurrence on the line) are drawn.
+
+  statement:  "Bug in `def shift(s, t)`: shift(3, 5) gives 15 instead of -2. In the line after
+               the def, `*` should be `-` (`s|*|-|`)."
+  fix_cmd:    sed -i '/def shift(/{n;s|*|-|}' ./ledger.py        (a leading `*` is literal)
 
 `toy-arith` (harder). The statement gives only a call and two values (`shift(3, 5)` returns 15, but
 it should return -2); the fix must be worked out (which operator, which constant plus or minus
@@ -46,7 +55,8 @@ import re
 
 from dagger_jax.envs.tasks import TaskError, diff_files, snapshot_hash
 
-FAMILIES = ("toy", "toy-arith")
+FAMILIES = ("toy", "toy-rewrite", "toy-arith")
+IMITABLE = ("toy", "toy-rewrite")  # a perfect imitator of the oracle resolves every task
 BUG_KINDS = ("operator", "comparison", "constant", "swapped_args", "off_by_one")
 TEST_CMD = "python3 run_tests.py"  # `toy`: the repository's own runner (see RUNNER)
 PYTEST_CMD = "python3 -m pytest -rA -q -p no:cacheprovider tests"  # `toy-arith`
@@ -124,6 +134,21 @@ _STATEMENTS = (
 )
 
 
+# `toy-rewrite`: the statement names the function and the one span of the line after its def
+# to replace, in words and as the substitution the fix runs (`s|-|+|`), so that the fix's spans
+# follow the same tokens in the statement and in the command (`s|`, then the old span, then `|`).
+_REWRITE_STATEMENTS = (
+    "Bug in `{sig}`: {f}({x}, {y}) gives {got} instead of {want}. In the line after the def, "
+    "`{old}` should be `{to}` (`s|{old}|{to}|`).\n",
+    "`{f}({x}, {y})` returns {got}, but it should return {want}. In the line after "
+    "`{sig}`, `{old}` should be `{to}` (`s|{old}|{to}|`).\n",
+    "The tests for `{sig}` fail: {f}({x}, {y}) should be {want}, not {got}. In its first line, "
+    "`{old}` should be `{to}` (`s|{old}|{to}|`).\n",
+    "{f} is broken: calling {f}({x}, {y}) returned {got}, expected {want}. In the first line "
+    "of `{sig}`, `{old}` should be `{to}` (`s|{old}|{to}|`).\n",
+)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Fn:
   name: str
@@ -166,6 +191,33 @@ def _mutations(fn: _Fn) -> list[tuple[str, str]]:
   elif "range(" not in e and " if " not in e:
     out.append(("off_by_one", f"{e} + 1" if not e.startswith("(") else f"{e} - 1"))
   return [(k, m) for k, m in out if m != e]
+
+
+# `toy-rewrite`: what the statement may name as the span to replace and its replacement. Each is
+# literal in a sed command as it stands (a leading `*` is literal in a basic regular expression;
+# the command's delimiter is `|`).
+_REWRITE_CHARS = re.compile(r"[0-9+*<>-]{1,2}")
+
+
+def rewrite(old: str, new: str) -> tuple[str, str] | None:
+  """(x, y): the span `x` of `old` that differs from `new`, and what replaces it, when replacing
+  the first occurrence of `x` gives `new` and both are short operators or numbers; else None.
+
+  >>> rewrite("return (u - v) * 3", "return (u - v) * 4"), rewrite("r = a * b", "r = a + b")
+  (('3', '4'), ('*', '+'))
+  >>> rewrite("return a - b - 2", "return a - b + 2") is None  # the first `-` is not the bug
+  True
+  """
+  p = 0
+  while p < min(len(old), len(new)) and old[p] == new[p]:
+    p += 1
+  q = 0
+  while q < min(len(old), len(new)) - p and old[-1 - q] == new[-1 - q]:
+    q += 1
+  x, y = old[p:len(old) - q], new[p:len(new) - q]
+  if not (_REWRITE_CHARS.fullmatch(x) and _REWRITE_CHARS.fullmatch(y)):
+    return None
+  return (x, y) if old.replace(x, y, 1) == new else None
 
 
 def _sed_escape(text: str, replacement: bool = False) -> str:
@@ -243,7 +295,11 @@ def _one_task(rng: random.Random, split: str, family: str = "toy") -> dict | Non
   options: dict[str, list[tuple[_Fn, str]]] = {}
   for fn in fns:
     for kind, buggy in _mutations(fn):
+      if family == "toy-rewrite" and rewrite(buggy, fn.expr) is None:
+        continue  # its fix is not one short span replaced
       options.setdefault(kind, []).append((fn, buggy))
+  if not options:
+    return None
   kind = rng.choice(sorted(options))
   target, buggy = rng.choice(options[kind])
   pairs = _inputs(rng, target, buggy, 4)
@@ -267,7 +323,7 @@ def _one_task(rng: random.Random, split: str, family: str = "toy") -> dict | Non
   visible = {f.name: _test_lines(f, fixed_pairs[f.name][:2]) for f in fns + distractors}
   hidden = {f.name: _test_lines(f, fixed_pairs[f.name]) for f in fns + distractors}
   other_src, _ = _module_text(distractors, {})
-  imitable = family == "toy"
+  imitable = family in IMITABLE
   test_cmd = TEST_CMD if imitable else PYTEST_CMD
   files = {
       ".gitignore": "__pycache__/\n.pytest_cache/\n",
@@ -286,10 +342,15 @@ def _one_task(rng: random.Random, split: str, family: str = "toy") -> dict | Non
   if ("test" if int(digest[:8], 16) % HELD_OUT_FRACTION == 0 else "train") != split:
     return None
   x, y = pairs[0]
-  statement = rng.choice(_STATEMENTS if imitable else _ARITH_STATEMENTS).format(
+  templates = {"toy": _STATEMENTS, "toy-rewrite": _REWRITE_STATEMENTS}.get(family,
+                                                                          _ARITH_STATEMENTS)
+  span = rewrite(buggy, target.expr) or ("", "")
+  statement = rng.choice(templates).format(
       f=target.name, x=x, y=y, got=repr(target.call(x, y, buggy)), want=repr(target.call(x, y)),
-      new=new_line, sig=f"def {target.name}({', '.join(target.args)})")
-  if imitable:  # the line after the def is replaced: nothing of the old line needs escaping
+      new=new_line, sig=f"def {target.name}({', '.join(target.args)})", old=span[0], to=span[1])
+  if family == "toy-rewrite":  # the span after the def, replaced: literal as it stands
+    fix_cmd = f"sed -i '/def {target.name}(/{{n;s|{span[0]}|{span[1]}|}}' ./{mod_path}"
+  elif imitable:  # the line after the def is replaced: nothing of the old line needs escaping
     assert not set(new_line) & set("\\/&'"), new_line
     fix_cmd = f"sed -i '/def {target.name}(/{{n;s/.*/    {new_line}/}}' ./{mod_path}"
   else:
