@@ -127,6 +127,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rollout.request_timeout_s = 600.0  # one /generate call (a batch of episodes' turns)
   c.rollout.request_retries = 3  # retries of a failed call (connection errors, 5xx), backoff capped
   c.rollout.startup_timeout_s = 600.0  # a launched server must answer /health within this
+  # The environment variable holding the server's API key ("" = none), sent as a Bearer token;
+  # e.g. launch "dagger-jax serve ... --api-key-env VAR" (it inherits the variable).
+  c.rollout.api_key_env = ""
   # engine=jax: the mesh the in-process sampler runs on ("" = the training mesh; e.g.
   # "data=4,tensor=2"). Params are resharded in memory from the trainer's layout each round.
   c.rollout.mesh = ""

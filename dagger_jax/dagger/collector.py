@@ -52,6 +52,7 @@ from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
+from dagger_jax import redact
 from dagger_jax.dagger import intervention
 from dagger_jax.data.trajectory import Action, Outcome, Trajectory, TrajectoryError, Turn
 from dagger_jax.envs.swe import SweEnv
@@ -119,7 +120,7 @@ class _Episode:
   teacher_calls: int = 0
   teacher_tokens: int = 0
   done: bool = False
-  failure: str | None = None  # the LabelError that ended it
+  failure: str | None = None  # the LabelError that ended it (redacted)
 
   def view(self) -> EpisodeView:
     return EpisodeView(self.task, self.messages, self.assistant_ids, self.env)
@@ -300,9 +301,9 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
       label_i, result = chained[i].result()
     else:
       label_i = labels[i].result() if i in labels else None
-    if isinstance(label_i, LabelError):
-      log.error("episode %s: ended without a label at turn %d: %s", e.id, len(e.turns), label_i)
-      e.done, e.failure = True, str(label_i)
+    if isinstance(label_i, LabelError):  # its text is kept: nothing shaped like a key in it
+      e.done, e.failure = True, redact.redact_text(str(label_i))
+      log.error("episode %s: ended without a label at turn %d: %s", e.id, len(e.turns), e.failure)
       stats.exit_status["label_failed"] += 1
       continue
     if coins[i]:

@@ -69,6 +69,7 @@ import json
 import os
 import re
 
+from dagger_jax import redact
 from dagger_jax.data.trajectory import Action, Outcome, Trajectory, Turn
 from dagger_jax.errors import DaggerJaxError
 
@@ -261,14 +262,15 @@ def to_trajectory(data: dict, *, task_id: str, round_index: int = 0, seed: int =
   texts = [m["content"] for m in messages if m["role"] == "assistant"]
   if not texts:
     raise NotImportableError(f"no reply of the model to import (exit status {status or 'none'}"
-                             + (f": {exception[:_FAILURE_CHARS]}" if exception else "") + ")")
+                             + (f": {redact.redact_text(exception[:_FAILURE_CHARS])}"
+                                if exception else "") + ")")
   turns = tuple(Turn("teacher", Action(t), Action(t), "coin") for t in texts)
   failure = None
   if status not in NORMAL_EXITS:
     failure = (f"mini-swe-agent exit status {status}" if status else
                "the mini-swe-agent run did not finish (no exit status)")
     if exception:
-      failure += f": {' '.join(exception.split())[:_FAILURE_CHARS]}"
+      failure += f": {redact.redact_text(' '.join(exception.split())[:_FAILURE_CHARS])}"
   outcome = Outcome(submitted=status == SUBMITTED, patch=submission, resolved=None,
                     turns=len(turns), teacher_calls=len(turns),
                     teacher_tokens=sum(len(t.split()) for t in texts), failure=failure)

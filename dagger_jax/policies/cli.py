@@ -115,10 +115,13 @@ def serve_args(parser: argparse.ArgumentParser) -> None:
                       help="HF checkpoint dir or Orbax params checkpoint to serve (default: "
                            "config.model.init_from)")
   parser.add_argument("--host", default="127.0.0.1",
-                      help="address to bind (default 127.0.0.1; 0.0.0.0 serves every interface)")
+                      help="address to bind (default 127.0.0.1; 0.0.0.0 serves every interface: "
+                           "then require a key with --api-key-env)")
   parser.add_argument("--port", type=int, default=30000, help="default 30000 (SGLang's); 0: any")
   parser.add_argument("--api-key-env", metavar="VAR", default=None,
-                      help="require `Authorization: Bearer $VAR` on every request but /health*")
+                      help="require `Authorization: Bearer $VAR` on every request but /health* "
+                           "(the key is read from the environment variable VAR, never given on "
+                           "the command line, where `ps` would show it)")
   parser.add_argument("--tokenizer", metavar="DIR", default=None,
                       help="HF tokenizer dir (default: the model's own tokenizer files, else "
                            "for the config's model config.data.tokenizer; none: /generate takes "
@@ -150,6 +153,10 @@ def serve(args: argparse.Namespace, config: Any) -> int:
   own = os.path.isfile(os.path.join(model, "tokenizer.json")) or params_io.hf_files_dir(model)
   if tokenizer is None and not args.model and not own:  # the config's model: its tokenizer too
     tokenizer = tokenizers.tokenizer_dir(config.data, config.workdir)
+  if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+    logging.getLogger(__name__).warning(
+        "serving on %s without a key: anyone who reaches it may sample and load weights; set "
+        "--api-key-env VAR", args.host)
   server = Server(model, config, host=args.host, port=args.port, api_key=api_key,
                   tokenizer_dir=tokenizer)
   server.max_batch = args.max_batch

@@ -15,7 +15,9 @@ A `StudentEngine` turns the params of one round (a `Qwen3`) into a policy that s
   written beside and renamed) and loaded by `/update_weights_from_disk`; the server is the one at
   `config.rollout.sglang_url`, or one this engine launches from `config.rollout.sglang_launch`
   (its log in `<workdir>/sglang.log`) and stops on every way out. Rollouts carrying another weight
-  version are refused (`SGLangPolicy`).
+  version are refused (`SGLangPolicy`). The key of a server started with one (SGLang's --api-key,
+  `dagger-jax serve --api-key-env VAR`) is read from the variable `config.rollout.api_key_env`
+  names and sent as a Bearer token.
 
 `version` names the weights (the loop uses the checkpoint's round); asking again for the version
 the engine holds costs nothing.
@@ -30,6 +32,7 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
+from dagger_jax import redact
 from dagger_jax.data import tokenizer as tokenizer_lib
 from dagger_jax.errors import ConfigError
 from dagger_jax.model import reshard
@@ -115,6 +118,8 @@ class SGLangEngine(StudentEngine):
     self.client: sglang.SGLangPolicy | None = None
     self.version: str | None = None
     self.weights_dir: str | None = None
+    # read now: an unset variable fails the run before a server is launched
+    self.api_key = redact.key_from_env("config.rollout.api_key_env", config.rollout.api_key_env)
 
   def policy(self, model: Qwen3, version: str) -> Policy:
     if self.client is not None and version == self.version:
@@ -131,7 +136,7 @@ class SGLangEngine(StudentEngine):
         launch.wait_healthy(r.sglang_url, min(30.0, float(r.startup_timeout_s)))  # already up
       self.client = sglang.SGLangPolicy(
           r.sglang_url, self.tokenizer, c.sampler, r, enable_thinking=c.data.enable_thinking,
-          seed=c.seed, max_prompt_len=_max_prompt_len(c))
+          seed=c.seed, max_prompt_len=_max_prompt_len(c), api_key=self.api_key)
     self.client.update_weights(out, version)  # after a launch too: every rollout is versioned
     if self.weights_dir and self.weights_dir != out:  # the server no longer reads the old one
       shutil.rmtree(self.weights_dir, ignore_errors=True)

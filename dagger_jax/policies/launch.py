@@ -28,6 +28,7 @@ import weakref
 
 import requests
 
+from dagger_jax import redact
 from dagger_jax.errors import ConfigError, DaggerJaxError
 
 log = logging.getLogger(__name__)
@@ -49,7 +50,7 @@ def connection_reason(error: Exception | None) -> str:
                  "Connection reset", "Remote end closed"):
     if marker in text:
       return marker
-  return text[:300]
+  return redact.redact_text(text[:300])
 
 
 # ----------------------------------------------------------------------------- servers
@@ -59,7 +60,8 @@ def wait_healthy(url: str, timeout_s: float, *, process: subprocess.Popen | None
                  log_path: str | None = None) -> None:
   """Returns once `GET url/health` answers 200; raises SGLangError after `timeout_s` seconds,
   or as soon as `process` (a server being launched) exits."""
-  url = url.rstrip("/")
+  endpoint = url.rstrip("/")
+  url = redact.display_url(endpoint)  # in messages
   deadline = time.monotonic() + timeout_s
   last = "no answer yet"
   with requests.Session() as session:
@@ -68,7 +70,7 @@ def wait_healthy(url: str, timeout_s: float, *, process: subprocess.Popen | None
         raise SGLangError(f"the server command exited with code {process.returncode} before "
                           f"{url}/health answered{_log_tail(log_path)}")
       try:
-        response = session.get(f"{url}/health", timeout=(2.0, 10.0))
+        response = session.get(f"{endpoint}/health", timeout=(2.0, 10.0))
         if response.status_code == 200:
           return
         last = f"HTTP {response.status_code}"
@@ -91,7 +93,7 @@ def _log_tail(log_path: str | None, lines: int = 20) -> str:
   with open(log_path, "rb") as f:
     f.seek(max(0, os.path.getsize(log_path) - 16_000))
     tail = f.read().decode("utf-8", "replace").splitlines()[-lines:]
-  return f". Last lines of {log_path}:\n" + "\n".join(tail)
+  return f". Last lines of {log_path}:\n" + redact.redact_text("\n".join(tail))
 
 
 def _port_in_use(host: str, port: int) -> bool:
@@ -175,8 +177,8 @@ class LaunchedServer:
     self.startup_timeout_s = float(startup_timeout_s)
     parsed = urllib.parse.urlparse(self.url)
     if not parsed.hostname or not parsed.port:
-      raise ConfigError(f"config.rollout.sglang_url={url!r}: a launched server needs an explicit "
-                        f"host and port, e.g. 'http://127.0.0.1:30000'")
+      raise ConfigError(f"config.rollout.sglang_url={redact.display_url(url)!r}: a launched "
+                        f"server needs an explicit host and port, e.g. 'http://127.0.0.1:30000'")
     self.host, self.port = parsed.hostname, parsed.port
     self.process: subprocess.Popen | None = None
     self._finalizer: weakref.finalize | None = None
@@ -188,9 +190,10 @@ class LaunchedServer:
     try:
       line = self.template.format(**values)
     except (KeyError, IndexError, ValueError) as e:
-      raise ConfigError(f"config.rollout.sglang_launch={self.template!r}: cannot fill it in "
-                        f"({type(e).__name__}: {e}); it may use {{model}}, {{port}}, {{host}} and "
-                        f"{{python}} (write a literal brace as {{{{ or }}}})") from None
+      raise ConfigError(f"config.rollout.sglang_launch={redact.redact_text(self.template)!r}: "
+                        f"cannot fill it in ({type(e).__name__}: {e}); it may use {{model}}, "
+                        f"{{port}}, {{host}} and {{python}} (write a literal brace as {{{{ or "
+                        f"}}}})") from None
     argv = shlex.split(line)
     if not argv:
       raise ConfigError("config.rollout.sglang_launch is empty")
@@ -198,7 +201,8 @@ class LaunchedServer:
 
   def start(self) -> "LaunchedServer":
     if self.process is not None:
-      raise SGLangError(f"the server for {self.url} is already started (pid {self.process.pid})")
+      raise SGLangError(f"the server for {redact.display_url(self.url)} is already started "
+                        f"(pid {self.process.pid})")
     argv = self.command()
     if _port_in_use(self.host, self.port):
       raise SGLangError(f"{self.host}:{self.port} is already in use, so a server launched from "
@@ -207,7 +211,8 @@ class LaunchedServer:
                         f"port in config.rollout.sglang_url")
     os.makedirs(os.path.dirname(self.log_path), exist_ok=True)
     log_file = open(self.log_path, "ab")
-    log_file.write(f"\n==> {shlex.join(argv)}\n".encode())
+    shown = redact.redact_text(shlex.join(argv))  # the log is in the run: no --api-key KEY
+    log_file.write(f"\n==> {shown}\n".encode())
     log_file.flush()
     try:
       self.process = subprocess.Popen(
@@ -216,9 +221,10 @@ class LaunchedServer:
           start_new_session=True)
     except OSError as e:
       log_file.close()
-      raise SGLangError(f"config.rollout.sglang_launch: cannot run {argv[0]!r}: {e}") from None
+      raise SGLangError(f"config.rollout.sglang_launch: cannot run {argv[0]!r}: "
+                        f"{redact.redact_text(str(e))}") from None
     self._finalizer = weakref.finalize(self, _stop_group, self.process, log_file, self.GRACE_S)
-    log.info("started %s (pid %d), log %s", shlex.join(argv), self.process.pid, self.log_path)
+    log.info("started %s (pid %d), log %s", shown, self.process.pid, self.log_path)
     try:
       wait_healthy(self.url, self.startup_timeout_s, process=self.process,
                    log_path=self.log_path)

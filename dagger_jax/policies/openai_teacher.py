@@ -53,8 +53,9 @@ the responses' `usage`; a response without one counts 0 and `usage_missing` 1, w
 `cache_hits`, `protocol_retries` (re-asks), `failed` (views that got no label), and
 `request_retries` (HTTP attempts retried).
 
-The API key is never logged or put in an error message (a server message that echoes it is
-redacted), nor shown by `repr`.
+The API key is never logged or put in an error message (a server message that echoes it, or the
+URL's password, or anything shaped like a key, is redacted: `dagger_jax.redact`), nor shown by
+`repr`; the URL is shown without its user:password@.
 """
 
 from __future__ import annotations
@@ -67,7 +68,6 @@ import email.utils
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import threading
@@ -78,6 +78,7 @@ from typing import Any, Sequence
 
 import requests
 
+from dagger_jax import redact
 from dagger_jax.data.trajectory import Action
 from dagger_jax.envs import protocol
 from dagger_jax.errors import ConfigError, DaggerJaxError
@@ -152,14 +153,7 @@ def cache_key(body: dict[str, Any]) -> str:
   return hashlib.sha256(data.encode()).hexdigest()
 
 
-def _display_url(url: str) -> str:
-  """`url` without user:password@ (never shown)."""
-  parts = urllib.parse.urlsplit(url)
-  if parts.username is None and parts.password is None:
-    return url
-  host = parts.hostname or ""
-  netloc = f"{host}:{parts.port}" if parts.port else host
-  return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+_display_url = redact.display_url  # `url` without user:password@ (never shown)
 
 
 def _snippet(text: str, limit: int = 200) -> str:
@@ -222,14 +216,7 @@ class OpenAICompatPolicy(Policy):
     """From the whole config: `config.teacher`, the key from the environment variable named by
     `teacher.api_key_env` ("" = no key), `config.seed` as the request seed."""
     t = config.teacher
-    api_key = None
-    name = str(t.api_key_env or "").strip()
-    if name:
-      api_key = os.environ.get(name, "")
-      if not api_key:
-        raise ConfigError(f"config.teacher.api_key_env={name!r}: the environment variable {name} "
-                          f"is unset or empty; export it with the endpoint's API key, or set "
-                          f"api_key_env='' for a server that takes none")
+    api_key = redact.key_from_env("config.teacher.api_key_env", t.api_key_env)
     return cls(t, api_key=api_key, seed=int(getattr(config, "seed", 0) or 0))
 
   def __repr__(self) -> str:  # no key
@@ -355,7 +342,9 @@ class OpenAICompatPolicy(Policy):
     return headers
 
   def _redact(self, text: str) -> str:
-    return text.replace(self._api_key, "***") if self._api_key else text
+    """`text` without the key, the URL's user:password, nor anything shaped like a key."""
+    text = text.replace(self._api_key, redact.MASK) if self._api_key else text
+    return redact.redact_text(text, [urllib.parse.urlsplit(self.url).password or ""])
 
   def _backoff(self, attempt: int) -> float:
     return min(self.backoff_cap_s, self.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)

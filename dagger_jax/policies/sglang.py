@@ -54,6 +54,7 @@ from typing import Any, Sequence
 
 import requests
 
+from dagger_jax import redact
 from dagger_jax.data.trajectory import Action
 from dagger_jax.errors import ConfigError
 from dagger_jax.model import hf
@@ -75,35 +76,38 @@ class StaleWeightsError(SGLangError):
 
 
 def _error_text(response: requests.Response) -> str:
-  """The server's own error message from a JSON or text body (SGLang uses several shapes)."""
+  """The server's own error message from a JSON or text body (SGLang uses several shapes),
+  without anything shaped like a key (`redact.redact_text`)."""
   try:
     body = response.json()
   except ValueError:
-    return (response.text or response.reason or "").strip()[:1000]
+    return redact.redact_text((response.text or response.reason or "").strip()[:1000])
   if isinstance(body, dict):
     for key in ("error", "message", "detail"):
       value = body.get(key)
       if isinstance(value, dict):
         value = value.get("message", value)
       if value:
-        return str(value)[:1000]
-  return str(body)[:1000]
+        return redact.redact_text(str(value)[:1000])
+  return redact.redact_text(str(body)[:1000])
 
 
 class _Client:
   """Requests to one server: timeouts, retries with capped exponential backoff on connection
-  errors and 5xx, and errors that name the URL."""
+  errors and 5xx, and errors that name the URL (`url`: without user:password@, which only
+  `endpoint` holds). The key goes in `Authorization: Bearer KEY` and nowhere else."""
 
   def __init__(self, url: str, timeout_s: float, retries: int, api_key: str | None = None):
     parsed = urllib.parse.urlparse(url)
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
-      raise ConfigError(f"config.rollout.sglang_url={url!r}: expected e.g. "
+      raise ConfigError(f"config.rollout.sglang_url={redact.display_url(url)!r}: expected e.g. "
                         f"'http://127.0.0.1:30000'")
     if timeout_s <= 0:
       raise ConfigError(f"config.rollout.request_timeout_s={timeout_s}: must be > 0")
     if retries < 0:
       raise ConfigError(f"config.rollout.request_retries={retries}: must be >= 0")
-    self.url = url.rstrip("/")
+    self.endpoint = url.rstrip("/")
+    self.url = redact.display_url(self.endpoint)
     self.timeout_s = float(timeout_s)
     self.retries = int(retries)
     self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -112,7 +116,7 @@ class _Client:
   def request(self, method: str, path: str, body: Any = None, *, retry: bool = True,
               timeout_s: float | None = None) -> requests.Response:
     """The response (any status below 500), after retries; raises SGLangError otherwise."""
-    url = self.url + path
+    url = self.url + path  # what messages show
     timeout = self.timeout_s if timeout_s is None else timeout_s
     tries = 1 + (self.retries if retry else 0)
     last: Exception | requests.Response | None = None
@@ -121,7 +125,7 @@ class _Client:
         time.sleep(min(MAX_BACKOFF_S, BACKOFF_S * 2 ** (attempt - 1)))
       try:
         response = self.session.request(
-            method, url, json=body, headers=self.headers,
+            method, self.endpoint + path, json=body, headers=self.headers,
             timeout=(min(CONNECT_TIMEOUT_S, timeout), timeout))
       except requests.exceptions.ReadTimeout:
         raise SGLangError(
@@ -130,7 +134,7 @@ class _Client:
             f"config.rollout.concurrency, or check the server's log") from None
       except requests.exceptions.RequestException as e:
         if not isinstance(e, requests.exceptions.ConnectionError):
-          raise SGLangError(f"{method} {url}: {e}") from None
+          raise SGLangError(f"{method} {url}: {redact.redact_text(str(e))}") from None
         last = e
         log.warning("%s %s: %s (try %d of %d)", method, url, connection_reason(e), attempt + 1, tries)
         continue
@@ -141,8 +145,9 @@ class _Client:
         continue
       if response.status_code in (401, 403):
         raise SGLangError(f"{method} {url}: HTTP {response.status_code} "
-                          f"{_error_text(response)}: the server wants an API key; pass the one "
-                          f"it was started with (--api-key) as SGLangPolicy(api_key=...)")
+                          f"{_error_text(response)}: the server wants an API key; export the "
+                          f"one it was started with (SGLang's --api-key, dagger-jax serve's "
+                          f"--api-key-env) in the variable config.rollout.api_key_env names")
       return response
     if isinstance(last, requests.Response):
       raise SGLangError(f"{method} {url}: HTTP {last.status_code} after {tries} tries: "
