@@ -5,8 +5,9 @@
 
 The student is a ~0.9M-parameter Qwen3-architecture model that starts from a committed base
 (`assets/demo_base`: params + its BPE tokenizer, pretrained on random exploration transcripts of
-fresh toy repositories by `dagger-jax pretrain`; no teacher labels, no held-out tasks). The tasks
-are the imitable `toy` family: every teacher action can be read off the conversation.
+fresh `toy` repositories by `dagger-jax pretrain`; no teacher labels, no held-out tasks). The
+tasks are the imitable `toy-rewrite` family: every teacher action can be read off the
+conversation, and the fix copies two short spans (`s|-|+|`) that the statement shows.
 """
 
 import os

@@ -292,8 +292,11 @@ def plot(results: dict[str, list[list[dict]]], path: str) -> str | None:
                              [100 * h - v for v, h in zip(y, hi)]],
                 fmt="o-", color=COLORS.get(m), capsize=3, lw=2, ms=6, label=m)
     for i, r in enumerate(shown):
-      ax.annotate(f"r{r} β={runs[0][r]['beta']:g}", (xs[i], y[i]), textcoords="offset points",
-                  xytext=(6, -12), fontsize=7, color=COLORS.get(m))
+      if r == 0 and m != "dagger":  # round 0 is shared: one label, DAgger's
+        continue
+      text = "r0 β=1 (shared)" if r == 0 else f"r{r} β={runs[0][r]['beta']:g}"
+      ax.annotate(text, (xs[i], y[i]), textcoords="offset points", xytext=(6, -12), fontsize=7,
+                  color="0.3" if r == 0 else COLORS.get(m))
     top = max(top, *(100 * v for v in hi))
     rows = [[run[r] for run in runs] for r in range(rounds)]
     rs = list(range(rounds))
