@@ -365,7 +365,7 @@ def test_fetch_sdist_from_a_private_index(index_root, tmp_path):
     wrong = url.replace("http://", "http://me:wr0ng@") + "/simple"
     with pytest.raises(pypi.PypiError, match="HTTP 401") as e:  # named without the token
       pypi.fetch_sdist("tinylib", str(tmp_path / "other"), pypi.Registry([wrong]))
-    assert "wr0ng" not in str(e.value) and "http://***@127.0.0.1" in str(e.value)
+    assert "wr0ng" not in str(e.value) and "http://127.0.0.1" in str(e.value)
 
 
 def test_fetch_sdist_says_why_there_is_no_sdist(index_root, tmp_path):
@@ -412,7 +412,7 @@ def test_registry_follows_pips_configuration(tmp_path, monkeypatch):
   r = pypi.Registry.from_pip()
   assert r.index_urls[0] == "https://mirror.example/simple" and "file:///a/simple" in r.index_urls
   assert r.find_links == ["/sdists"] and r.timeout == 7
-  assert "secret" not in r.describe() and "https://***@b.example/simple" in r.describe()
+  assert "secret" not in r.describe() and "https://b.example/simple" in r.describe()
   monkeypatch.setenv("PIP_INDEX_URL", "http://env.example/simple")  # the environment wins
   assert pypi.Registry.from_pip().index_urls[0] == "http://env.example/simple"
   monkeypatch.setenv("PIP_NO_INDEX", "1")

@@ -50,6 +50,7 @@ from packaging.specifiers import InvalidSpecifier, SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
+from dagger_jax import redact
 from dagger_jax.envs.sandbox import make_sandbox
 from dagger_jax.envs.tasks import build_repo, git, snapshot_commit, write_files
 from dagger_jax.errors import DaggerJaxError
@@ -123,8 +124,8 @@ class Registry:
 
   def describe(self) -> str:
     """The registries by name (credentials removed), for messages."""
-    where = [_redact(u) for u in self.index_urls] + [
-        f"find-links {_redact(u)}" for u in self.find_links]
+    where = [redact.display_url(u) for u in self.index_urls] + [
+        f"find-links {redact.display_url(u)}" for u in self.find_links]
     return ", ".join(where) or "no registry (pip is configured with no-index and no find-links)"
 
 
@@ -162,11 +163,6 @@ def _pip_options() -> dict[str, str]:
     if option not in found or rank[section] >= found[option][0]:
       found[option] = (rank[section], value)
   return {k: v for k, (_, v) in found.items()}
-
-
-def _redact(url: str) -> str:
-  """`url` without a password or token (`https://user:secret@host/` -> `https://***@host/`)."""
-  return re.sub(r"^([a-z+]+://)[^/@]+@", r"\1***@", url)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -319,7 +315,7 @@ def project_links(name: str, registry: Registry) -> tuple[list[Link], list[str],
   pages = [(u.rstrip("/") + f"/{project}/", u) for u in registry.index_urls]
   pages += [(u, f"find-links {u}") for u in registry.find_links]
   for url, label in pages:
-    label = _redact(label)
+    label = redact.display_url(label)
     try:
       links += _page_links(url, registry, label)
       answered.append(label)
@@ -415,13 +411,15 @@ def _download(link: Link, downloads: str, registry: Registry) -> tuple[str, bool
         shutil.copyfileobj(r, f, 1 << 20)
     problem = _hash_problem(part, link)
     if problem:
-      raise PypiError(f"{link.filename} from {_redact(link.url)} is corrupt: its {problem}. "
-                      "Try again; if it persists the registry or a proxy serves a bad file")
+      raise PypiError(f"{link.filename} from {redact.display_url(link.url)} is corrupt: its "
+                      f"{problem}. Try again; if it persists the registry or a proxy serves a bad "
+                      "file")
     os.replace(part, path)
   except (_Unreachable, _NotFound, OSError) as e:
-    raise PypiError(f"cannot download {_redact(link.url)} (listed by {link.registry}; is the "
-                    f"package registry reachable?): {e}. Check the network or proxy, or point "
-                    "pip at a reachable index (`pip config set global.index-url URL`)") from None
+    raise PypiError(f"cannot download {redact.display_url(link.url)} (listed by {link.registry}; "
+                    f"is the package registry reachable?): {e}. Check the network or proxy, or "
+                    "point pip at a reachable index (`pip config set global.index-url URL`)"
+                    ) from None
   finally:
     if os.path.exists(part):
       os.remove(part)
