@@ -2,9 +2,9 @@
 
 A stdlib `ThreadingHTTPServer` in a background thread answers `POST /v1/chat/completions` and
 `GET /v1/models` in OpenAI's shape. Its labels come from the conversation text alone
-(`scripted_label`): the straight path of `policies/oracle.py` on a `toy` task (find the function
-the statement names, replace the line after its def with the statement's line, run the tests,
-submit when they pass, restore and edit again when they fail). It can be told to misbehave:
+(`scripted_label`): the straight path of `policies/oracle.py` on a `toy` or `toy-rewrite` task
+(find the function the statement names, edit the line after its def as the statement says, run
+the tests, submit when they pass, restore and edit again when they fail). It can be told to misbehave:
 
     with ScriptedTeacherServer(api_key="sk-test") as server:   # 401 without that key
       server.fail(503, times=2, retry_after="1")               # the next 2 requests fail
@@ -47,24 +47,26 @@ def _steps(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
 
 
 def scripted_label(messages: list[dict[str, str]]) -> str:
-  """The next assistant turn on a `toy` task, read off the conversation alone.
+  """The next assistant turn on a `toy` or `toy-rewrite` task, read off the conversation alone.
 
-  The function and its correct line come from the statement (the first user message), the path
-  from grep's answer; the test output says whether to submit or restore.
+  The function and its correct line (or span to replace) come from the statement (the first user
+  message), the path from grep's answer; the test output says whether to submit or restore.
   """
   statement = next((m["content"] for m in messages if m["role"] == "user"), "")
   function = re.search(r"`def (\w+)\(", statement)
-  new_line = re.search(r"\n\n    (.+)\n", statement)
-  if not function or not new_line:
+  span = re.search(r"`s\|([^|`]+)\|([^|`]+)\|`", statement)  # toy-rewrite
+  new_line = re.search(r"\n\n    (.+)\n", statement)  # toy
+  if not function or not (span or new_line):
     return protocol.format_action("ls", "THOUGHT: The issue names no function; look around.")
-  function, new_line = function.group(1), new_line.group(1)
+  function = function.group(1)
+  edit = f"s|{span[1]}|{span[2]}|" if span else f"s/.*/    {new_line.group(1)}/"
   steps = _steps(messages)
   paths = [m.group(1) for c, obs in steps if c.startswith("grep")
            for m in [re.search(r"^(\./\S+\.py):\d+:def ", obs, re.M)] if m]
   grep = protocol.format_action(f'grep -rn "def {function}(" .',
                                 "THOUGHT: Find the function the issue names.")
-  fix = (protocol.format_action(f"sed -i '/def {function}(/{{n;s/.*/    {new_line}/}}' "
-                                f"{paths[-1]}", "THOUGHT: Replace the line after the def.")
+  fix = (protocol.format_action(f"sed -i '/def {function}(/{{n;{edit}}}' {paths[-1]}",
+                                "THOUGHT: Replace the line after the def.")
          if paths else grep)
   if not steps:
     return grep
