@@ -153,9 +153,6 @@ def cache_key(body: dict[str, Any]) -> str:
   return hashlib.sha256(data.encode()).hexdigest()
 
 
-_display_url = redact.display_url  # `url` without user:password@ (never shown)
-
-
 def _snippet(text: str, limit: int = 200) -> str:
   return repr(text if len(text) <= limit else text[:limit] + "...")
 
@@ -175,18 +172,18 @@ class OpenAICompatPolicy(Policy):
       raise ConfigError("config.teacher.url is empty: set the endpoint's base URL "
                         "(e.g. http://localhost:8000/v1) for teacher.kind='openai'")
     if not url.startswith(("http://", "https://")):
-      raise ConfigError(f"config.teacher.url={_display_url(url)!r}: must start with http:// or "
+      raise ConfigError(f"config.teacher.url={redact.display_url(url)!r}: must start with http:// or "
                         f"https:// (e.g. http://localhost:8000/v1)")
     if url.endswith("/chat/completions"):
-      raise ConfigError(f"config.teacher.url={_display_url(url)!r}: give the base URL (drop "
+      raise ConfigError(f"config.teacher.url={redact.display_url(url)!r}: give the base URL (drop "
                         f"/chat/completions; the teacher appends it)")
     if not str(t.model or "").strip():
       raise ConfigError(f"config.teacher.model is empty: set the model name the endpoint serves "
-                        f"(GET {_display_url(url)}/models lists them)")
+                        f"(GET {redact.display_url(url)}/models lists them)")
     self.url = url
     self.endpoint = f"{url}/chat/completions"
     self.model = str(t.model).strip()
-    self.where = f"teacher {self.model!r} at {_display_url(self.endpoint)}"
+    self.where = f"teacher {self.model!r} at {redact.display_url(self.endpoint)}"
     self.temperature = float(t.temperature)
     self.top_p = float(t.top_p)
     self.max_tokens = int(t.max_tokens)
@@ -220,7 +217,7 @@ class OpenAICompatPolicy(Policy):
     return cls(t, api_key=api_key, seed=int(getattr(config, "seed", 0) or 0))
 
   def __repr__(self) -> str:  # no key
-    return (f"OpenAICompatPolicy(url={_display_url(self.url)!r}, model={self.model!r}, "
+    return (f"OpenAICompatPolicy(url={redact.display_url(self.url)!r}, model={self.model!r}, "
             f"key={'set' if self._api_key else 'none'})")
 
   # --- the Policy API

@@ -182,6 +182,10 @@ def _restored_at(commands: list[str]) -> int:
   return 0
 
 
+def _run_tests(plan: Plan) -> str:
+  return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests to check the change.")
+
+
 def _restore(issue_file: str) -> str:
   """After the tests failed: restore the files, and re-read the issue when there is an issue
   file, so that the retry copies from the newest observation rather than from the failed edit."""
@@ -209,7 +213,7 @@ class OracleTeacher(Policy):
     if diff:
       passed = _last_test(view, commands, plan.test_cmd)
       if passed is None:  # the tree may have changed since the tests last ran: run them
-        return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests to check the change.")
+        return _run_tests(plan)
       if diff == plan.gold and passed:
         return protocol.format_action(f"echo {protocol.SUBMIT_SENTINEL}",
                                       "THOUGHT: The tests pass. Submit.")
@@ -217,13 +221,13 @@ class OracleTeacher(Policy):
     # A clean tree after an edit that changed nothing. The conversation does not show that it
     # changed nothing (sed prints nothing either way), so the labels are those after any edit:
     # run the tests, and when they fail, restore and re-read.
-    edited = any(not _read_only(c) and c != plan.test_cmd and not c.startswith("git checkout")
-                 for c in commands[_restored_at(commands):])
-    if edited and _last_test(view, commands, plan.test_cmd) is None:
-      return protocol.format_action(plan.test_cmd, "THOUGHT: Run the tests to check the change.")
-    if edited and commands[-1] == plan.test_cmd and _last_test(
-        view, commands, plan.test_cmd) is False:
-      return _restore(issue_file)
+    if any(not _read_only(c) and c != plan.test_cmd and not c.startswith("git checkout")
+           for c in commands[_restored_at(commands):]):
+      passed = _last_test(view, commands, plan.test_cmd)
+      if passed is None:
+        return _run_tests(plan)
+      if passed is False and commands[-1] == plan.test_cmd:
+        return _restore(issue_file)
     # A clean tree: the first step not yet taken. Each one only uses what the conversation
     # already shows (the function name is in the issue, the file and line in grep's answer), so
     # a student can learn to take it; after a restore the lines are shown again before the edit.
