@@ -62,6 +62,8 @@ examples:
 EOF
 }
 
+# These helpers are the same in tpu.sh and gpu.sh on purpose: each script stands alone, since
+# sbatch runs a copy of gpu.sh from its spool directory, where no sourced file is found.
 die() {
   printf 'launch/gpu.sh: %s\n' "$*" >&2
   exit 2

@@ -400,6 +400,17 @@ def kill_servers(records):
       os.kill(r["pid"], 15)
 
 
+def run_with_fakes(script, args, env, log):
+  """Runs `script args` against the fakes (every server it started is stopped afterwards, even on
+  a failure); returns the completed process and the fakes' records."""
+  try:
+    out = launch(script, *args, env=env)
+    records = read_log(log)
+  finally:
+    kill_servers(read_log(log) if log.exists() else [])
+  return out, records
+
+
 def ran_lines(stderr):
   return [line[2:] for line in stderr.splitlines() if line.startswith("+ ")]
 
@@ -422,11 +433,7 @@ def test_tpu_run_with_fake_gcloud(tmp_path):
          "ZONE": "us-east5-a"}
   args = ["--serve", "runs/hf", "--serve-port", str(port), "--serve-worker", "1",
           "--env", "OPENAI_API_KEY=sk-1 2", "dagger", *TRICKY]
-  try:
-    out = launch(TPU, *args, env=env)
-    records = read_log(log)
-  finally:
-    kill_servers(read_log(log) if log.exists() else [])
+  out, records = run_with_fakes(TPU, args, env, log)
   assert out.returncode == 0, out.stderr
   # It ran exactly what --dry-run prints.
   assert ran_lines(out.stderr) == dry(TPU, *args, env=env)
@@ -474,11 +481,7 @@ def test_gpu_run_with_fake_srun(tmp_path, nodes):
                SLURM_JOB_NODELIST="node[1-2]")
   args = ["--serve", "runs/hf", "--serve-port", str(port), "--serve-node", str(nodes - 1),
           "train", *TRICKY]
-  try:
-    out = launch(GPU, *args, env=env)
-    records = read_log(log)
-  finally:
-    kill_servers(read_log(log) if log.exists() else [])
+  out, records = run_with_fakes(GPU, args, env, log)
   assert out.returncode == 0, out.stderr
   assert ran_lines(out.stderr) == dry(GPU, *args, env=env)
   verbs = [r for r in records if r["tool"] == "dagger-jax"]
@@ -509,11 +512,8 @@ def test_gpu_run_returns_the_verbs_failure_and_stops_the_server(tmp_path):
   checkout = fake_checkout(tmp_path / "checkout", log)
   port = free_port()
   env = {"DAGGER_JAX_DIR": str(checkout), "FAKE_LOG": str(log), "FAKE_VERB_RC": "3"}
-  try:
-    out = launch(GPU, "--serve", "runs/hf", "--serve-port", str(port), "dagger", env=env)
-    records = read_log(log)
-  finally:
-    kill_servers(read_log(log) if log.exists() else [])
+  out, records = run_with_fakes(GPU, ["--serve", "runs/hf", "--serve-port", str(port), "dagger"],
+                                env, log)
   assert out.returncode == 3, out.stderr
   assert [r["argv"][0] for r in records] == ["serve", "dagger"]
   assert wait_dead([records[0]["pid"]]) == []
