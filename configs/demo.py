@@ -7,7 +7,10 @@ The student is a ~0.9M-parameter Qwen3-architecture model that starts from a com
 (`assets/demo_base`: params + its BPE tokenizer, pretrained on random exploration transcripts of
 fresh `toy` repositories by `dagger-jax pretrain`; no teacher labels, no held-out tasks). The
 tasks are the imitable `toy-rewrite` family: every teacher action can be read off the
-conversation, and the fix copies two short spans (`s|-|+|`) that the statement shows.
+conversation, and the fix copies two short spans (`s|-|+|`) that the statement shows. After a
+failed edit the teacher restores, re-reads the issue and fixes again the careful way: the shell
+reads the substitution from the issue file, so the retry copies only the function and the path.
+Only a student's own mistakes lead there: that recovery is what DAgger teaches and SFT cannot.
 """
 
 import os
@@ -40,7 +43,7 @@ def get_config(arg: str = ""):
   c.train.steps = 120  # per round
   c.train.weight_decay = 0.01
   c.train.checkpoint_every = 120
-  c.sampler.max_new_tokens = 80  # the longest teacher turn (a fix) is ~55 tokens
+  c.sampler.max_new_tokens = 96  # the longest teacher turn (a retry of the fix) is ~75 tokens
   c.sampler.length_buckets = (512, 768, 1024, 1536, 2048, 3072, 4096)  # less padding per prefill
   c.env.max_turns = 8  # the straight path is 4 turns; one recovery takes 3 more
   c.env.command_timeout = 10.0

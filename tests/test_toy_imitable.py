@@ -23,7 +23,8 @@ from dagger_jax.policies.oracle import OracleTeacher
 class ConversationTeacher(Policy):
   """Acts from the messages alone: the function and its correct line from the statement (or
   from the issue file, once re-read), the file from grep's answer; tests after an edit, submit
-  when they pass, restore and re-read the issue when they fail."""
+  when they pass, restore and re-read the issue when they fail. On `toy-rewrite`, the retry
+  after a restore has the shell read the substitution from the issue file."""
 
   name = "conversation"
 
@@ -45,6 +46,9 @@ class ConversationTeacher(Policy):
       grep_answer = messages[3 + 2 * commands.index(f'grep -rn "def {function}(" .')]["content"]
       path = re.search(r"^(\./\S+\.py):\d+:def ", grep_answer, re.M).group(1)
       span = re.search(r"`s\|([^|`]+)\|([^|`]+)\|`", statement)  # toy-rewrite
+      if span and last.startswith("git"):  # a retry: the shell reads the span from the file
+        grep = "grep -o 's|.*|' ~/ISSUE.md"
+        return f'sed -i "/def {function}(/{{n;$({grep})}}" {path}'
       if span:
         return f"sed -i '/def {function}(/{{n;s|{span[1]}|{span[2]}|}}' {path}"
       return f"sed -i '/def {function}(/{{n;s/.*/    {new_line.group(1)}/}}' {path}"
@@ -76,6 +80,32 @@ def test_a_conversation_only_teacher_resolves_every_task(config, split, seed, fa
   # the demo's account of what a student did, on a perfect one
   assert demo.behaviour(trajs) == {"right_function": 40, "first_edit_ok": 40, "restored": 0,
                                    "recovered": 0, "submitted_red": 0, "not_submitted": 0}
+
+
+class ClumsyConversationTeacher(ConversationTeacher):
+  """The conversation-only teacher, except that its first edit breaks the line."""
+
+  @staticmethod
+  def command(messages) -> str:
+    command = ConversationTeacher.command(messages)
+    edits = [m for m in messages if m["role"] == "assistant" and "sed -i" in m["content"]]
+    if command.startswith("sed -i") and not edits:
+      return command.split("{n;")[0] + "{n;s|.*|    return None|}' " + command.split()[-1]
+    return command
+
+
+@pytest.mark.parametrize("family", toy.IMITABLE)
+def test_a_conversation_only_teacher_recovers_on_every_task(config, family):
+  """After a bad first edit: test, restore and re-read, fix again, test, submit, on 40 tasks."""
+  tasks = toy.generate(40, 3, split="train", family=family)
+  trajs, stats = collector.collect(tasks, config=config, round_index=0, beta=1.0,
+                                   teacher=ClumsyConversationTeacher(), student=None,
+                                   progress=False, interventions=())
+  assert stats.failed == 0 and len(trajs) == len(tasks)
+  assert [t.task_id for t in trajs if not t.outcome.resolved] == []
+  assert all(t.outcome.turns == 7 for t in trajs)
+  assert demo.behaviour(trajs) == {"right_function": 40, "first_edit_ok": 0, "restored": 40,
+                                   "recovered": 40, "submitted_red": 0, "not_submitted": 0}
 
 
 @pytest.mark.parametrize("family", toy.IMITABLE)
@@ -127,6 +157,10 @@ def test_the_oracle_recovers_from_a_bad_edit(config, family, noop):
         break
     assert [c.split()[0] for c in path] == ["python3", "git", "sed", "python3", "echo"]
     assert path[1] == "git checkout -- . && cat ~/ISSUE.md"
+    if family == "toy-rewrite":  # the retry copies nothing but the function and the path
+      function = re.search(r"`def (\w+)\(", task["problem_statement"]).group(1)
+      assert path[2] == (f'sed -i "/def {function}(/{{n;'
+                         f"$(grep -o 's|.*|' ~/ISSUE.md)}}\" ./{bug['file']}")
     assert messages[9]["content"] == ("<returncode>0</returncode>\n<output>\n"
                                       f"{task['problem_statement'].rstrip()}\n</output>")
     assert env.exit_status == "submitted" and env.grade().resolved

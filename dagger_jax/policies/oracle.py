@@ -25,7 +25,11 @@ Policy, by the state of the working tree and the last command:
 
 So after a student's bad edit the teacher's labels are: run the tests, restore
 (`git checkout -- .`), fix, test, submit; every decision can be read off the conversation (the
-test output says whether the change worked). Worked example (a `toy` task whose statement quotes
+test output says whether the change worked). On `toy-rewrite` with an issue file, the fix after
+a restore is the careful one: the shell reads the substitution from the issue file
+(`sed -i "/def f(/{n;$(grep -o 's|.*|' ~/ISSUE.md)}" ./f.py`), so the retry copies only the
+function and the path, not the span that the failed edit got wrong. A teacher that never fails
+never shows this path: only a student's own mistakes lead to it (the DAgger demo's point). Worked example (a `toy` task whose statement quotes
 `def join_rate(m, n)` and the correct line `r = m + n`; grep answers `./timing.py:1:def ...`):
 
     THOUGHT: Find the function the issue names.    grep -rn "def join_rate(" .
@@ -85,6 +89,7 @@ class Plan:
   test_cmd: str
   gold: dict
   show_lines: bool  # show the lines before editing (not for `toy.IMITABLE`: no line number)
+  family: str | None = None
 
   @classmethod
   def of(cls, task: dict) -> "Plan":
@@ -100,7 +105,7 @@ class Plan:
       fix_cmd = _git_apply_cmd(task["patch"])
     function, def_line = _function_at(task, file, line)
     return cls(file, line, function, def_line, fix_cmd, test_cmd, gold,
-               show_lines=task.get("family") not in toy.IMITABLE)
+               show_lines=task.get("family") not in toy.IMITABLE, family=task.get("family"))
 
 
 def _first_hunk(patch: str) -> tuple[str, int]:
@@ -197,6 +202,14 @@ def _restore(issue_file: str) -> str:
                                 "THOUGHT: The change broke the tests. Restore the files.")
 
 
+def _careful_fix(plan: Plan, issue_file: str) -> str:
+  """The fix of a `toy-rewrite` task after a failed one: the shell reads the substitution from
+  the issue file, so nothing but the function and the path is copied. (`s|.*|` is greedy: the
+  statement's one `s|old|new|` is the only text between `s|` and the line's last `|`.)"""
+  grep = f"grep -o 's|.*|' {issue_file}"
+  return f'sed -i "/def {plan.function}(/{{n;$({grep})}}" ./{plan.file}'
+
+
 class OracleTeacher(Policy):
   """The scripted expert (see the module docstring)."""
 
@@ -246,4 +259,7 @@ class OracleTeacher(Policy):
     for command, done, thought in steps:
       if command not in done:
         return protocol.format_action(command, thought)
+    if _restored_at(commands) and plan.family == "toy-rewrite" and issue_file:
+      return protocol.format_action(_careful_fix(plan, issue_file),
+                                    "THOUGHT: Apply the issue's substitution.")
     return protocol.format_action(plan.fix_cmd, "THOUGHT: Replace the line after the def.")

@@ -28,6 +28,9 @@ bugs whose fix is one such span (its first occurrence on the line) are drawn.
   statement:  "Bug in `def shift(s, t)`: shift(3, 5) gives 15 instead of -2. In the line after
                the def, `*` should be `-` (`s|*|-|`)."
   fix_cmd:    sed -i '/def shift(/{n;s|*|-|}' ./ledger.py        (a leading `*` is literal)
+  retry:      sed -i "/def shift(/{n;$(grep -o 's|.*|' ~/ISSUE.md)}" ./ledger.py
+              (the oracle's fix after a failed one, with `config.env.issue_file`: the shell
+              reads the substitution from the issue, see `policies/oracle.py`)
 
 `toy-arith` (harder). The statement gives only a call and two values (`shift(3, 5)` returns 15, but
 it should return -2); the fix must be worked out (which operator, which constant plus or minus
