@@ -395,3 +395,25 @@ def test_prefix_cache_evicts_and_checks(pair):
   assert cache.lookup("b", [1, 9, 3, 4]) == (None, 0)  # below min_reuse
   with pytest.raises(ValueError, match="cache_keys"):
     sampler.generate(pair[1], [[1]], 1, prefix_cache=cache)
+
+
+def test_large_batches_of_long_prompts_run_in_chunks(pair, monkeypatch):
+  """Over `PREFILL_SCORE_BYTES` the batch runs as several programs, shortest prompts first: the
+  same tokens and logprobs per row (greedy and sampled), and the prefix cache gets every row's
+  keys and values."""
+  _, model = pair
+  convs = prompts_of((9, 30, 5, 17, 12, 26), seed=11)
+  for temperature in (0.0, 1.0):
+    kw = dict(max_new_tokens=6, temperature=temperature, length_buckets=BUCKETS, seed=3)
+    want = sampler.generate(model, convs, **kw)
+    monkeypatch.setattr(sampler, "PREFILL_SCORE_BYTES", 2 * 32 * 32 * 4)  # two rows of 32
+    assert len(sampler._prefill_chunks([len(c) for c in convs], BUCKETS)) > 1
+    cache = sampler.PrefixCache(max_entries=8, min_reuse=4)
+    for got in (sampler.generate(model, convs, **kw),
+                sampler.generate(model, convs, prefix_cache=cache, cache_keys=list("abcdef"), **kw)):
+      assert got.tokens == want.tokens
+      np.testing.assert_allclose(np.concatenate([np.array(x) for x in got.logprobs]),
+                                 np.concatenate([np.array(x) for x in want.logprobs]),
+                                 atol=2e-5, rtol=1e-5)
+    assert len(cache) == 6 and cache.lookup("b", convs[1] + want.tokens[1][:-1] + [4])[1] > 0
+    monkeypatch.undo()

@@ -417,9 +417,59 @@ def _rows_out(out_tokens_bn, out_logprobs_bn, n):
   return tokens, logprobs
 
 
+# The most bytes one padded program's prefill may spend on a [B, P, P] float32 score array (the
+# attention bias and each query block's scores scale with it). Larger batches of long prompts run
+# as several programs, shortest prompts first: 200 conversations of ~3k tokens in one program
+# would need ~10 GiB for the bias alone.
+PREFILL_SCORE_BYTES = 1 << 30
+
+
+def _prefill_chunks(lengths: Sequence[int], length_buckets) -> list[list[int]]:
+  """Indices of the prompts, in groups whose padded [B, P, P] float32 fits
+  `PREFILL_SCORE_BYTES` (one group, in order, when the whole batch fits).
+
+  >>> _prefill_chunks([10, 3000, 20], None)
+  [[0, 1, 2]]
+  >>> [len(c) for c in _prefill_chunks([1500] * 200, (512, 1024, 1536, 2048))]  # 64 x 1536^2
+  [64, 64, 64, 8]
+  """
+  def cost(n, longest):
+    p = bucket(longest, length_buckets)
+    return pow2(n) * p * p * 4
+
+  if cost(len(lengths), max(lengths)) <= PREFILL_SCORE_BYTES:
+    return [list(range(len(lengths)))]
+  chunks: list[list[int]] = []
+  for i in sorted(range(len(lengths)), key=lambda i: lengths[i]):  # longest last in each chunk
+    if chunks and cost(len(chunks[-1]) + 1, lengths[i]) <= PREFILL_SCORE_BYTES:
+      chunks[-1].append(i)
+    else:
+      chunks.append([i])
+  return chunks
+
+
 def _run_padded(call: _Call, prompts, rows, length_buckets, keep_cache=False):
   """Whole prompts, left-padded to one bucket -> (tokens, logprobs, steps, kv_of(j, fed) or
-  None without `keep_cache`); `rows` are the prompts' indices in the caller's list."""
+  None without `keep_cache`); `rows` are the prompts' indices in the caller's list. Runs as
+  several programs when one would need too much memory (`_prefill_chunks`)."""
+  chunks = _prefill_chunks([len(x) for x in prompts], length_buckets)
+  if len(chunks) == 1:
+    return _run_padded_one(call, prompts, rows, length_buckets, keep_cache)
+  n = len(prompts)
+  tokens, logprobs, steps, kv_fns = [None] * n, [None] * n, 0, [None] * n
+  for chunk in chunks:
+    out = _run_padded_one(call, [prompts[i] for i in chunk], [rows[i] for i in chunk],
+                          length_buckets, keep_cache)
+    steps = max(steps, out[2])
+    for j, i in enumerate(chunk):
+      tokens[i], logprobs[i] = out[0][j], out[1][j]
+      if keep_cache:
+        kv_fns[i] = functools.partial(out[3], j)
+  kv_of = (lambda i, fed: kv_fns[i](fed)) if keep_cache else None
+  return tokens, logprobs, steps, kv_of
+
+
+def _run_padded_one(call: _Call, prompts, rows, length_buckets, keep_cache=False):
   n = len(prompts)
   b = pow2(n)
   p = bucket(max(len(x) for x in prompts), length_buckets)
