@@ -11,7 +11,9 @@ Every parameter carries `logical_axes` metadata (see `sharding.py`), its storage
 `param_dtype`, and matmuls run in `dtype` (float32 or bfloat16). Logits are always float32.
 
 Packed rows with label branches (DESIGN.md, "Token row"): token i attends to j iff j <= i in row
-order, `segment_ids[i] == segment_ids[j]`, and `branch_ids[j] in (0, branch_ids[i])`.
+order, `segment_ids[i] == segment_ids[j]`, and `branch_ids[j] in (0, branch_ids[i])`. The
+training attention's implementations (XLA blocks on CPU, flash in JAX or Pallas for long rows)
+live in `attention.py`; `Qwen3(..., attention=, remat=)` chooses them and the per-layer remat.
 
     model = Qwen3(Qwen3Config(...), rngs=nnx.Rngs(0))
     logits_btv = model(tokens_bt)                       # defaults: positions 0..T-1, no packing
@@ -19,9 +21,8 @@ order, `segment_ids[i] == segment_ids[j]`, and `branch_ids[j] in (0, branch_ids[
 
 Decoding with a KV cache (used by `sampler.py`) goes through `Qwen3.decode`.
 
-Why one file of ~500 lines: the config, the layers, the packed/branched attention mask and the
-cached decode path share shapes and conventions that are read together; splitting them would
-spread one model over several files.
+Why one file of ~470 lines: the config, the layers and the cached decode path share shapes and
+conventions that are read together; the training attention kernels are a subject of their own.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dagger_jax.model import attention as attention_lib
+from dagger_jax.model.attention import (  # noqa: F401  (re-exported: the model's public names)
+    RowMask, attention_bias, attention_mask, causal_block_attention)
 from dagger_jax.model.sharding import constrain
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -145,110 +149,6 @@ def rope(x_btnh: jax.Array, positions_bt: jax.Array, theta: float,
   return out.astype(x_btnh.dtype)
 
 
-def attention_mask(segment_ids_bt: jax.Array, branch_ids_bt: jax.Array) -> jax.Array:
-  """[b, 1, t, t] bool: causal, same segment, and key branch 0 or the query's own branch."""
-  t = segment_ids_bt.shape[1]
-  causal_tt = jnp.arange(t)[:, None] >= jnp.arange(t)[None, :]
-  same_segment = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]
-  key_branch = branch_ids_bt[:, None, :]
-  branch_ok = (key_branch == 0) | (key_branch == branch_ids_bt[:, :, None])
-  return (causal_tt[None] & same_segment & branch_ok)[:, None]
-
-
-def attention_bias(segment_ids_bt: jax.Array, branch_ids_bt: jax.Array) -> jax.Array:
-  """[b, 1, t, t] float32: 0 where `attention_mask` allows, the float32 minimum elsewhere.
-
-  Added to the scores (once per layer, no select in the forward or the backward pass). Every
-  query sees at least itself, so a masked score's exp is exactly 0, as with a select.
-  """
-  return jnp.where(attention_mask(segment_ids_bt, branch_ids_bt), 0.0,
-                   jnp.finfo(jnp.float32).min).astype(jnp.float32)
-
-
-def _block_ranges(t: int, block: int):
-  return [(start, min(start + block, t)) for start in range(0, t, block)]
-
-
-def _block_attention_fwd_core(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block):
-  """Output [b, k, r, h] and each query block's probabilities [b, k, rows, end] (rows r = t x g,
-  query-major); q is pre-scaled, keys come transposed ([b, k, h, s])."""
-  b, kv, r, h = q_bkrh.shape
-  outs, probs = [], []
-  for start, end in _block_ranges(r // groups, block):
-    rows = slice(start * groups, end * groups)
-    scores = jnp.einsum("bkrh,bkhs->bkrs", q_bkrh[:, :, rows], k_bkhs[:, :, :, :end],
-                        preferred_element_type=jnp.float32)
-    bias = jnp.broadcast_to(bias_btt[:, None, start:end, None, :end],
-                            (b, kv, end - start, groups, end))
-    p = jax.nn.softmax(scores + bias.reshape(scores.shape), axis=-1)
-    probs.append(p)
-    outs.append(jnp.einsum("bkrs,bksh->bkrh", p.astype(v_bksh.dtype), v_bksh[:, :, :end],
-                           preferred_element_type=jnp.float32).astype(v_bksh.dtype))
-  return jnp.concatenate(outs, axis=2), probs
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _block_attention(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block):
-  return _block_attention_fwd_core(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block)[0]
-
-
-def _block_attention_fwd(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block):
-  out, probs = _block_attention_fwd_core(q_bkrh, k_bkhs, v_bksh, bias_btt, groups, block)
-  return out, (q_bkrh, k_bkhs, v_bksh, out, probs, bias_btt)
-
-
-def _block_attention_bwd(groups, block, residuals, dout_bkrh):
-  """Softmax attention backward from the saved probabilities, block by block; every matmul
-  takes both operands in row-major order (x^T operands are small [h, rows] transposes)."""
-  q_bkrh, k_bkhs, v_bksh, out_bkrh, probs, bias_btt = residuals
-  f32 = jnp.float32
-  b, kv, r, h = q_bkrh.shape
-  t = r // groups
-  delta_bkr = jnp.sum(dout_bkrh.astype(f32) * out_bkrh.astype(f32), axis=-1)
-  dout_t = jnp.swapaxes(dout_bkrh, 2, 3)  # [b, k, h, r]
-  q_t = jnp.swapaxes(q_bkrh, 2, 3)
-  v_t = jnp.swapaxes(v_bksh, 2, 3)  # [b, k, h, s]
-  k_bksh = jnp.swapaxes(k_bkhs, 2, 3)
-  dq, dk_t, dv_t = [], jnp.zeros((b, kv, h, t), f32), jnp.zeros((b, kv, h, t), f32)
-  for (start, end), p in zip(_block_ranges(t, block), probs):
-    rows = slice(start * groups, end * groups)
-    pad = ((0, 0), (0, 0), (0, 0), (0, t - end))
-    dv_t = dv_t + jnp.pad(jnp.einsum("bkhr,bkrs->bkhs", dout_t[..., rows], p.astype(dout_t.dtype),
-                                     preferred_element_type=f32), pad)
-    dp = jnp.einsum("bkrh,bkhs->bkrs", dout_bkrh[:, :, rows], v_t[..., :end],
-                    preferred_element_type=f32)
-    ds = (p * (dp - delta_bkr[:, :, rows, None])).astype(q_bkrh.dtype)
-    dq.append(jnp.einsum("bkrs,bksh->bkrh", ds, k_bksh[:, :, :end], preferred_element_type=f32))
-    dk_t = dk_t + jnp.pad(jnp.einsum("bkhr,bkrs->bkhs", q_t[..., rows], ds,
-                                     preferred_element_type=f32), pad)
-  return (jnp.concatenate(dq, axis=2).astype(q_bkrh.dtype), dk_t.astype(k_bkhs.dtype),
-          jnp.swapaxes(dv_t, 2, 3).astype(v_bksh.dtype), jnp.zeros_like(bias_btt))
-
-
-_block_attention.defvjp(_block_attention_fwd, _block_attention_bwd)
-
-
-def causal_block_attention(q_btnh: jax.Array, k_btkh: jax.Array, v_btkh: jax.Array,
-                           bias_b1tt: jax.Array, block: int = 128) -> jax.Array:
-  """Training self-attention over a (packed, branched) row, skipping the upper-right blocks.
-
-  The mask is causal in row order, so queries [i, j) only need keys [0, j): with t = 4 blocks
-  this does 10/16 of the t x t work, in the backward pass too. (b, k) are the einsums' batch
-  dimensions and each kv head's g queries of a position are adjacent rows ([b, k, t x g, h]), so
-  a query block is a contiguous row range. Scores and softmax in float32; `bias_b1tt` from
-  `attention_bias`. A custom VJP computes the backward pass from the saved probabilities with
-  row-major matmul operands only (XLA:CPU runs transposed-operand batch matmuls slowly).
-  """
-  b, t, n, h = q_btnh.shape
-  kv = k_btkh.shape[2]
-  g = n // kv
-  q_bkrh = (q_btnh * (h ** -0.5)).reshape(b, t, kv, g, h).transpose(0, 2, 1, 3, 4)
-  q_bkrh = q_bkrh.reshape(b, kv, t * g, h)
-  k_bkhs, v_bksh = k_btkh.transpose(0, 2, 3, 1), v_btkh.transpose(0, 2, 1, 3)
-  out_bkrh = _block_attention(q_bkrh, k_bkhs, v_bksh, bias_b1tt[:, 0], g, block)
-  return out_bkrh.reshape(b, kv, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-
-
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
@@ -316,10 +216,10 @@ class Attention(nnx.Module):
     o = self.o_proj.get_value().astype(self.config.jnp_dtype)
     return jnp.einsum("btnh,nhd->btd", out_btnh, o)
 
-  def __call__(self, x_btd, positions_bt, bias_b1tt):
-    """Self-attention of whole rows (training); `bias_b1tt` from `attention_bias`."""
+  def __call__(self, x_btd, positions_bt, mask: RowMask):
+    """Self-attention of whole rows (training), with `mask.implementation` (attention.py)."""
     q, k, v = self.project_qkv(x_btd, positions_bt)
-    return self.output(causal_block_attention(q, k, v, bias_b1tt))
+    return self.output(attention_lib.attend(q, k, v, mask))
 
   def prefill(self, x_btd, positions_bt, bias_b1tt, last_only: bool = False):
     """Causal self-attention of a prompt -> (output [b, t, d], keys and values [b, k, t, h]).
@@ -409,8 +309,8 @@ class Block(nnx.Module):
     self.post_attention_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pd)
     self.mlp = MLP(c, rngs)
 
-  def __call__(self, x_btd, positions_bt, bias_b1tt):
-    x_btd = x_btd + self.attn(self.input_norm(x_btd), positions_bt, bias_b1tt)
+  def __call__(self, x_btd, positions_bt, mask: RowMask):
+    x_btd = x_btd + self.attn(self.input_norm(x_btd), positions_bt, mask)
     x_btd = x_btd + self.mlp.fused(self.post_attention_norm(x_btd))
     return constrain(x_btd, ("batch", "length", "embed"))
 
@@ -427,11 +327,37 @@ class Block(nnx.Module):
     return x_btd + self.mlp(self.post_attention_norm(x_btd)), k_bksh, v_bksh
 
 
-class Qwen3(nnx.Module):
+# `train.remat`: what each layer keeps for the backward pass (one checkpoint per layer).
+#   none  everything (the fastest step, the most memory)
+#   dots  its matmul outputs without batch dimensions (the q/k/v/o and MLP projections); norms,
+#         rotary, activations and the attention are recomputed
+#   full  only its input; the whole layer is recomputed
+REMAT_POLICIES = {"none": None,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+                  "full": jax.checkpoint_policies.nothing_saveable}
 
-  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs):
+
+def model_options(config: Any) -> dict[str, str]:
+  """`Qwen3`'s run options from a whole config: `model.attention` and `train.remat` (neither is
+  architecture, so neither is a `Qwen3Config` field or part of a checkpoint)."""
+  return {"attention": str(config.model.get("attention", "auto")),
+          "remat": str(config.train.get("remat", "none"))}
+
+
+class Qwen3(nnx.Module):
+  """The decoder. `attention` (`config.model.attention`) picks the training attention
+  (`attention.resolve`); `remat` (`config.train.remat`) what each layer keeps for the backward
+  pass (`REMAT_POLICIES`). Both apply to `__call__` only: `prefill` and `decode` serve sampling."""
+
+  def __init__(self, config: Qwen3Config, *, rngs: nnx.Rngs, attention: str = "auto",
+               remat: str = "none"):
     c, pd = config, config.jnp_param_dtype
+    attention_lib.resolve(attention, "cpu")  # a bad name fails here, not at the first step
+    if remat not in REMAT_POLICIES:
+      raise ValueError(f"config.train.remat={remat!r}: must be one of {tuple(REMAT_POLICIES)}")
     self.config = c
+    self.attention = attention
+    self.remat = remat
     self.embedding = _param(rngs, (c.vocab_size, c.hidden_size), ("vocab", "embed"), pd)
     self.layers = nnx.List([Block(c, rngs) for _ in range(c.num_layers)])
     self.final_norm = RMSNorm(c.hidden_size, c.rms_norm_eps, "norm", pd)
@@ -463,10 +389,13 @@ class Qwen3(nnx.Module):
       segment_ids_bt = jnp.ones((b, t), jnp.int32)
     if branch_ids_bt is None:
       branch_ids_bt = jnp.zeros((b, t), jnp.int32)
-    bias_b1tt = attention_bias(segment_ids_bt, branch_ids_bt)
+    mask = attention_lib.row_mask(segment_ids_bt, branch_ids_bt, self.attention)
+    run_layer = Block.__call__
+    if self.remat != "none":
+      run_layer = nnx.remat(run_layer, policy=REMAT_POLICIES[self.remat])
     x_btd = self.embed(tokens_bt)
     for layer in self.layers:
-      x_btd = layer(x_btd, positions_bt, bias_b1tt)
+      x_btd = run_layer(layer, x_btd, positions_bt, mask)
     hidden_btd = self.final_norm(x_btd)
     return hidden_btd if return_hidden else self.unembed(hidden_btd)
 

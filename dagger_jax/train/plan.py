@@ -16,11 +16,13 @@ What it reports, per device of the mesh:
                             jitted `Trainer` step, lowered with abstract state and batch and
                             compiled ahead of time on a simulated CPU mesh of the same size)
                             minus the gradients: everything the step keeps between the forward
-                            and the backward pass, and its transients. There is no remat setting
-                            in the config yet: every layer keeps its residuals, including the
-                            attention's float32 probabilities (`qwen3.causal_block_attention`),
-                            so activations grow with max_len squared. The plan shows that term
-                            exactly from the code's shapes next to the compiler's figure.
+                            and the backward pass, and its transients. What a layer keeps is
+                            `config.train.remat`'s choice; the attention is the one
+                            `config.model.attention` picks on `--device`'s platform
+                            (`planned_attention`): on a TPU or GPU a flash attention that keeps
+                            O(max_len) per layer, on CPU xla_blocks, whose float32 probabilities
+                            grow with max_len squared (that term is shown exactly from the
+                            code's shapes next to the compiler's figure).
   other                     the batch, the step's metrics and generated code (from the compiler).
   total                     the compiler's argument + output - aliased + temp + code bytes;
                             params + opt_state + grads + activations + other add up to it.
@@ -30,10 +32,11 @@ The plan fits when the total is at most the device's memory; otherwise `Plan.fix
 change, with figures (more fsdp, bf16 params, fewer rows per device, a shorter max_len, the
 chunked loss), and the verb exits 1.
 
-Reduced depth, scaled per layer. The layers are a Python loop (no scan) and the attention is
-unrolled over 128-token query blocks, so XLA:CPU's compile time grows with max_len: on a 2-core
-machine one layer of Qwen3-4B at 32768 tokens on 64 simulated devices takes ~1 min to compile
-(8192 tokens: ~15 s), and 36 layers are out of reach. The plan therefore compiles the step at the
+Reduced depth, scaled per layer. The layers are a Python loop (no scan), and xla_blocks (the
+CPU attention) is unrolled over 128-token query blocks, so XLA:CPU's compile time grows with
+max_len: on a 2-core machine one layer of Qwen3-4B at 32768 tokens on 64 simulated devices takes
+~1 min to compile (8192 tokens: ~15 s), and 36 layers are out of reach (flash_jax's loops compile
+in seconds at any length). The plan therefore compiles the step at the
 full length, width and mesh but with 1 and 2 layers (both at once: XLA compiles without the GIL;
 ~2-3 min in all at 32768 tokens on 2 cores) and scales every compiler figure linearly to the
 config's depth: x(L) = x(1) + (L - 1) * (x(2) - x(1)). The difference is what one more layer
@@ -42,9 +45,15 @@ are within 0.1% of a full-depth compile's (tests/test_plan.py), and the scaled a
 checked against the exact state and batch on every plan. `full_depth=True` (`--full-depth`)
 compiles the real depth instead. LLVM's optimisations are off for these compiles: the memory and
 cost analyses come before code generation and do not change; the compile takes ~2.5x less time.
+XLA:CPU's `cse_barrier_expander` pass is off too: it drops the optimization barriers that keep
+remat's recomputation apart from the forward pass, after which CSE merges the two and remat
+saves nothing (measured: the same temp bytes with and without it). TPU and GPU compilers keep
+the barriers; so does the plan.
 
 Caveat: the figures are XLA:CPU's buffer assignment of the same program. A TPU or GPU compiler
-fuses and schedules differently, so its temporaries differ; the exact state figures do not.
+fuses and schedules differently, so its temporaries differ; the exact state figures do not. The
+Pallas kernels (`model.attention=pallas`) do not compile for XLA:CPU: a plan compiles flash_jax
+in their place, which keeps the same residuals (q, k, v, the output and a log-sum-exp).
 When the state alone cannot fit, or with `use_compiler=False` (`--no-compile`), nothing is
 compiled and activations are a lower bound from shapes (`activation_estimate`).
 
@@ -53,7 +62,7 @@ The simulated mesh needs N CPU devices before JAX starts its backend. The CLI ve
 (or more: it takes the first N), else in a child process (`python -m dagger_jax.train.plan`)
 started with `XLA_FLAGS=--xla_force_host_platform_device_count=N`.
 
-Why one file of ~630 lines: the mesh, the exact state, the compiles, the depth scaling, the fixes
+Why one file of ~700 lines: the mesh, the exact state, the compiles, the depth scaling, the fixes
 and the report each feed the next, and are read in that order.
 """
 
@@ -76,6 +85,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dagger_jax.errors import ConfigError, DaggerJaxError, UsageError
+from dagger_jax.model import attention as attention_lib
 from dagger_jax.model import qwen3, reshard, sharding
 from dagger_jax.model.qwen3 import Qwen3Config
 from dagger_jax.train import trainer as trainer_lib
@@ -93,6 +103,7 @@ class DeviceSpec:
   hbm_bytes: int  # memory per device
   peak_flops: float  # dense bf16 FLOP/s per device
   source: str
+  platform: str = "cpu"  # the JAX platform: what `config.model.attention=auto` resolves against
 
 
 # Per-device memory and dense bf16 peak (one JAX device = one chip or GPU). Sources:
@@ -105,15 +116,18 @@ class DeviceSpec:
 # On GPUs JAX preallocates XLA_PYTHON_CLIENT_MEM_FRACTION (default 0.75) of this; set it to ~0.95
 # for a plan's figures to be usable.
 DEVICES: dict[str, DeviceSpec] = {
-    "v5p": DeviceSpec("TPU v5p", 95 * GiB, 459e12, "cloud.google.com/tpu/docs/v5p-training"),
-    "h100": DeviceSpec("H100 SXM", 80 * GiB, 989e12, "NVIDIA H100 datasheet (dense bf16)"),
-    "h200": DeviceSpec("H200", 141 * GiB, 989e12, "NVIDIA H200 datasheet (dense bf16)"),
+    "v5p": DeviceSpec("TPU v5p", 95 * GiB, 459e12, "cloud.google.com/tpu/docs/v5p-training",
+                      "tpu"),
+    "h100": DeviceSpec("H100 SXM", 80 * GiB, 989e12, "NVIDIA H100 datasheet (dense bf16)", "gpu"),
+    "h200": DeviceSpec("H200", 141 * GiB, 989e12, "NVIDIA H200 datasheet (dense bf16)", "gpu"),
 }
 DEVICE_CHOICES = (*DEVICES, "cpu")
 
-# XLA:CPU codegen options for the plan's compiles: the memory and cost analyses come from the
-# HLO passes and buffer assignment, before LLVM, and are the same without its optimisations.
-FAST_CODEGEN = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# XLA:CPU options for the plan's compiles: the memory and cost analyses come from the HLO passes
+# and buffer assignment, before LLVM, and are the same without its optimisations; remat's
+# optimization barriers are kept, as TPU and GPU compilers keep them (see the module doc).
+FAST_CODEGEN = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True,
+                "xla_disable_hlo_passes": "cse_barrier_expander"}
 
 # The batch the step reads (`trainer.BATCH_FIELDS`), as the shards store it (data/shards.py).
 BATCH_DTYPES = {"loss_mask": jnp.uint8}  # every other field is int32
@@ -267,33 +281,61 @@ def attention_block() -> int:
   return int(inspect.signature(qwen3.causal_block_attention).parameters["block"].default)
 
 
-def attention_bytes(c: Qwen3Config, rows: int, t: int, tensor: int = 1) -> dict[str, int]:
-  """What the training attention keeps per device that grows with t^2, from the code's shapes:
-  each layer's float32 probabilities of every query block against the keys up to its end
-  (`_block_attention_fwd` saves them for the backward pass) and the model's one [b, 1, t, t]
-  float32 mask bias (`attention_bias`). `tensor` splits the heads when it divides them."""
+def planned_attention(config: Any, platform: str) -> tuple[str, str]:
+  """(the implementation `config.model.attention` picks on `platform`, the one the plan
+  compiles in its place on XLA:CPU: flash_jax for pallas, else the same)."""
+  chosen = attention_lib.resolve(str(config.model.get("attention", "auto")), platform)
+  return chosen, "flash_jax" if chosen == "pallas" else chosen
+
+
+def remat_mode(config: Any) -> str:
+  return str(config.train.get("remat", "none"))
+
+
+def attention_bytes(c: Qwen3Config, rows: int, t: int, tensor: int = 1,
+                    implementation: str = "xla_blocks", remat: str = "none") -> dict[str, Any]:
+  """What the training attention keeps per device, from the code's shapes. xla_blocks: each
+  layer's float32 probabilities of every query block against the keys up to its end
+  (`_block_attention_fwd` saves them for the backward pass; with remat, one layer's at a time)
+  and the model's one [b, 1, t, t] float32 mask bias (`attention_bias`): both grow with t^2.
+  flash_jax and pallas: no t^2 term; each layer keeps a float32 log-sum-exp per query (`lse`;
+  q, k, v and the output are counted with the per-token residuals). `tensor` splits the heads
+  when it divides them."""
   heads = c.num_heads // tensor if c.num_heads % tensor == 0 and c.num_kv_heads % tensor == 0 \
       else c.num_heads
+  layers_kept = c.num_layers if remat == "none" else 1
+  if implementation != "xla_blocks":
+    return {"implementation": implementation, "probs_per_layer": 0, "probs": 0, "mask_bias": 0,
+            "lse": rows * heads * t * 4 * layers_kept, "block": attention_lib.FLASH_BLOCK}
   block = attention_block()
   pairs = sum((min(s + block, t) - s) * min(s + block, t) for s in range(0, t, block))
   per_layer = rows * heads * pairs * 4
-  return {"probs_per_layer": per_layer, "probs": per_layer * c.num_layers,
-          "mask_bias": rows * t * t * 4, "block": block}
+  return {"implementation": implementation, "probs_per_layer": per_layer,
+          "probs": per_layer * layers_kept, "mask_bias": rows * t * t * 4, "lse": 0,
+          "block": block}
 
 
-def activation_estimate(c: Qwen3Config, rows: int, t: int, train: Any, tensor: int = 1
-                        ) -> dict[str, int]:
-  """A lower bound of the activations from shapes (no compiler): the attention's t^2 terms, each
-  layer's per-token residuals that the backward pass reads (block input, normed inputs, q and k
-  before and after norm and rotary, v, attention output, MLP gate/up and hidden), the final
-  hidden states and the float32 logits with their softmax (one chunk of them when chunked)."""
+def activation_estimate(c: Qwen3Config, rows: int, t: int, train: Any, tensor: int = 1,
+                        implementation: str = "xla_blocks") -> dict[str, int]:
+  """A lower bound of the activations from shapes (no compiler): the attention's terms
+  (`attention_bytes`), each layer's per-token residuals that the backward pass reads, the final
+  hidden states and the float32 logits with their softmax (one chunk of them when chunked).
+  A layer keeps (`train.remat`): none, everything (block input, normed inputs, q and k before
+  and after norm and rotary, v, attention output, MLP gate/up and hidden); dots, its input and
+  its matmul outputs (q, k, v, o, gate/up, down); full, its input; with remat one layer's full
+  set exists at a time, in its backward pass."""
   e = jnp.dtype(c.jnp_dtype).itemsize
   d, h, f = c.hidden_size, c.head_dim, c.intermediate_size
-  per_token = e * (4 * d + 3 * (c.num_heads + c.num_kv_heads) * h // tensor + 3 * f // tensor)
-  attn = attention_bytes(c, rows, t, tensor)
+  remat = str(train.get("remat", "none"))
+  everything = e * (4 * d + 3 * (c.num_heads + c.num_kv_heads) * h // tensor + 3 * f // tensor)
+  kept = {"none": everything, "full": e * d,
+          "dots": e * (3 * d + (c.num_heads + 2 * c.num_kv_heads) * h // tensor + 2 * f // tensor)
+          }[remat]
+  per_token = kept * c.num_layers + (everything if remat != "none" else 0)
+  attn = attention_bytes(c, rows, t, tensor, implementation, remat)
   logits_len = min(int(train.loss_chunk_size), t) if train.loss_chunked else t
   out = {"attention_probs": attn["probs"], "mask_bias": attn["mask_bias"],
-         "per_token_residuals": rows * t * per_token * c.num_layers,
+         "attention_lse": attn["lse"], "per_token_residuals": rows * t * per_token,
          "final_hidden": rows * t * d * e,
          "logits": 2 * rows * logits_len * c.vocab_size * 4 // tensor}
   out["total"] = sum(out.values())
@@ -313,7 +355,7 @@ class Plan:
   batch: dict[str, Any]  # batch_size, grad_accum, max_len, rows per device, loss form
   remat: str
   per_device_bytes: dict[str, int]  # params, opt_state, grads, activations, other, total
-  attention: dict[str, int]  # attention_bytes(...)
+  attention: dict[str, Any]  # attention_bytes(...): implementation, probs, mask_bias, lse
   activation_estimate: dict[str, int]  # activation_estimate(...)
   compiler: dict[str, Any] | None  # scaled memory analysis + compiled depths, None if skipped
   step_flops: float  # model FLOPs of one optimizer step, all devices
@@ -360,13 +402,19 @@ class Plan:
     a = self.attention
     est = self.activation_estimate
     how = "compiler temp - grads" if self.compiler else "lower bound, not compiled"
+    impl = a.get("implementation", "xla_blocks")
+    kept = m["num_layers"] if self.remat.split()[0] == "none" else 1
+    attention_rows = ([(f"  attention probs ({impl}, fp32, {kept} layers)", a["probs"]),
+                       ("  attention mask bias [b,1,t,t] fp32", a["mask_bias"])]
+                      if impl == "xla_blocks" else
+                      [(f"  attention lse ({impl}, fp32, {kept} layers)", a["lse"])])
+    attention_total = a["probs"] + a["mask_bias"] + a.get("lse", 0)
     rows = [("params", pd["params"]), ("optimizer state (Adam mu, nu)", pd["opt_state"]),
             ("gradients", pd["grads"]), (f"activations ({how})", pd["activations"]),
-            (f"  attention probabilities, fp32, {m['num_layers']} layers", a["probs"]),
-            ("  attention mask bias [b,1,t,t] fp32", a["mask_bias"]),
+            *attention_rows,
             ("  per-token residuals (lower bound)", est["per_token_residuals"]),
             *([("  the rest (the compiler's transients, logits)",
-                pd["activations"] - a["probs"] - a["mask_bias"] - est["per_token_residuals"])]
+                pd["activations"] - attention_total - est["per_token_residuals"])]
               if self.compiler else []),
             ("other (batch, metrics, code)", pd["other"]), ("total", pd["total"])]
     lines += [f"  {name:<50}{_gib(v):>8}" for name, v in rows]
@@ -405,12 +453,16 @@ def _flop(x: float) -> str:
   return f"{x / 10 ** (3 * exp):.1f} {['', 'K', 'M', 'G', 'T', 'P', 'E'][exp]}FLOP"
 
 
+_REMAT_WORDS = {
+    "none": "every layer keeps its residuals for the backward pass",
+    "dots": "every layer keeps its input and matmul outputs and recomputes the rest",
+    "full": "every layer keeps its input and is recomputed in the backward pass",
+}
+
+
 def _remat(config: Any) -> str:
-  value = config.train.get("remat") if hasattr(config.train, "get") else None
-  if value is None:
-    return ("none (config.train has no remat setting yet: every layer keeps its residuals for "
-            "the backward pass, including its attention probabilities)")
-  return str(value)
+  mode = remat_mode(config)
+  return f"{mode} (config.train.remat: {_REMAT_WORDS[mode]})"
 
 
 def _fixes(config: Any, p: dict[str, Any], mesh: dict[str, int]) -> list[str]:
@@ -442,6 +494,17 @@ def _fixes(config: Any, p: dict[str, Any], mesh: dict[str, int]) -> list[str]:
                    f"or more devices) makes {rows // k} row(s)" + (
                        f", ~{_gib(act * (rows // k) / rows)} GiB: not enough alone"
                        if act / k > room else ""))
+    if remat_mode(config) == "none":
+      per_layer = p["activation_estimate"]["per_token_residuals"] / max(p["model"]["num_layers"], 1)
+      fixes.append(f"--config.train.remat=full: each layer keeps only its input and is recomputed "
+                   f"in the backward pass (the per-token residuals, {_gib(per_layer)} GiB per "
+                   f"layer, then exist for one layer at a time; ~1/3 more compute), or "
+                   f"--config.train.remat=dots (keeps the matmul outputs)")
+    a = p["attention"]
+    if a.get("implementation", "xla_blocks") == "xla_blocks":
+      fixes.append(f"--config.model.attention=flash_jax (or pallas on a TPU/GPU): no t x t "
+                   f"probabilities or mask ({_gib(a['probs'] + a['mask_bias'])} GiB here); "
+                   f"activations grow linearly with max_len")
     # per row: the t^2 part (probabilities, mask) scales with max_len squared, the rest ~linearly
     quad = min(p["attention"]["probs"] + p["attention"]["mask_bias"], act) / rows
     lin = act / rows - quad
@@ -454,16 +517,15 @@ def _fixes(config: Any, p: dict[str, Any], mesh: dict[str, int]) -> list[str]:
       guess = f"about {short} by a rough estimate (plan it again)"
     if rows > 1:
       guess += " at 1 row per device"
-    fixes.append(f"a shorter --config.data.max_len: every layer keeps float32 attention "
-                 f"probabilities ({_gib(p['attention']['probs'])} GiB of the {_gib(act)} GiB at "
-                 f"{t} tokens; they grow with max_len squared); {guess}" + (
-                     "; with 1 row per device, more devices or a smaller batch do not help"
-                     if rows == 1 else ""))
+    why = (f"the attention's float32 probabilities ({_gib(p['attention']['probs'])} GiB of the "
+           f"{_gib(act)} GiB at {t} tokens) grow with max_len squared" if quad else
+           f"activations ({_gib(act)} GiB at {t} tokens) grow linearly with max_len")
+    fixes.append(f"a shorter --config.data.max_len: {why}; {guess}" + (
+        "; with 1 row per device, more devices or a smaller batch do not help"
+        if rows == 1 else ""))
     if not config.train.loss_chunked:
       fixes.append(f"--config.train.loss_chunked=True: the plain loss materialises float32 "
                    f"logits of every position ({_gib(p['activation_estimate']['logits'])} GiB)")
-    fixes.append("what needs code: remat (config.train has no setting yet) or a flash attention "
-                 "that keeps no t x t probabilities")
   return fixes
 
 
@@ -505,6 +567,9 @@ def plan_here(config: Any, mesh_sizes: dict[str, int], *, device: str = "v5p", m
                             devices[:n])
   spec = device_spec(device, config, mesh)
   c = Qwen3Config.from_config(config.model)
+  implementation, compiled_as = planned_attention(config, spec.platform)
+  compile_config = ml_collections.ConfigDict(config.to_dict())
+  compile_config.model.attention = compiled_as
   trainer = trainer_lib.Trainer(config, mesh)
   t, train = int(config.data.max_len), config.train
   state = trainer.abstract_state
@@ -512,9 +577,13 @@ def plan_here(config: Any, mesh_sizes: dict[str, int], *, device: str = "v5p", m
   scalars = _shard_bytes((state.step, state.rng))
   batch = _shard_bytes(abstract_batch(trainer, t))
   rows = trainer.micro_batch // (mesh_sizes["data"] * mesh_sizes["fsdp"])
-  attention = attention_bytes(c, rows, t, mesh_sizes["tensor"])
-  estimate = activation_estimate(c, rows, t, train, mesh_sizes["tensor"])
-  notes = []
+  attention = attention_bytes(c, rows, t, mesh_sizes["tensor"], implementation,
+                              remat_mode(config))
+  estimate = activation_estimate(c, rows, t, train, mesh_sizes["tensor"], implementation)
+  notes = [f"attention: config.model.attention={config.model.get('attention', 'auto')!r} is "
+           f"{implementation} on {spec.platform}" + (
+               "; compiled as flash_jax (the Pallas kernels do not compile for XLA:CPU; same "
+               "residuals)" if compiled_as != implementation else "")]
   grads = params  # d loss / d params: the params' shapes, dtypes and shardings
   compiler = None
   compiler_flops = None
@@ -524,7 +593,7 @@ def plan_here(config: Any, mesh_sizes: dict[str, int], *, device: str = "v5p", m
     notes.append("not compiled: params, optimizer state and gradients alone exceed the device, "
                  "so activations (a lower bound from shapes here) cannot change the verdict")
   else:
-    compiler = compile_scaled(config, mesh, full_depth=full_depth, log=log)
+    compiler = compile_scaled(compile_config, mesh, full_depth=full_depth, log=log)
     compiler_flops = compiler["flops"] * n
     exact_args = params + opt_state + scalars + batch
     if abs(compiler["argument"] - exact_args) > 0.01 * exact_args:

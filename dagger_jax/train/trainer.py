@@ -30,13 +30,19 @@ state's (the same per parameter, scalars replicated) and the batch's (`P(None, (
 over [micro-batch, rows, length]) are fixed before anything is compiled. The state is created
 sharded (`jax.jit(init, out_shardings=...)`), the step is compiled once with explicit in/out
 shardings and donates the state, and host batches become global arrays in `global_batch` only.
+
+Multi-host (one process per host, `jax.distributed.initialize()`): every process runs `train`;
+each reads only its slice of every global batch (`ShardReader(..., jax.process_index(),
+jax.process_count())`), process 0 alone writes TensorBoard and the checkpoint's side files, and
+every process saves its own array shards through Orbax. Paths go through `dagger_jax.paths`, so
+the shards and the workdir may be `gs://` URIs. `tests/test_multihost.py` runs 2 processes x 4
+CPU devices against one process of 8.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import os
 import time
 from typing import Any, Callable, Sequence
 
@@ -46,13 +52,13 @@ import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
-from tensorboardX import SummaryWriter
 from tqdm import tqdm
 
+from dagger_jax import faults, paths
 from dagger_jax.errors import ConfigError
 from dagger_jax.data.shards import ShardReader
 from dagger_jax.model import hf, loader, params_io, sharding
-from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
+from dagger_jax.model.qwen3 import Qwen3, Qwen3Config, model_options
 from dagger_jax.rundir import RunDir
 from dagger_jax.train import checkpoint, optim
 from dagger_jax.train.loss import loss_sum_and_count, token_weights
@@ -93,7 +99,7 @@ def global_step_offset(workdir: str, round_index: int, steps_per_round: int) -> 
   for i in range(round_index):
     directory = RunDir(workdir).checkpoints(i)
     latest = None
-    if os.path.isdir(directory):  # (opening a Checkpointer would create a missing directory)
+    if paths.isdir(directory):  # (opening a Checkpointer would create a missing directory)
       previous = checkpoint.Checkpointer(directory, async_save=False)
       latest = previous.latest_step()
       previous.close()
@@ -126,7 +132,8 @@ class Trainer:
           f"={self.grad_accum} x mesh data*fsdp={batch_shards}")
     self.micro_batch = t.batch_size // self.grad_accum
 
-    abstract_model = nnx.eval_shape(lambda: Qwen3(self.model_config, rngs=nnx.Rngs(0)))
+    abstract_model = nnx.eval_shape(lambda: Qwen3(self.model_config, rngs=nnx.Rngs(0),
+                                                   **model_options(config)))
     self.graphdef, abstract_vars = nnx.split(abstract_model)
     param_shardings = nnx.to_pure_dict(sharding.state_shardings(abstract_vars, mesh))
     replicated = NamedSharding(mesh, P())
@@ -284,7 +291,9 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   Logged rows (`TrainResult.history`, and `train/*` in TensorBoard at `global_step`) come every
   `config.train.log_every` steps, at the last step and at a process's first step. With round 0
   of 6 steps done and `steps=10, log_every=5`, round 1 logs `step` 1, 5, 10 at `global_step` 7,
-  11, 16; killed after step 7 (checkpoint at 5) and resumed, it logs 6, 10 at 12, 16.
+  11, 16; killed after step 7 (checkpoint at 5) and resumed, it logs 6, 10 at 12, 16, and its
+  history is 1, 5 (kept in the checkpoint's meta), 6, 10: a round resumed from its last
+  checkpoint, with no step left, still reports the loss of its last step.
   """
   t = config.train
   mesh = mesh_from_config(config.mesh)
@@ -293,9 +302,11 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   ckpt = checkpoint.Checkpointer(RunDir(workdir).checkpoints(round_index),
                                  keep=t.keep_checkpoints, async_save=t.async_checkpoint)
   state = initial_state(trainer, config, workdir, round_index, reader, ckpt, log)
+  # a resumed round keeps what its killed process logged up to the checkpoint (`history`)
+  history: list[dict[str, float]] = ckpt.meta().get("history", []) if int(state.step) else []
   params_io.write_model_config(trainer.model_config, ckpt.directory)  # loadable by load_params
   tokenizer_dir = reader.shards[0].manifest.get("tokenizer_dir")
-  if jax.process_index() == 0 and tokenizer_dir and os.path.isdir(tokenizer_dir):
+  if jax.process_index() == 0 and tokenizer_dir and paths.isdir(tokenizer_dir):
     # the checkpoint carries its tokenizer: `generate --ckpt` and `export-hf` find it there
     params_io.keep_hf_files(tokenizer_dir, ckpt.directory, hf.EXTRA_FILES)
   start = int(state.step)
@@ -303,19 +314,19 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
   chief = jax.process_index() == 0
   writer = None
   if chief:  # a resumed round hides what the killed process logged after its checkpoint
-    writer = SummaryWriter(RunDir(workdir).tensorboard,
-                           purge_step=offset + start + 1 if start else None,
-                           filename_suffix=f".round_{round_index:03d}")  # unique within a second
+    writer = paths.summary_writer(RunDir(workdir).tensorboard,
+                                  purge_step=offset + start + 1 if start else None,
+                                  filename_suffix=f".round_{round_index:03d}")  # unique per second
   flops = flops_per_token(trainer.model_config, reader.row_len)
   peak = (float(t.peak_tflops) * 1e12 or peak_flops(mesh)) if chief else 0.0
   bar = tqdm(total=t.steps, initial=start, disable=not (progress and chief), desc="train",
              dynamic_ncols=True)
-  history: list[dict[str, float]] = []
   last_time, last_step = time.perf_counter(), start
   try:
     for step in range(start, t.steps):
       state, metrics = trainer.step(state, trainer.global_batch(reader.next_batch()))
       done = step + 1
+      faults.point("train_step")
       if done % t.log_every == 0 or done == t.steps or done == start + 1:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
         now = time.perf_counter()
@@ -335,7 +346,8 @@ def train(config: Any, shard_dirs: Sequence[str], *, workdir: str, round_index: 
       bar.update(1)
       if done % t.checkpoint_every == 0 or done == t.steps:
         ckpt.save(state, data_cursor=reader.state(), round_index=round_index,
-                  force=done == t.steps)
+                  force=done == t.steps, history=history)
+        faults.point("checkpoint_save")
   finally:
     bar.close()
     ckpt.close()
