@@ -218,5 +218,8 @@ def test_plain_swebench_rows_get_a_source_from_a_template(tmp_path, toy_tasks):
   [t] = T.load_tasks(str(tmp_path / "t.jsonl"),
                      image_template="swebench/sweb.eval.x86_64.{docker_id}:latest")
   assert t["image"] == "swebench/sweb.eval.x86_64.astropy_1776_astropy-12907:latest"
+  # A bare namespace: swebench's own naming (tests/test_task_sources.py), the same name here.
+  [by_namespace] = T.load_tasks(str(tmp_path / "t.jsonl"), image_template="swebench")
+  assert by_namespace["image"] == t["image"]
   [t] = T.load_tasks(str(tmp_path / "t.jsonl"), repo_template="clones/{repo}")
   assert t["repo_dir"] == str(tmp_path / "clones" / row["repo"])

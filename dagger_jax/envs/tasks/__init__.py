@@ -20,6 +20,10 @@ applied; our generators set it), `log_parser` (a swebench parser name; default: 
 swebench parser, else `parse_log_pytest`), `split`, and swebench's `version` / `eval_script` /
 `eval_type` (kept as-is for `python -m swebench.harness.run_evaluation`).
 
+Tasks files and Hugging Face datasets (SWE-Gym, SWE-bench) are read by `sources.load`, which
+also names the per-instance images of rows that have no repository source, and
+`sources.refuse_held_out` keeps SWE-bench Verified (the held-out evaluation set) out of training.
+
 Portability. A snapshot (`repo_files`, or a `repo_dir` without `.git`) becomes a git repository
 with one commit made with a fixed author, date and message, so its hash is a function of the file
 contents only: `base_commit` is that hash, and `materialize` checks it. A tasks file plus its
@@ -96,25 +100,36 @@ def _check(task: Any, where: str) -> dict:
 def load_tasks(path: str, *, image_template: str = "", repo_template: str = "") -> list[dict]:
   """Loads tasks from .jsonl, .json (a list, or {id: task}) or .parquet (swebench's loader).
 
-  Records without a repository source (plain SWE-bench / SWE-Gym rows) get one from a template,
-  `image_template` first: e.g. "swebench/sweb.eval.x86_64.{docker_id}:latest" (fields
-  {instance_id}, {repo}, and {docker_id}: the id as swebench spells it in image names,
-  lower case with `__` -> `_1776_`), or `repo_template`, a local clone holding base_commit
-  (e.g. "/data/clones/{repo}"). `repo_dir` entries are resolved against the tasks file's folder
-  (absolute in the result). Duplicate instance ids are an error.
+  Records without a repository source (plain SWE-bench / SWE-Gym rows) get one:
+  `repo_template`, a local clone holding base_commit (e.g. "/data/clones/{repo}"), or else an
+  image named by `image_template` (`sources.image_namer`): a registry namespace for swebench's
+  own naming ("swebench" -> "swebench/sweb.eval.x86_64.astropy_1776_astropy-12907:latest"), a
+  preset ("swe-gym"), or a template with fields {instance_id}, {repo}, {docker_id} (swebench's
+  spelling: lower case, `__` -> `_1776_`) and {id_s} (`__` -> `_s_`, SWE-Gym's registry).
+  `repo_dir` entries are resolved against the tasks file's folder (absolute in the result).
+  Duplicate instance ids are an error.
   """
-  records = _read_records(path)
-  for _, record in records:
-    if (image_template or repo_template) and isinstance(record, dict) and not any(
+  return tasks_from_records(_read_records(path), path, image_template=image_template,
+                            repo_template=repo_template)
+
+
+def tasks_from_records(records: list[tuple[str, Any]], path: str, *, image_template: str = "",
+                       repo_template: str = "") -> list[dict]:
+  """Validated tasks from (location, raw record) pairs read from `path` (a tasks file, or a
+  dataset's NAME:SPLIT, whose relative `repo_dir`s resolve against the working directory)."""
+  from dagger_jax.envs.tasks import sources  # it imports this module
+  name_image = sources.image_namer(image_template)
+  tasks = []
+  for where, record in records:
+    if (name_image or repo_template) and isinstance(record, dict) and not any(
         record.get(s) for s in _SOURCES):
-      iid = str(record.get("instance_id", ""))
-      fields = dict(instance_id=iid, repo=record.get("repo", ""),
-                    docker_id=iid.lower().replace("__", "_1776_"))
-      if image_template:
-        record["image"] = image_template.format(**fields)
+      record = dict(record)
+      if repo_template:
+        record["repo_dir"] = repo_template.format(**sources.template_fields(record))
       else:
-        record["repo_dir"] = repo_template.format(**fields)
-  return _finish(path, [_check(r, where) for where, r in records])
+        record["image"] = name_image(record)
+    tasks.append(_check(record, where))
+  return _finish(path, tasks)
 
 
 def _read_records(path: str) -> list[tuple[str, Any]]:
@@ -123,8 +138,12 @@ def _read_records(path: str) -> list[tuple[str, Any]]:
     raise TaskError(f"{path}: no such tasks file")
   records: list[tuple[str, Any]] = []
   if path.endswith(".jsonl"):
-    with open(path, encoding="utf-8") as f:
-      for n, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is named, not a traceback
+      for n, raw in enumerate(f, 1):
+        try:
+          line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+          raise TaskError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start})") from None
         if not line.strip():
           continue
         try:
@@ -135,6 +154,8 @@ def _read_records(path: str) -> list[tuple[str, Any]]:
     with open(path, encoding="utf-8") as f:
       try:
         data = json.load(f)
+      except UnicodeDecodeError as e:
+        raise TaskError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
       except json.JSONDecodeError as e:
         raise TaskError(f"{path}: not valid JSON: {e}") from None
     data = list(data.values()) if isinstance(data, dict) else data
@@ -151,8 +172,9 @@ def _read_records(path: str) -> list[tuple[str, Any]]:
 
 
 def _finish(path: str, tasks: list[dict]) -> list[dict]:
-  """Rejects duplicate ids; resolves relative `repo_dir`s against the tasks file's folder."""
-  base = os.path.dirname(os.path.abspath(path))
+  """Rejects duplicate ids; resolves relative `repo_dir`s against the tasks file's folder (the
+  working directory for a dataset's rows)."""
+  base = os.path.dirname(os.path.abspath(path)) if os.path.isfile(path) else os.getcwd()
   seen: set[str] = set()
   for task in tasks:
     if task["instance_id"] in seen:
