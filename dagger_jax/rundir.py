@@ -26,6 +26,9 @@ The demo puts one run per method and seed under its own root (`DemoDir`):
     <root>/demo.json, demo.png           the comparison
     <root>/.jax_cache/                   XLA's persistent compilation cache
 
+The root may be a bucket (`gs://bucket/run`): the files are read and written through
+`dagger_jax.paths`, which routes a URI to etils' epath.
+
 Every verb works on any run's outputs without extra flags: `shards inspect` decodes with the
 tokenizer a shard's manifest names, `generate --ckpt` finds the tokenizer kept with the
 checkpoint, and `run.json` records the tokenizer for everything else.
@@ -38,7 +41,7 @@ import json
 import os
 from typing import Any
 
-from dagger_jax import redact
+from dagger_jax import paths, redact
 
 RUN_FILE = "run.json"
 
@@ -58,7 +61,7 @@ class RunDir:
       raise ValueError("RunDir needs a root directory (config.workdir)")
 
   def path(self, *parts: str) -> str:
-    return os.path.join(self.root, *parts)
+    return paths.join(self.root, *parts)
 
   def tasks(self, split: str) -> str:
     return self.path("tasks", f"{split}.jsonl")
@@ -106,40 +109,35 @@ class RunDir:
     redacted (`redact.redact_tree`): a key someone wrote into a value (a URL's user:key@, an
     `sk-...` string, a launch command's --api-key) and the keys of the variables it names as
     `api_key_env` are written as `***`."""
-    os.makedirs(self.root, exist_ok=True)
-    info = {"tokenizer": os.path.abspath(tokenizer_dir) if tokenizer_dir else None,
+    paths.makedirs(self.root)
+    info = {"tokenizer": paths.abspath(tokenizer_dir) if tokenizer_dir else None,
             "config": redact.redact_tree(json.loads(config.to_json_best_effort()),
                                          redact.config_secrets(config))}
-    tmp = self.run_file + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(info, f, indent=1, sort_keys=True)
-      f.write("\n")
-    os.replace(tmp, self.run_file)
+    paths.write_atomic(self.run_file, json.dumps(info, indent=1, sort_keys=True) + "\n")
 
   def read_run_file(self) -> dict | None:
-    if not os.path.isfile(self.run_file):
+    if not paths.isfile(self.run_file):
       return None
-    with open(self.run_file, encoding="utf-8") as f:
+    with paths.open(self.run_file, "r") as f:
       return json.load(f)
 
 
 def run_of(path: str) -> RunDir | None:
   """The run that `path` (a checkpoint, a shard, any file of a run) belongs to: the nearest
   directory at or above it that holds run.json; None outside a run."""
-  d = os.path.abspath(path)
+  d = paths.abspath(path)
   while True:
-    if os.path.isfile(os.path.join(d, RUN_FILE)):
+    if paths.isfile(paths.join(d, RUN_FILE)):
       return RunDir(d)
-    up = os.path.dirname(d)
-    if up == d:
+    up = paths.dirname(d)
+    if up == d or not paths.is_remote(up) and paths.is_remote(d):  # the root, or a bucket's
       return None
     d = up
 
 
 def parent_of(path: str) -> str:
   """`path`, after creating the directory it goes in."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  return path
+  return paths.parent_of(path)
 
 
 @dataclasses.dataclass(frozen=True)

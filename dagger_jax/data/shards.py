@@ -9,6 +9,10 @@ A shard is a directory (one per round, e.g. `<workdir>/shards/round_002`):
 
 (fields as in `dagger_jax.data.render`; padding slots have segment_id 0 and loss_mask 0). A shard is
 written into a temporary directory and renamed into place, so a crash never leaves half a shard.
+`out_dir` may be a bucket (`gs://...`, through `dagger_jax.paths`): there, where a rename is a
+copy, the field files go straight into `out_dir` and the manifest, which readers require, is
+written last (and an old shard's manifest removed first), so a reader never takes a partial shard
+for a finished one. A remote shard is read into memory (no memory map).
 
 Writing:
 
@@ -43,6 +47,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -52,6 +57,7 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from dagger_jax import faults, paths
 from dagger_jax.data import render
 from dagger_jax.data import tokenizer as tokenizer_lib
 from dagger_jax.data.render import DTYPES, FIELDS, Row
@@ -78,11 +84,24 @@ def config_hash(data_config) -> str:
 
 
 def _sha256(path: str) -> str:
+  if paths.is_remote(path):
+    return hashlib.sha256(paths.read_bytes(path)).hexdigest()
   h = hashlib.sha256()
   with open(path, "rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       h.update(block)
   return h.hexdigest()
+
+
+def _save_npy(path: str, array: np.ndarray) -> str:
+  """Writes `array` as a .npy file; returns its sha256. Remote: serialized in memory, one PUT."""
+  if not paths.is_remote(path):
+    np.save(path, array)
+    return _sha256(path)
+  buf = io.BytesIO()
+  np.save(buf, array)
+  paths.write_atomic(path, buf.getvalue())
+  return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- packing
@@ -150,26 +169,39 @@ def pack_rows(rows: Sequence[Row], max_len: int, pad_id: int, pack: bool = True
 def write_shard(out_dir: str, rows: Sequence[Row], *, round: int, data_config, pad_id: int,
                 stats: Mapping[str, int] | None = None, extra: Mapping[str, Any] | None = None,
                 overwrite: bool = False) -> dict[str, Any]:
-  """Packs `rows` and writes the shard atomically (temp directory, then rename). Returns the manifest.
+  """Packs `rows` and writes the shard atomically (temp directory, then rename; on a bucket the
+  manifest last). Returns the manifest.
 
   Raises ShardError if `out_dir` exists and not `overwrite`, or if no row was given.
   """
   if not rows:
     raise ShardError(f"no rows to write to {out_dir} (every trajectory was dropped: see stats "
                      f"{dict(stats or {})})")
-  if os.path.exists(out_dir) and not overwrite:
+  remote = paths.is_remote(out_dir)
+  # (remote: a directory without a manifest is a write that did not finish, never a shard)
+  if (paths.exists(paths.join(out_dir, MANIFEST) if remote else out_dir)) and not overwrite:
     raise ShardError(f"shard directory {out_dir} exists (pass overwrite=True to replace it)")
   arrays = pack_rows(rows, data_config.max_len, pad_id, pack=data_config.pack)
-  parent = os.path.dirname(os.path.abspath(out_dir))
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
+  if remote:  # the fields go straight in, the manifest last (see the module doc)
+    if paths.exists(paths.join(out_dir, MANIFEST)):
+      paths.remove(paths.join(out_dir, MANIFEST))
+    parent, tmp = paths.dirname(out_dir), out_dir
+  else:
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    prefix = f".{os.path.basename(out_dir)}.tmp-"
+    for stale in os.listdir(parent):  # a writer of this shard killed before its rename
+      if stale.startswith(prefix):
+        shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
   try:
     files = {}
     for f in FIELDS:
-      path = os.path.join(tmp, f"{f}.npy")
-      np.save(path, arrays[f])
+      path = paths.join(tmp, f"{f}.npy")
+      digest = _save_npy(path, arrays[f])
+      faults.point("shard_write")
       files[f] = {"file": f"{f}.npy", "dtype": str(arrays[f].dtype),
-                  "shape": list(arrays[f].shape), "sha256": _sha256(path)}
+                  "shape": list(arrays[f].shape), "sha256": digest}
     segment = arrays["segment_ids"]
     manifest = {
         "format": FORMAT,
@@ -190,6 +222,9 @@ def write_shard(out_dir: str, rows: Sequence[Row], *, round: int, data_config, p
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **dict(extra or {}),
     }
+    if remote:
+      paths.write_atomic(paths.join(out_dir, MANIFEST), json.dumps(manifest, indent=1))
+      return manifest
     with open(os.path.join(tmp, MANIFEST), "w", encoding="utf-8") as fh:
       json.dump(manifest, fh, indent=1)
       fh.flush()
@@ -202,7 +237,8 @@ def write_shard(out_dir: str, rows: Sequence[Row], *, round: int, data_config, p
     else:
       os.rename(tmp, out_dir)
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if not remote:  # (remote: what was written stays, without a manifest, until rewritten)
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
   return manifest
 
@@ -214,6 +250,7 @@ def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
   stats: collections.Counter = collections.Counter()
   rounds = set()
   for traj in trajectories:
+    faults.point("shard_render")
     rounds.add(traj.round)
     r, s = render.render_with_config(traj, tokenizer, data_config)
     rows += r
@@ -233,22 +270,51 @@ def build_shards(trajectories: Iterable, tokenizer, data_config, out_dir: str,
 # ----------------------------------------------------------------------------------------- reading
 
 
+def _manifest_problem(m: dict) -> str | None:
+  """What is missing or mistyped in a manifest that `Shard` reads (None if nothing), so that an
+  edited or damaged one fails with the key named rather than a KeyError later."""
+  def is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+  for key in ("round", "rows", "row_len"):
+    if not is_int(m.get(key)):
+      return f"{key!r} must be an int >= 0, got {m.get(key)!r}"
+  if not isinstance(m.get("data_config", {}), dict):
+    return f"'data_config' must be an object, got {m.get('data_config')!r}"
+  fields = m.get("fields")
+  if not isinstance(fields, dict):
+    return f"'fields' must be an object, got {fields!r}"
+  for f, spec in fields.items():
+    if not (isinstance(spec, dict) and isinstance(spec.get("file"), str)
+            and isinstance(spec.get("sha256"), str) and isinstance(spec.get("dtype"), str)
+            and isinstance(spec.get("shape"), list) and all(map(is_int, spec["shape"]))):
+      return (f"fields.{f} must be an object with 'file', 'sha256', 'dtype' (strings) and "
+              f"'shape' (a list of ints), got {spec!r}")
+  return None
+
+
 class Shard:
   """An opened shard: its manifest and memory-mapped fields (validated on open)."""
 
   def __init__(self, path: str, data_config=None, verify: bool = True):
     self.path = path
-    manifest_path = os.path.join(path, MANIFEST)
-    if not os.path.isfile(manifest_path):
+    manifest_path = paths.join(path, MANIFEST)
+    if not paths.isfile(manifest_path):
       raise ShardError(f"{manifest_path}: no manifest (not a shard directory, or not finished)")
     try:
-      with open(manifest_path, encoding="utf-8") as f:
+      with paths.open(manifest_path, "r") as f:
         self.manifest = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
       raise ShardError(f"{manifest_path}: corrupt manifest: {e}") from None
     m = self.manifest
+    if not isinstance(m, dict):
+      raise ShardError(f"{manifest_path}: corrupt manifest: a JSON {type(m).__name__}, not an "
+                       f"object")
     if m.get("format") != FORMAT:
       raise ShardError(f"{manifest_path}: format {m.get('format')!r}, this code reads {FORMAT}")
+    problem = _manifest_problem(m)
+    if problem:
+      raise ShardError(f"{manifest_path}: corrupt manifest: {problem}")
     if data_config is not None and m.get("config_hash") != config_hash(data_config):
       ours = hashed_config(data_config)
       theirs = m.get("data_config", {})
@@ -261,18 +327,24 @@ class Shard:
       spec = m.get("fields", {}).get(f)
       if spec is None:
         raise ShardError(f"{manifest_path}: field {f!r} missing from the manifest")
-      file = os.path.join(path, spec["file"])
-      if not os.path.isfile(file):
+      file = paths.join(path, spec["file"])
+      if not paths.isfile(file):
         raise ShardError(f"{file}: missing")
-      if verify and _sha256(file) != spec["sha256"]:
+      blob = paths.read_bytes(file) if paths.is_remote(file) else None  # read once, kept
+      if verify and (_sha256(file) if blob is None else hashlib.sha256(blob).hexdigest()
+                     ) != spec["sha256"]:
         raise ShardError(f"{file}: checksum mismatch (the file changed after it was written)")
       try:
-        a = np.load(file, mmap_mode="r", allow_pickle=False)
+        a = (np.load(file, mmap_mode="r", allow_pickle=False) if blob is None
+             else np.load(io.BytesIO(blob), allow_pickle=False))
       except (ValueError, OSError, EOFError) as e:
         raise ShardError(f"{file}: not a readable .npy file: {e}") from None
       if list(a.shape) != spec["shape"] or str(a.dtype) != spec["dtype"]:
         raise ShardError(f"{file}: {a.dtype}{list(a.shape)} but the manifest says "
                          f"{spec['dtype']}{spec['shape']}")
+      if a.shape != (m["rows"], m["row_len"]):  # the reader plans batches from rows, row_len
+        raise ShardError(f"{file}: shape {list(a.shape)} but the manifest says rows={m['rows']}, "
+                         f"row_len={m['row_len']}")
       self.arrays[f] = a
 
   @property
@@ -334,6 +406,13 @@ class ShardReader:
                   process_count: int = 1) -> "ShardReader":
     """Batch size, seed and per-round weights (by each manifest's round) from the config."""
     shards = [Shard(d, config.data) for d in shard_dirs]
+    vocab = config.get("model", {}).get("vocab_size")
+    for s in shards:  # the embedding lookup would clamp a larger id silently, not fail
+      if vocab and s.manifest.get("max_token_id", -1) >= vocab:
+        raise ShardError(f"{paths.join(s.path, MANIFEST)}: holds token id "
+                         f"{s.manifest['max_token_id']}, but config.model.vocab_size={vocab} "
+                         f"(rendered with another tokenizer? data.tokenizer="
+                         f"{s.manifest.get('data_config', {}).get('tokenizer')!r})")
     weights = None
     if len(config.data.round_weights):
       rw = tuple(config.data.round_weights)

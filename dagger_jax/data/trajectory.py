@@ -37,6 +37,7 @@ import json
 import os
 from typing import Any, Iterable, Iterator
 
+from dagger_jax import paths
 from dagger_jax.errors import DaggerJaxError
 
 VERSION = 1
@@ -219,8 +220,15 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[Trajectory]:
 
   Raises TrajectoryError("FILE:LINE: field: why") at the first bad line.
   """
-  with open(path, encoding="utf-8") as f:
-    for lineno, line in enumerate(f, start=1):
+  # A local file or a bucket's object (`dagger_jax.paths`), read as bytes and split at b"\n"
+  # only, then decoded line by line, so that a byte that is not UTF-8 names its line.
+  with paths.open(path, "rb") as f:
+    for lineno, raw in enumerate(f, start=1):
+      try:
+        line = raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise TrajectoryError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start} of "
+                              f"the line)") from None
       if not line.strip():
         continue
       try:
@@ -238,12 +246,63 @@ def read_jsonl(path: str | os.PathLike) -> list[Trajectory]:
   return list(iter_jsonl(path))
 
 
+def cut_torn_tail(path: str | os.PathLike) -> int:
+  """Cuts a torn last line (a process killed mid-append) off a JSON Lines file; returns the bytes
+  dropped (0 when the file ends with a newline or does not exist), so appends start on a fresh
+  line and every line left parses. Only process 0 cuts (see `append_lines`); on a bucket the
+  object is rewritten without the tail."""
+  if not paths.is_chief() or not paths.exists(path):
+    return 0
+  if paths.is_remote(path):
+    data = paths.read_bytes(path)
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+      paths.write_atomic(path, data[:keep])
+    return len(data) - keep
+  with open(path, "rb+") as f:
+    data = f.read()
+    keep = data.rfind(b"\n") + 1
+    if keep < len(data):
+      f.truncate(keep)
+  return len(data) - keep
+
+
+def append_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
+  """Appends `lines` (each without its newline) to `path` in one `write` call, so that a batch
+  (a collection wave's episodes, `dagger.collector`) lands together: a kill leaves all of it, or
+  none, or (only if the kernel is stopped inside that one call) a prefix whose torn tail
+  `cut_torn_tail` removes. One line per `write` would leave part of a wave for every kill
+  between two of them.
+
+  Multi-host: every process runs the same loop and would append the same lines, so only process 0
+  (`paths.is_chief`) writes; the others return at once. On a bucket the object is rewritten with
+  the lines at its end (`paths.append`: objects cannot be appended to), each version whole."""
+  if not paths.is_chief():
+    return
+  blob = "".join(line + "\n" for line in lines).encode("utf-8")
+  if paths.is_remote(path):
+    paths.append(path, blob)
+    return
+  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+  try:
+    view = memoryview(blob)
+    while view:  # a regular file takes it in one call; the loop covers a short write
+      view = view[os.write(fd, view):]
+  finally:
+    os.close(fd)
+
+
 def write_jsonl(path: str | os.PathLike, trajectories: Iterable[Trajectory],
                 append: bool = False) -> int:
   """Writes one line per trajectory (appending if asked); returns the number written.
 
   Each line is flushed whole, so an interrupted append never leaves earlier lines damaged.
+  `path` may be a bucket's object (`dagger_jax.paths`: written whole, appends rewrite it).
   """
+  if paths.is_remote(path):
+    lines = [json.dumps(t.to_dict(), ensure_ascii=False) + "\n" for t in trajectories]
+    (paths.append if append else paths.write_atomic)(path, "".join(lines))
+    return len(lines)
   n = 0
   with open(path, "a" if append else "w", encoding="utf-8") as f:
     for t in trajectories:

@@ -39,6 +39,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from dagger_jax import paths
 from dagger_jax.errors import DaggerJaxError
 from dagger_jax.model import sharding
 from dagger_jax.model.qwen3 import Qwen3, Qwen3Config
@@ -50,6 +51,19 @@ HF_FILES_DIR = "hf_files"
 
 class CheckpointError(DaggerJaxError, ValueError):
   """A checkpoint directory is missing a file or holds something else; the message names it."""
+
+
+def damaged(where: str, error: BaseException, fix: str = "") -> str:
+  """One line for a checkpoint that Orbax cannot read: where, the error in the chain that names a
+  file under `where` (Orbax wraps TensorStore's, which does), and `fix`."""
+  chain = [error]
+  while len(chain) < 5 and (chain[-1].__cause__ or chain[-1].__context__) is not None:
+    chain.append(chain[-1].__cause__ or chain[-1].__context__)
+  named = next((e for e in reversed(chain) if where in str(e)), error)  # the root cause first
+  text = " ".join(str(named).split())
+  text = text if len(text) <= 300 else text[:300] + "..."
+  return (f"{where}: cannot read the checkpoint, it is damaged or incomplete "
+          f"({type(named).__name__}: {text}); {fix or 'restore it from a copy'}")
 
 
 # ----------------------------------------------------------------------------- building a model
@@ -125,23 +139,20 @@ def gather(x: jax.Array) -> np.ndarray:
 def write_model_config(config: Qwen3Config, ckpt_dir: str) -> None:
   if jax.process_index() != 0:
     return
-  path = os.path.join(ckpt_dir, MODEL_CONFIG_FILE)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(path + ".tmp", path)
+  paths.write_atomic(paths.join(ckpt_dir, MODEL_CONFIG_FILE),  # (a bucket too: dagger_jax.paths)
+                     json.dumps(dataclasses.asdict(config), indent=2, sort_keys=True) + "\n")
 
 
 def read_model_config(ckpt_dir: str) -> Qwen3Config:
   """`Qwen3Config` from CKPT_DIR/model_config.json (or the parent's, for a trainer step dir)."""
-  candidates = [os.path.join(ckpt_dir, MODEL_CONFIG_FILE),
-                os.path.join(os.path.dirname(os.path.abspath(ckpt_dir)), MODEL_CONFIG_FILE)]
-  path = next((p for p in candidates if os.path.isfile(p)), None)
+  candidates = [paths.join(ckpt_dir, MODEL_CONFIG_FILE),
+                paths.join(paths.dirname(ckpt_dir), MODEL_CONFIG_FILE)]
+  path = next((p for p in candidates if paths.isfile(p)), None)
   if path is None:
     raise CheckpointError(f"{candidates[0]}: not found (a params checkpoint keeps its model "
                           f"config there; write one with dagger_jax.model.params_io.save_params)")
   try:
-    with open(path, encoding="utf-8") as f:
+    with paths.open(path, "r") as f:
       fields = json.load(f)
     return Qwen3Config(**fields)
   except (json.JSONDecodeError, TypeError, ValueError) as e:
@@ -152,9 +163,13 @@ def keep_hf_files(src_dir: str, ckpt_dir: str, names: tuple[str, ...]) -> list[s
   """Copies the files `names` found in `src_dir` to CKPT_DIR/hf_files; returns those copied."""
   kept = [n for n in names if os.path.isfile(os.path.join(src_dir, n))]
   if kept:
-    os.makedirs(os.path.join(ckpt_dir, HF_FILES_DIR), exist_ok=True)
+    paths.makedirs(paths.join(ckpt_dir, HF_FILES_DIR))
   for name in kept:
-    shutil.copy2(os.path.join(src_dir, name), os.path.join(ckpt_dir, HF_FILES_DIR, name))
+    src, dst = os.path.join(src_dir, name), paths.join(ckpt_dir, HF_FILES_DIR, name)
+    if paths.is_remote(dst):
+      paths.write_atomic(dst, paths.read_bytes(src))
+    else:
+      shutil.copy2(src, dst)
   return kept
 
 
@@ -219,7 +234,13 @@ def restore_params(ckpt_dir: str, target: dict) -> dict:
   """
   params_dir = resolve_params_dir(ckpt_dir)
   item_dir = os.path.join(params_dir, PARAMS_ITEM)
-  stored = _shapes_by_name(ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)))
+  if not paths.exists(os.path.join(item_dir, "_METADATA")):  # else: a pytree mismatch, unnamed
+    raise CheckpointError(f"{item_dir}/_METADATA: missing, the checkpoint is damaged or "
+                          f"incomplete; restore {params_dir} from a copy")
+  try:
+    stored = _shapes_by_name(ocp.StandardCheckpointHandler().metadata(epath.Path(item_dir)))
+  except (OSError, ValueError, KeyError) as e:  # TensorStore: a missing manifest.ocdbt, ...
+    raise CheckpointError(damaged(params_dir, e)) from e
   wanted = _shapes_by_name(target)
   for name in sorted(set(stored) | set(wanted)):
     if stored.get(name) != wanted.get(name):
@@ -227,7 +248,12 @@ def restore_params(ckpt_dir: str, target: dict) -> dict:
           f"{item_dir}: does not match the model config: param {name} is stored with shape "
           f"{stored.get(name, 'absent')}, the model needs {wanted.get(name, 'absent')}")
   args = ocp.args.Composite(**{PARAMS_ITEM: ocp.args.StandardRestore(target)})
-  return _checkpointer().restore(params_dir, args)[PARAMS_ITEM]
+  try:
+    return _checkpointer().restore(params_dir, args)[PARAMS_ITEM]
+  except Exception as e:  # a cut or missing array file; see `damaged`
+    if not isinstance(e, (OSError, ValueError, KeyError)) and type(e) is not Exception:
+      raise
+    raise CheckpointError(damaged(params_dir, e)) from e
 
 
 def load_params(ckpt_dir: str, *, mesh: Mesh | None = None, rules=None,
