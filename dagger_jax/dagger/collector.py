@@ -14,9 +14,15 @@ steps of teacher-coin turns) runs while it samples (`_turn`). At every turn of e
 and the turn is recorded as `Turn(actor, action=executed, label, reason, intervention)`. With
 `beta = 0` and no teacher this is the evaluation collector (the student alone).
 
-Each finished episode is appended to `out_path` at once (JSON Lines), so a crash loses at most
-the episodes in flight; `collect` called again with the same arguments skips those already there.
-An episode whose sandbox fails is logged, counted and left out, never fatal to the others.
+Each wave's episodes are appended to `out_path` (JSON Lines) together, in one write, as soon as
+the wave ends, so a crash loses at most the wave in flight; `collect` called again with the same
+arguments skips those already there, and the episodes left form the same waves as before (the
+student's batches, hence its numerics, are those of an uninterrupted run).
+An episode whose sandbox fails is logged, counted and left out, never fatal to the others. An
+episode a policy cannot act on (a `LabelError`: the teacher's labels kept breaking the protocol,
+or a remote teacher or rollout server failed every retry; for the student, every episode of its
+batch) ends there, is written with `outcome.failure` = the error's message, and is counted in
+`CollectStats.failure_reasons` by its reason; the others go on.
 
 Only a submitted episode is graded. This is the convention of mini-swe-agent's SWE-bench runner
 (mini-swe-agent 2.4.6, `minisweagent/run/benchmarks/swebench.py::process_instance`): it writes
@@ -45,16 +51,16 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
 import random
 import time
 from typing import Any, Iterator, Sequence
 
 from tqdm import tqdm
 
-from dagger_jax import redact
+from dagger_jax import faults, paths, redact
 from dagger_jax.dagger import intervention
-from dagger_jax.data.trajectory import Action, Outcome, Trajectory, TrajectoryError, Turn
+from dagger_jax.data.trajectory import (Action, Outcome, Trajectory, TrajectoryError, Turn,
+                                        append_lines, cut_torn_tail)
 from dagger_jax.envs.swe import SweEnv
 from dagger_jax.policies.base import EpisodeView, LabelError, Policy
 
@@ -73,6 +79,11 @@ class CollectStats:
   turns: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   interventions: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   exit_status: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+  # Failed episodes (written as failed, or lost) by reason: "teacher:R" / "student:R" when that
+  # policy raised a LabelError (R its `reason`: `policies.remote.REASONS`, "protocol",
+  # "rejected", or "error"), "env:start" (the sandbox did not start), "env:grade" (the submission
+  # could not be taken or graded). The loop stops a round where too many failed.
+  failure_reasons: collections.Counter = dataclasses.field(default_factory=collections.Counter)
   # Wall seconds the collecting thread waited on each phase: "open" (sandbox starts), "student"
   # (its batches), "teacher" and "env" (what is left of labels and steps once the student's batch
   # is done: they overlap it, see `_turn`), "finish" (diffs, grading), "close".
@@ -105,6 +116,7 @@ class CollectStats:
             "resolved": self.resolved,
             "resolve_rate": self.resolve_rate, "turns": dict(self.turns),
             "interventions": dict(self.interventions), "exit_status": dict(self.exit_status),
+            "failure_reasons": dict(self.failure_reasons),
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()}}
 
 
@@ -133,22 +145,26 @@ def episode_id(task: dict, round_index: int, seed: int) -> str:
 def _already_collected(path: str | None) -> set[str]:
   """Ids of the episodes already in `path`. A torn last line (a crash mid-write) is cut off, so
   that episode is collected again and appends start on a fresh line."""
-  if not path or not os.path.exists(path):
+  if not path or not paths.exists(path):
     return set()
-  with open(path, "rb+") as f:
+  dropped = cut_torn_tail(path)  # a local file or a bucket's object (`dagger_jax.paths`)
+  if dropped:
+    log.warning("%s: dropped a torn last line (%d bytes) left by an interrupted run", path,
+                dropped)
+  with paths.open(path, "rb") as f:
     data = f.read()
-    keep = data.rfind(b"\n") + 1
-    if keep < len(data):
-      log.warning("%s: dropping a torn last line (%d bytes) left by an interrupted run", path,
-                  len(data) - keep)
-      f.truncate(keep)
+  keep = data.rfind(b"\n") + 1  # other processes than 0 do not cut: they skip the tail
   done = set()
-  for n, line in enumerate(data[:keep].decode().splitlines(), 1):
+  # Split on b"\n" only, as `iter_jsonl` reads: str.splitlines would also cut at U+2028 or NEL,
+  # which `write_jsonl` (ensure_ascii=False) leaves raw inside a record.
+  for n, line in enumerate(data[:keep].split(b"\n"), 1):
+    if not line.strip():
+      continue
     try:
       done.add(json.loads(line)["id"])
-    except (json.JSONDecodeError, KeyError) as e:
-      raise TrajectoryError(f"{path}:{n}: not an episode record ({e}); move the file away to "
-                            f"collect this round again") from None
+    except (ValueError, KeyError, TypeError) as e:  # JSON, UTF-8, not an object, no id
+      raise TrajectoryError(f"{path}:{n}: not an episode record ({type(e).__name__}: {e}); move "
+                            f"the file away to collect this round again") from None
   return done
 
 
@@ -186,13 +202,13 @@ def collect(tasks: Sequence[dict], *, config: Any, round_index: int, beta: float
              dynamic_ncols=True)
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     for start in range(0, len(todo), wave):
-      for traj in _run_wave(todo[start:start + wave], config, round_index, beta, teacher, student,
-                            rules, pool, stats, grade, tokenizer):
-        out.append(traj)
-        if out_path:
-          with open(out_path, "a") as f:
-            f.write(json.dumps(traj.to_dict()) + "\n")
-        bar.update(1)
+      trajs = _run_wave(todo[start:start + wave], config, round_index, beta, teacher, student,
+                        rules, pool, stats, grade, tokenizer)
+      faults.point("collect_write")
+      if out_path and trajs:  # the wave in one write: a resumed run re-forms the same waves
+        append_lines(out_path, [json.dumps(t.to_dict()) for t in trajs])
+      out += trajs
+      bar.update(len(trajs))
   bar.close()
   return out, stats
 
@@ -215,6 +231,7 @@ def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, s
       except Exception as e:  # a sandbox that cannot start costs this episode only
         log.error("episode %s: could not start: %s", eid, e)
         stats.failed += 1
+        stats.failure_reasons["env:start"] += 1
   try:
     while True:
       active = [e for e in episodes if not e.done]
@@ -227,6 +244,7 @@ def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, s
     for traj in finished:
       if traj is None:
         stats.failed += 1
+        stats.failure_reasons["env:grade"] += 1
         continue
       stats.episodes += 1
       stats.submitted += int(traj.outcome.submitted)
@@ -254,6 +272,7 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
       worker threads:  [labels of student-coin episodes][label -> step of teacher-coin ones]
       this thread:     [student.act(student-coin episodes)] [rules] [steps of student-coin ones]
   """
+  faults.point("collect_turn")
   coins = [random.Random(f"{e.seed}/{len(e.turns)}").random() < beta for e in active]
   student_idx = [i for i, c in enumerate(coins) if not c]
 
@@ -276,11 +295,16 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
       labels = {i: pool.submit(label, active[i]) for i in student_idx}
       chained = {i: pool.submit(label_and_step, e) for i, e in enumerate(active) if coins[i]}
     proposals: dict[int, Action] = {}
+    student_failed: LabelError | None = None  # no answer for the batch: its episodes end
     if student_idx:
       with stats.timed("student"):
-        proposals = dict(zip(student_idx, student.act([active[i].view() for i in student_idx])))
+        try:
+          proposals = dict(zip(student_idx,
+                               student.act([active[i].view() for i in student_idx])))
+        except LabelError as err:  # e.g. the rollout server failed every retry
+          student_failed = err
     with stats.timed("teacher"):  # what is left of the labels; each step starts once decided
-      for i in student_idx:
+      for i in student_idx if student_failed is None else ():
         e, proposal = active[i], proposals[i]
         label_i = labels[i].result() if i in labels else None
         if isinstance(label_i, LabelError):
@@ -301,10 +325,17 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
       label_i, result = chained[i].result()
     else:
       label_i = labels[i].result() if i in labels else None
-    if isinstance(label_i, LabelError):  # its text is kept: nothing shaped like a key in it
-      e.done, e.failure = True, redact.redact_text(str(label_i))
-      log.error("episode %s: ended without a label at turn %d: %s", e.id, len(e.turns), e.failure)
-      stats.exit_status["label_failed"] += 1
+    actor, error = "teacher", label_i
+    if not coins[i] and student_failed is not None:
+      actor, error = "student", student_failed
+    if isinstance(error, LabelError):  # its text is kept: nothing shaped like a key in it
+      e.done, e.failure = True, redact.redact_text(str(error))
+      reason = f"{actor}:{getattr(error, 'reason', 'error')}"
+      log.error("episode %s: ended without %s at turn %d (%s): %s", e.id,
+                "a label" if actor == "teacher" else "the student's action", len(e.turns),
+                reason, e.failure)
+      stats.exit_status["label_failed" if actor == "teacher" else "student_failed"] += 1
+      stats.failure_reasons[reason] += 1
       continue
     if coins[i]:
       turn, text = Turn("teacher", label_i, None, "coin"), label_i.text

@@ -95,13 +95,22 @@ def _share_round0(dagger_dir: RunDir, run_dir: RunDir) -> None:
     row0 = json.loads(f.readline())
   if row0["round"] != 0 or row0["beta"] != 1.0:
     return
+  # Each part is copied aside and renamed, and the metrics row (which marks round 0 done) comes
+  # last, so a kill leaves whole parts or none, and the next start copies what is missing.
   for part in ("shards", "checkpoints", "trajectories", "eval_episodes", "eval_summary"):
     src, dst = getattr(dagger_dir, part)(0), getattr(run_dir, part)(0)
     if not os.path.exists(src) or os.path.exists(dst):
       continue
-    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, parent_of(dst))
-  with open(parent_of(run_dir.metrics), "w") as f:
+    dst = parent_of(dst)
+    tmp = f"{dst}.tmp-copy"
+    if os.path.isdir(tmp):
+      shutil.rmtree(tmp)
+    (shutil.copytree if os.path.isdir(src) else shutil.copy2)(src, tmp)
+    os.replace(tmp, dst)
+  metrics = parent_of(run_dir.metrics)
+  with open(f"{metrics}.tmp-copy", "w") as f:
     f.write(json.dumps({**row0, "copied_from": dagger_dir.root}) + "\n")
+  os.replace(f"{metrics}.tmp-copy", metrics)
 
 
 def cumulative_labels(run: list[dict]) -> list[int]:

@@ -15,13 +15,27 @@ Round r (beta_r from `schedule.beta`):
 The teacher is `policies.make_teacher(config)`: the scripted oracle, or any OpenAI-compatible
 endpoint; its calls and tokens are counted per round in metrics.jsonl (`teacher_usage`).
 
+Failed episodes (`collector`: a policy could not act on them after its retries, or their sandbox
+failed) never reach a shard: a round trains only on episodes whose every state got its label.
+The round's metrics row counts them (`failed_episodes`, `failure_rate`, `failure_reasons`). When
+more than `config.rollout.max_failure_rate` of a round's episodes (or of an evaluation's) failed,
+the round stops with `RoundFailedError` before it trains (evaluates) on what is left, a biased
+sample; the failed episodes are moved to `<file>.failed.jsonl` beside the round's file, so that
+running the same command again, once the fault is gone, keeps every episode collected and
+collects only the failed ones again.
+
 Everything a run writes lives under `config.workdir`, laid out by `dagger_jax.rundir.RunDir`
 (tasks, tokenizer, trajectories, shards, checkpoints, eval, metrics.jsonl, tensorboard, and
 run.json, which records the config and the tokenizer directory).
 
 Runs resume: a stage whose output is complete is skipped, a collection continues where its file
 ends, training resumes from its last checkpoint. Killing a run loses at most the episodes in
-flight and the steps since the last checkpoint.
+flight and the steps since the last checkpoint, and the resumed run ends where an uninterrupted
+one with the same seed ends: the same episodes, shards, metrics rows (timings aside) and, on CPU,
+bitwise the same params (`benchmarks/fault_injection.py` kills it at the `dagger_jax.faults`
+points and at random moments to check). Every file a later stage trusts is whole or absent: waves
+of episodes and metrics rows are appended in one write (a torn last line is cut on resume),
+shards, checkpoints and evaluation summaries are written aside and renamed.
 """
 
 from __future__ import annotations
@@ -35,17 +49,16 @@ import os
 import time
 from typing import Any, Callable
 
-from tensorboardX import SummaryWriter
-
-from dagger_jax import policies
+from dagger_jax import faults, paths, policies
 from dagger_jax.dagger import collector, schedule
 from dagger_jax.data import shards as shards_lib
 from dagger_jax.data import tokenizer as tokenizer_lib
-from dagger_jax.data.trajectory import Trajectory, read_jsonl
+from dagger_jax.data.trajectory import Trajectory, append_lines, cut_torn_tail, read_jsonl
 from dagger_jax.envs import tasks as tasks_lib
 from dagger_jax.envs.sandbox import check_available
+from dagger_jax.envs.tasks import sources as task_sources
 from dagger_jax.envs.tasks import toy
-from dagger_jax.errors import ConfigError
+from dagger_jax.errors import ConfigError, DaggerJaxError
 from dagger_jax.model import loader, reshard
 from dagger_jax.model.params_io import model_from_params
 from dagger_jax.model.qwen3 import Qwen3Config
@@ -59,9 +72,17 @@ log = logging.getLogger(__name__)
 def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict]]:
   """Training and evaluation tasks: from `config.tasks.{train,eval}_file`, or generated once.
 
+  A `*_file` (and a `config.tasks.source` that is neither a toy family nor pypi:NAME, which
+  gives the training tasks) is a tasks file or a Hugging Face dataset NAME[:SPLIT]
+  (`envs/tasks/sources.py`); rows without a repository source run in their swebench instance
+  image (`config.tasks.{train,eval}_images`). A dataset's rows are also written to the run's
+  tasks folder, the record of what was trained and evaluated on.
+
   The evaluation tasks are the held-out ones (`config.dagger.eval_split="test"`), or the
   validation ones (`"validation"`: tasks of the test split drawn with another seed, none of them
-  held out) on which a config is chosen, so that the held-out split is never tuned on.
+  held out) on which a config is chosen, so that the held-out split is never tuned on. Training
+  tasks that are SWE-bench Verified instances or evaluation tasks are refused
+  (`config.tasks.allow_held_out_training` overrides).
   """
   t = config.tasks
   eval_split = config.dagger.eval_split
@@ -70,15 +91,33 @@ def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict
   wanted = [("train", t.train_file, t.n_train, t.seed), ("eval", t.eval_file, t.n_eval, t.seed + 1)]
   if eval_split == "validation":
     wanted.append(("validation", "", t.n_eval, t.seed + 2))
-  out = {}
+  generated = t.source in toy.FAMILIES or t.source.startswith("pypi:")
+  for split, file, _, _ in wanted:  # before a dataset is loaded, maybe over the network
+    if (file or t.source in toy.FAMILIES or (split == "train" and not generated)
+        or os.path.exists(RunDir(workdir).tasks(split))):
+      continue
+    fix = {"eval": "set config.tasks.eval_file (e.g. princeton-nlp/SWE-bench_Verified:test)",
+           "train": "set config.tasks.train_file",
+           "validation": "validation tasks are drawn from a toy family only: evaluate on "
+                         "config.tasks.eval_file with config.dagger.eval_split='test'"}[split]
+    raise ConfigError(f"config.tasks.source={t.source!r}: no {split} tasks; {fix} "
+                      "(pypi:NAME tasks are made by `dagger-jax tasks generate`)")
+  out, where = {}, {}
   for split, file, n, seed in wanted:
-    path = file or RunDir(workdir).tasks(split)
-    if not os.path.exists(path):
-      if file:
-        raise ConfigError(f"config.tasks.{split}_file={file}: no such file")
-      if t.source not in toy.FAMILIES:
-        raise ConfigError(f"config.tasks.source={t.source!r}: generate the tasks first "
-                          f"(dagger-jax tasks generate) and set config.tasks.{split}_file")
+    key, spec = f"config.tasks.{split}_file", file
+    if not spec and split == "train" and not generated:
+      key, spec = "config.tasks.source", t.source
+    if spec:
+      out[split] = task_sources.load(
+          spec, key=key, default_split="train" if split == "train" else "test",
+          images=t.get("train_images" if split == "train" else "eval_images", ""),
+          repo_template=t.get("repo_template", ""))
+      where[split] = f"{key}={spec}"
+      if not task_sources.is_task_file(spec):
+        tasks_lib.save_tasks(parent_of(RunDir(workdir).tasks(split)), out[split])
+      continue
+    path = RunDir(workdir).tasks(split)
+    if not os.path.exists(path):  # a toy family (checked above)
       split_name = "train" if split == "train" else "test"
       tasks = toy.generate(n + (n if split == "validation" else 0), seed, split=split_name,
                            family=t.source)
@@ -87,7 +126,12 @@ def load_or_make_tasks(config: Any, workdir: str) -> tuple[list[dict], list[dict
         tasks = [x for x in tasks if x["instance_id"] not in held_out][:n]
       tasks_lib.save_tasks(parent_of(path), tasks)
     out[split] = tasks_lib.load_tasks(path)
-  return out["train"], out["validation" if eval_split == "validation" else "eval"]
+    where[split] = path
+  evaluation = out["validation" if eval_split == "validation" else "eval"]
+  task_sources.refuse_held_out(out["train"], where=where["train"],
+                               eval_tasks=out["eval"] + out.get("validation", []),
+                               allow=bool(t.get("allow_held_out_training", False)))
+  return out["train"], evaluation
 
 
 def _round_tasks(tasks: list[dict], start: int, n: int) -> list[dict]:
@@ -144,12 +188,19 @@ def _collect_round(config, workdir, round_index, beta, train_tasks, start, teach
   if label_target is None:
     n = int(config.dagger.episodes_per_round)
     _, stats = collector.collect(_round_tasks(train_tasks, start, n), seed=seed, **kw)
+    paths.barrier(f"collected_{round_index}")  # multi-host: process 0 wrote the file
     return read_jsonl(path), stats
   total = collector.CollectStats()
+  before = None
   while True:
-    trajs = read_jsonl(path) if os.path.exists(path) else []
-    labels = [len(t.turns) for t in trajs]
+    cut_torn_tail(path)  # a killed append's last line (the collector cuts it too, later)
+    paths.barrier(f"collected_{round_index}")  # multi-host: process 0 wrote the file
+    trajs = read_jsonl(path) if paths.exists(path) else []
+    labels = [0 if t.outcome.failure else len(t.turns) for t in trajs]  # failed: never trained
     have = sum(labels)
+    if have == before:  # the last wave brought no label: stop here if too many failed
+      check_failures(config, path, total, f"round {round_index}")
+    before = have
     if have >= label_target:
       keep, acc = 0, 0
       while acc < label_target:
@@ -173,24 +224,81 @@ def _first_turns(traj: Trajectory, k: int) -> Trajectory:
   return dataclasses.replace(traj, turns=traj.turns[:k], messages=traj.messages[:1 + 2 * k])
 
 
+class RoundFailedError(DaggerJaxError, RuntimeError):
+  """More than `config.rollout.max_failure_rate` of a round's episodes failed (module doc)."""
+
+
+def check_failures(config, path: str, stats: collector.CollectStats, what: str) -> dict:
+  """The failed episodes among those in `path` and those this process lost (`stats.failed`: not
+  written), as the metrics row's fields. Raises RoundFailedError, after moving the failed ones
+  aside (`set_aside`), when their share exceeds `config.rollout.max_failure_rate`.
+
+  Reasons come from `stats.failure_reasons`; failed episodes in `path` that this process did not
+  collect (a round resumed after a crash) count under "earlier_run" (their messages are in the
+  file's `outcome.failure`).
+  """
+  trajs = read_jsonl(path) if paths.exists(path) else []
+  failed = [t for t in trajs if t.outcome.failure is not None]
+  reasons = collections.Counter(stats.failure_reasons)
+  earlier = len(failed) - sum(n for k, n in reasons.items() if not k.startswith("env:"))
+  if earlier > 0:
+    reasons["earlier_run"] += earlier
+  n_failed, attempted = len(failed) + stats.failed, len(trajs) + stats.failed
+  rate = n_failed / attempted if attempted else 0.0
+  limit = float(config.rollout.max_failure_rate)
+  if rate > limit:
+    aside = set_aside(path, {t.id for t in failed})
+    by_reason = ", ".join(f"{k} {n}" for k, n in reasons.most_common())
+    example = f"; e.g. {failed[0].outcome.failure[:400]!r}" if failed else " (see the log)"
+    raise RoundFailedError(
+        f"{what}: {n_failed} of {attempted} episodes failed ({rate:.0%} > "
+        f"config.rollout.max_failure_rate={limit:g}; by reason: {by_reason}){example}. Stopped "
+        f"before using what is left, a biased sample. Fix the fault and run the same command "
+        f"again: the {len(trajs) - len(failed)} other episode(s) collected are kept and the "
+        f"failed ones are collected again (they were moved to {aside}); or raise "
+        f"config.rollout.max_failure_rate")
+  return {"failed_episodes": n_failed, "failure_rate": round(rate, 4),
+          "failure_reasons": dict(reasons.most_common())}
+
+
+def set_aside(path: str, ids: set[str]) -> str:
+  """Moves the episodes `ids` of the JSON Lines file `path` to `<name>.failed.jsonl` beside it
+  (appended: earlier failures stay), so that `collector.collect` runs them again; returns that
+  file. The failed ones are written there first, then `path` is rewritten without them whole."""
+  aside = (path[:-len(".jsonl")] if path.endswith(".jsonl") else path) + ".failed.jsonl"
+  if not ids or not paths.is_chief():
+    return aside
+  keep, move = [], []
+  for line in paths.read_text(path).splitlines(keepends=True):
+    if line.strip():
+      (move if json.loads(line)["id"] in ids else keep).append(line)
+  paths.append(aside, "".join(move))
+  paths.write_atomic(path, "".join(keep))  # a crash before this: moved again, no loss
+  return aside
+
+
 def evaluate(config, workdir, round_index, student, tokenizer, eval_tasks) -> dict:
   """The student alone (beta = 0, no teacher) on the held-out tasks; cached per round."""
   summary_path = parent_of(RunDir(workdir).eval_summary(round_index))
-  if os.path.exists(summary_path):
-    with open(summary_path) as f:
-      return json.load(f)
+  if paths.exists(summary_path):
+    return json.loads(paths.read_text(summary_path))
+  faults.point("evaluate")
   tasks = eval_tasks[:config.dagger.eval_episodes]
   traj_path = parent_of(RunDir(workdir).eval_episodes(round_index))
-  collector.collect(tasks, config=config, round_index=round_index, beta=0.0, teacher=None,
-                    student=student, seed=10_000_000, out_path=traj_path, tokenizer=tokenizer)
-  trajs = read_jsonl(traj_path)
+  _, stats = collector.collect(tasks, config=config, round_index=round_index, beta=0.0,
+                               teacher=None, student=student, seed=10_000_000,
+                               out_path=traj_path, tokenizer=tokenizer)
+  paths.barrier(f"evaluated_{round_index}")  # multi-host: process 0 wrote the file
+  failures = check_failures(config, traj_path, stats, f"round {round_index}'s evaluation")
+  trajs = [t for t in read_jsonl(traj_path) if t.outcome.failure is None]  # scored: the rest
   resolved = sum(bool(t.outcome.resolved) for t in trajs)
   summary = {"round": round_index, "episodes": len(trajs), "resolved": resolved,
+             "failed": failures["failed_episodes"],
              "resolve_rate": resolved / max(1, len(trajs)),
              "submitted": sum(t.outcome.submitted for t in trajs),
              "mean_turns": sum(t.outcome.turns for t in trajs) / max(1, len(trajs))}
-  with open(summary_path, "w") as f:
-    json.dump(summary, f, indent=1)
+  if paths.is_chief():  # whole or absent: a cached summary is trusted
+    paths.write_atomic(summary_path, json.dumps(summary, indent=1))
   return summary
 
 
@@ -238,7 +346,7 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
   if config.rollout.engine == "jax" and config.rollout.mesh:
     reshard.rollout_mesh(config)  # and a bad rollout mesh
   workdir = config.workdir
-  os.makedirs(workdir, exist_ok=True)
+  paths.makedirs(workdir)
   d = config.dagger
   train_tasks, eval_tasks = load_or_make_tasks(config, workdir)
   betas = [schedule.beta(r, d) for r in range(d.rounds)]
@@ -246,12 +354,14 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
   tokenizer = ensure_tokenizer(config, workdir, tokenizer_corpus(config, train_tasks, progress))
   run_dir = RunDir(workdir)
   run_dir.write_run_file(config, tokenizer_lib.files_dir(tokenizer))
-  writer = SummaryWriter(run_dir.tensorboard)
+  writer = paths.summary_writer(run_dir.tensorboard, chief_only=True)
   engine = policies.make_student(config, tokenizer, run_dir)
   metrics_path = run_dir.metrics
   done_rows: dict[int, dict] = {}
-  if os.path.exists(metrics_path):
-    with open(metrics_path) as f:
+  if paths.exists(metrics_path):
+    if cut_torn_tail(metrics_path):  # killed while appending a row: that round is redone
+      log.warning("%s: dropped a torn last row left by an interrupted run", metrics_path)
+    with paths.open(metrics_path, "r") as f:
       done_rows = {row["round"]: row for row in map(json.loads, filter(str.strip, f))}
   model = None  # the student after the last round trained in this process
   results = []
@@ -277,11 +387,15 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
                                     student, tokenizer,
                                     None if target is None else target - labels_before)
       collect_s = time.time() - t0
+      failures = check_failures(config, run_dir.trajectories(r), stats, f"round {r}")
+      failed_trajs = [t for t in trajs if t.outcome.failure is not None]
+      trajs = [t for t in trajs if t.outcome.failure is None]  # a missing label is never trained
       shard = run_dir.shards(r)
-      if not os.path.exists(os.path.join(shard, shards_lib.MANIFEST)):
+      manifest = paths.join(shard, shards_lib.MANIFEST)
+      if paths.is_chief() and not paths.exists(manifest):  # multi-host: one writes, all read
         shards_lib.build_shards(trajs, tokenizer, config.data, shard, round=r)
-      with open(os.path.join(shard, shards_lib.MANIFEST)) as f:
-        round_tokens = json.load(f)["trained_tokens"]
+      paths.barrier(f"shard_{r}")
+      round_tokens = json.loads(paths.read_text(manifest))["trained_tokens"]
       trained_tokens += round_tokens
       render_s = time.time() - t0 - collect_s
       result = trainer.train(config, [run_dir.shards(i) for i in range(r + 1)],
@@ -294,11 +408,12 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
         ev = evaluate(config, workdir, r, engine.policy(model, weights_version(r)), tokenizer,
                       eval_tasks)
       labels = sum(len(t.turns) for t in trajs)
-      used_tasks += len(trajs)
+      episodes = len(trajs) + len(failed_trajs)  # the failed ones used their tasks too
+      used_tasks += episodes
       labels_before += labels
       teacher_turns = sum(t.actor == "teacher" for tr in trajs for t in tr.turns)
       row = {"round": r, "beta": beta, "labels_this_round": labels,
-             "labels_cumulative": labels_before, "episodes_this_round": len(trajs),
+             "labels_cumulative": labels_before, "episodes_this_round": episodes,
              "teacher_acted": teacher_turns, "student_acted": labels - teacher_turns,
              "trained_tokens_round": round_tokens,
              "trained_tokens_aggregate": trained_tokens, "steps": int(config.train.steps),
@@ -310,9 +425,9 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
              "eval_resolve_rate": ev["resolve_rate"], "eval_resolved": ev["resolved"],
              "eval_episodes": ev["episodes"], "eval_submitted": ev["submitted"],
              "eval_split": config.dagger.eval_split, "collect": stats.summary(),
-             "teacher_calls": sum(t.outcome.teacher_calls for t in trajs),
+             "teacher_calls": sum(t.outcome.teacher_calls for t in trajs + failed_trajs),
              "teacher_usage": teacher.reset_stats(),
-             "label_failures": sum(t.outcome.failure is not None for t in trajs),
+             "label_failures": len(failed_trajs), **failures,
              "collect_s": round(collect_s, 1), "render_s": round(render_s, 1),
              "train_s": round(train_s, 1),
              "eval_s": round(time.time() - t0 - collect_s - render_s - train_s, 1)}
@@ -321,8 +436,7 @@ def run(config: Any, *, progress: bool = True) -> list[dict]:
                "collect %.0f s, render %.0f s, train %.0f s, eval %.0f s", r, beta, labels,
                labels_before, ev["resolved"], ev["episodes"], collect_s, render_s, train_s,
                row["eval_s"])
-      with open(metrics_path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+      append_lines(metrics_path, [json.dumps(row)])
       writer.add_scalar("dagger/beta", beta, r)
       if ev["resolve_rate"] is not None:
         writer.add_scalar("dagger/eval_resolve_rate", ev["resolve_rate"], r)

@@ -22,6 +22,8 @@ import functools
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from typing import Iterable
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -137,6 +139,14 @@ def train_demo_tokenizer(texts: Iterable[str], out_dir: str, vocab_size: int = 1
                                 additional_special_tokens=list(DEMO_SPECIAL_TOKENS[1:]))
   tok.chat_template = qwen3_chat_template()
   os.makedirs(out_dir, exist_ok=True)
-  tok.save_pretrained(out_dir)
+  # Written aside, then moved in file by file with tokenizer.json last: a run takes a directory
+  # holding tokenizer.json as finished, so a process killed here leaves no half tokenizer.
+  tmp = tempfile.mkdtemp(prefix=".tokenizer.tmp-", dir=out_dir)
+  try:
+    tok.save_pretrained(tmp)
+    for name in sorted(os.listdir(tmp), key=lambda n: n == "tokenizer.json"):
+      os.replace(os.path.join(tmp, name), os.path.join(out_dir, name))
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
   load_tokenizer_dir.cache_clear()
   return load_tokenizer_dir(os.path.abspath(out_dir))
