@@ -119,6 +119,7 @@ def test_a_planted_key_reaches_the_teacher_and_no_file_of_the_run(tmp_path, monk
     c = support.tiny_loop(rounds=1, episodes=3, steps=2, n_train=6, n_eval=1)
     c.workdir = str(tmp_path / "run")
     c.env.max_turns = 6
+    c.rollout.max_failure_rate = 0.5  # one of the three episodes fails on purpose
     c.teacher.kind, c.teacher.url, c.teacher.model = "openai", server.url, MODEL
     c.teacher.api_key_env = TEACHER_VAR
     # keys written by mistake into config values the run records (unused with engine=jax)

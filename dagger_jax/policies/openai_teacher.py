@@ -13,15 +13,20 @@ Requests. The body holds `model`, `messages`, `temperature`, `top_p`, `max_token
 `teacher.concurrency` requests are in flight across all threads (a semaphore around the HTTP
 call; waits between retries do not hold a slot), each with a `teacher.timeout_s` limit.
 
-Retries (`teacher.request_retries` after the first attempt). Connection errors, timeouts, a 2xx
-that is not a chat completion, 408, 429 and 5xx are retried: after the server's `Retry-After`
-(seconds or an HTTP date, capped at `retry_after_cap_s`) when it sends one, else after a capped
-exponential backoff with jitter, `min(backoff_cap_s, backoff_base_s * 2**k) * U(0.5, 1)`. When
-every attempt fails the episode gets a `LabelError` naming the URL and the last error. Other
-statuses are not retried:
+Retries (`teacher.request_retries` after the first attempt; `policies/remote.py` says which
+fault is which). A refused or dropped connection (also half-way through the answer), no complete
+answer within `teacher.timeout_s` (one deadline for the whole request, body included), a 2xx
+that is not a chat completion (garbage or truncated JSON), 408, 429 and 5xx are retried: after
+the server's `Retry-After` (seconds or an HTTP date, capped at `retry_after_cap_s`) when it sends
+one, else after a capped exponential backoff with jitter, `min(backoff_cap_s, backoff_base_s *
+2**k) * U(0.5, 1)`. When every attempt fails the episode gets a `TeacherUnavailableError` (a
+`LabelError`) naming the URL and the last error, with the last fault as its `reason`
+(`connection`, `timeout`, `http_408`, `http_429`, `http_5xx`, `bad_response`). Other statuses
+are not retried:
 
-  400, 413, 422   `TeacherRejectedError` (a `LabelError`): the endpoint refused this request
-                  (e.g. the conversation is over the model's context); only that episode ends.
+  400, 413, 422   `TeacherRejectedError` (a `LabelError`, reason `rejected`): the endpoint
+                  refused this request (e.g. the conversation is over the model's context);
+                  only that episode ends.
   401, 403, 404, other 3xx/4xx
                   `TeacherHTTPError` (not a `LabelError`): the key, the URL or the model is
                   wrong for every request, so the run stops with the status and the server's
@@ -32,8 +37,10 @@ that does not is re-asked up to `teacher.max_retries` times the way the episode 
 on: the bad reply is appended as an assistant message and `protocol.format_error(n,
 finish_reason)` (mini-swe-agent's format-error observation) as a user message, so a greedy
 teacher sees a different prompt. The label kept for the state is the first reply that parses;
-the correction exchange is not part of the trajectory. After the last re-ask: `LabelError`
-naming how many blocks the last reply had and its start.
+the correction exchange is not part of the trajectory. An empty reply, and one cut off at
+`max_tokens` (`finish_reason: "length"`), are such labels too. After the last re-ask:
+`TeacherProtocolError` (a `LabelError`, reason `protocol`) naming how many blocks the last reply
+had and its start.
 
 What is normalised (nothing else is touched): a leading reasoning block that some servers leave
 in `content` (`<think>...</think>`, or everything up to a first `</think>` that no command fence
@@ -63,12 +70,9 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import copy
-import datetime
-import email.utils
 import hashlib
 import json
 import logging
-import random
 import re
 import threading
 import time
@@ -82,7 +86,9 @@ from dagger_jax import redact
 from dagger_jax.data.trajectory import Action
 from dagger_jax.envs import protocol
 from dagger_jax.errors import ConfigError, DaggerJaxError
+from dagger_jax.policies import remote
 from dagger_jax.policies.base import EpisodeView, LabelError, Policy
+from dagger_jax.policies.remote import retry_after_s  # noqa: F401  (this module's API too)
 
 log = logging.getLogger(__name__)
 
@@ -106,31 +112,20 @@ class TeacherHTTPError(DaggerJaxError, RuntimeError):
 
 class TeacherRejectedError(TeacherHTTPError, LabelError):
   """The endpoint refused one request (400, 413, 422): that episode ends, the run goes on."""
+  reason = "rejected"
 
 
-def retry_after_s(value: str | None, now: float | None = None) -> float | None:
-  """Seconds a `Retry-After` header asks to wait (delay-seconds or an HTTP date), >= 0; None
-  when absent or unreadable.
+class TeacherUnavailableError(LabelError):
+  """No completion after every retry; `reason` is the last fault's (`remote.REASONS`)."""
 
-  >>> retry_after_s("3"), retry_after_s("Wed, 21 Oct 2015 07:28:05 GMT", now=1445412480.0)
-  (3.0, 5.0)
-  """
-  if value is None or not value.strip():
-    return None
-  value = value.strip()
-  try:
-    seconds = float(value)
-  except ValueError:
-    try:
-      when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-      return None
-    if when is None:
-      return None
-    if when.tzinfo is None:
-      when = when.replace(tzinfo=datetime.timezone.utc)
-    seconds = when.timestamp() - (time.time() if now is None else now)
-  return max(0.0, seconds) if seconds == seconds else None  # NaN reads as unreadable
+  def __init__(self, message: str, reason: str):
+    super().__init__(message)
+    self.reason = reason
+
+
+class TeacherProtocolError(LabelError):
+  """Every label asked for one state broke the action protocol (after the re-asks)."""
+  reason = "protocol"
 
 
 def normalise(text: str | None) -> str:
@@ -318,7 +313,7 @@ class OpenAICompatPolicy(Policy):
       conversation += [{"role": "assistant", "content": content or ""},
                        {"role": "user",
                         "content": protocol.format_error(parsed.n_actions, finish_reason)}]
-    raise LabelError(
+    raise TeacherProtocolError(
         f"{self.where}: {self.max_retries + 1} labels in a row broke the action protocol (the "
         f"last had {parsed.n_actions} ```{protocol.ACTION_FENCE} blocks, exactly 1 is needed; "
         f"finish_reason={finish_reason}; it began {_snippet(label)}); use a model that follows "
@@ -344,13 +339,13 @@ class OpenAICompatPolicy(Policy):
     return redact.redact_text(text, [urllib.parse.urlsplit(self.url).password or ""])
 
   def _backoff(self, attempt: int) -> float:
-    return min(self.backoff_cap_s, self.backoff_base_s * 2 ** attempt) * random.uniform(0.5, 1.0)
+    return remote.backoff_s(attempt, self.backoff_base_s, self.backoff_cap_s)
 
   def _complete(self, messages: list[dict[str, str]]) -> tuple[str | None, str | None]:
     """One completion (content, finish_reason), retrying what a retry may fix."""
     body = self.body(messages)
     attempts = self.request_retries + 1
-    last, wait = "", 0.0
+    last, reason, wait = "", "", 0.0
     for attempt in range(attempts):
       if attempt:
         self._count("request_retries")
@@ -359,14 +354,17 @@ class OpenAICompatPolicy(Policy):
         time.sleep(wait)
       try:
         with self._slots:
-          response = self._session().post(self.endpoint, json=body, headers=self._headers(),
-                                          timeout=self.timeout_s)
-      except requests.Timeout:
-        last, wait = (f"no answer within {self.timeout_s:g} s (config.teacher.timeout_s)",
-                      self._backoff(attempt))
+          response = remote.send(self._session(), "POST", self.endpoint, json=body,
+                                 headers=self._headers(), timeout_s=self.timeout_s)
+      except requests.Timeout as e:
+        reason, wait = remote.error_reason(e), self._backoff(attempt)
+        last = f"no answer within {self.timeout_s:g} s (config.teacher.timeout_s)"
+        if reason == "connection":  # could not even connect in time
+          last = f"{type(e).__name__}: {self._redact(str(e))}"
         continue
       except requests.RequestException as e:
         last, wait = f"{type(e).__name__}: {self._redact(str(e))}", self._backoff(attempt)
+        reason = remote.error_reason(e) or "connection"
         continue
       status = response.status_code
       if 200 <= status < 300:
@@ -375,20 +373,21 @@ class OpenAICompatPolicy(Policy):
         except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
           last = (f"HTTP {status} but not a chat completion ({type(e).__name__}: {e}): "
                   f"{_snippet(self._redact(response.text))}")
-          wait = self._backoff(attempt)
+          reason, wait = "bad_response", self._backoff(attempt)
           continue
       message = self._server_message(response)
       if status in RETRY_STATUSES or status >= 500:
-        last = f"HTTP {status}: {message}"
-        after = retry_after_s(response.headers.get("Retry-After"))
-        wait = self._backoff(attempt) if after is None else min(after, self.retry_after_cap_s)
+        last, reason = f"HTTP {status}: {message}", remote.status_reason(status)
+        wait = remote.wait_s(status, response.headers, attempt, base_s=self.backoff_base_s,
+                             cap_s=self.backoff_cap_s, retry_after_cap_s=self.retry_after_cap_s)
         continue
       raise self._status_error(status, message)
-    raise LabelError(f"{self.where}: no completion after {attempts} attempts; last error: {last} "
-                     f"(check that the server is up and answers; config.teacher.request_retries "
-                     f"and timeout_s bound the retries)")
+    raise TeacherUnavailableError(
+        f"{self.where}: no completion after {attempts} attempts; last error: {last} (check that "
+        f"the server is up and answers; config.teacher.request_retries and timeout_s bound the "
+        f"retries)", reason)
 
-  def _read(self, response: requests.Response) -> tuple[str | None, str | None]:
+  def _read(self, response: remote.Answer) -> tuple[str | None, str | None]:
     data = response.json()
     choice = data["choices"][0]
     content = choice["message"].get("content")
@@ -410,7 +409,7 @@ class OpenAICompatPolicy(Policy):
                   "stats (stats()['usage_missing'] counts such responses)", self.where)
     return content, choice.get("finish_reason")
 
-  def _server_message(self, response: requests.Response) -> str:
+  def _server_message(self, response: remote.Answer) -> str:
     """The server's error text: OpenAI's {"error": {"message"}}, FastAPI's {"detail"}, or the
     body's start."""
     text = response.text or ""
