@@ -100,6 +100,9 @@ def _split_config_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _config_message(e: Exception, path: str, config_args: Sequence[str]) -> str:
   """absl / ml-collections' message for a bad override, as one line naming the flag."""
+  in_file = configlib.config_file_error(str(e))  # the config file itself raised
+  if in_file:
+    return in_file
   message = " ".join(str(e).replace("\\'", "'").replace("\\n", " ").split())
   if isinstance(e, AttributeError):  # "lrr' Did you mean "lr" instead of "lrr"?"
     key = message.strip("'\"").split("'")[0]

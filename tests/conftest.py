@@ -41,3 +41,12 @@ def pytest_collection_modifyitems(config, items):
     for marker in ("gpu", "tpu", "docker"):
       if marker in item.keywords and not have[marker]:
         item.add_marker(pytest.mark.skip(reason=why[marker]))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _jax_backend_with_8_devices():
+  """Starts JAX's backend once, with the 8 devices above, before any test runs: an in-process
+  `dagger-jax plan --mesh fsdp=3` would otherwise set the CPU device count of the whole test
+  process when it happens to run first (`plan.configure_cpu_devices`)."""
+  import jax
+  assert len(jax.devices()) == 8 or os.environ.get("JAX_PLATFORMS") != "cpu", jax.devices()

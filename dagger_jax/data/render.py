@@ -71,8 +71,9 @@ from dagger_jax.errors import ConfigError, DaggerJaxError
 
 FIELDS = ("tokens", "targets", "positions", "segment_ids", "branch_ids", "loss_mask", "label_ids")
 DTYPES = {f: (np.uint8 if f == "loss_mask" else np.int32) for f in FIELDS}
-_SENTINEL = "\ue000{}\ue001"  # private-use characters: never produced by a template
-_SENTINEL_RE = re.compile("\ue000(\\d+)\ue001")
+# Assistant contents are rendered as placeholders `\ue000TAG.K\ue001` (private-use characters,
+# never produced by a template); TAG is chosen per call so that no message holds one (`_tag`).
+_MARK_OPEN, _MARK_CLOSE = "\ue000", "\ue001"
 
 
 class RenderError(DaggerJaxError, ValueError):
@@ -194,11 +195,21 @@ def _content_ids(action: Action, tokenizer: PreTrainedTokenizerBase, eos_id: int
   return ids[:-1] if ids and ids[-1] == eos_id else ids
 
 
-def _assistant_placeholders(messages) -> list[dict[str, str]]:
+def _tag(messages) -> str:
+  """The smallest number n such that no message content holds U+E000 followed by `n.`, so that
+  no message text can pass for a placeholder. Text can hold these characters: a student that
+  emits U+E000 0 U+E001 as a command gets it back in bash's "command not found" observation."""
+  n = 0
+  while any(f"{_MARK_OPEN}{n}." in m["content"] for m in messages):
+    n += 1
+  return str(n)
+
+
+def _assistant_placeholders(messages, tag: str) -> list[dict[str, str]]:
   out, k = [], 0
   for m in messages:
     if m["role"] == "assistant":
-      out.append({"role": "assistant", "content": _SENTINEL.format(k)})
+      out.append({"role": "assistant", "content": f"{_MARK_OPEN}{tag}.{k}{_MARK_CLOSE}"})
       k += 1
     else:
       out.append(dict(m))
@@ -209,10 +220,12 @@ def _glue_texts(messages, n_assistant: int, tokenizer: PreTrainedTokenizerBase,
                 enable_thinking: bool, add_generation_prompt: bool, where: str) -> list[str]:
   """The template's text between assistant contents (n_assistant + 1 pieces), each piece after
   the first starting after the end-of-turn text."""
-  text = tokenizer.apply_chat_template(_assistant_placeholders(messages), tokenize=False,
+  tag = _tag(messages)
+  text = tokenizer.apply_chat_template(_assistant_placeholders(messages, tag), tokenize=False,
                                        enable_thinking=enable_thinking,
                                        add_generation_prompt=add_generation_prompt)
-  parts = _SENTINEL_RE.split(text)  # glue0, "0", glue1, "1", ...
+  placeholder = re.compile(f"{_MARK_OPEN}{tag}\\.(\\d+){_MARK_CLOSE}")
+  parts = placeholder.split(text)  # glue0, "0", glue1, "1", ...
   found = [int(p) for p in parts[1::2]]
   if found != list(range(n_assistant)):
     raise RenderError(f"{where}: the chat template did not render each assistant message exactly "
@@ -231,8 +244,9 @@ def prompt_ids(messages: Sequence[dict[str, str]], assistant_ids: Sequence[Seque
   """The generation prompt for the next assistant turn, as token ids, exactly as rows see it.
 
   That is `apply_chat_template(messages, add_generation_prompt=True)`, except that each earlier
-  assistant content is its given ids (the exact sampled ids; None = tokenise its text) followed
-  by the end-of-turn token. A row trains the label of this state on exactly these ids.
+  assistant content is its given ids (the exact sampled ids; None = tokenise its text), less a
+  trailing end-of-turn, followed by the end-of-turn token. A row trains the label of this state
+  on exactly these ids.
   """
   contents = [m["content"] for m in messages if m["role"] == "assistant"]
   if len(assistant_ids) != len(contents):
@@ -243,7 +257,10 @@ def prompt_ids(messages: Sequence[dict[str, str]], assistant_ids: Sequence[Seque
   ids = _encode(tokenizer, glue[0])
   for j, content in enumerate(contents):
     given = assistant_ids[j]
-    ids += (_encode(tokenizer, content) if given is None else list(given)) + [eos_id]
+    # As the rows have it (`_content_ids`): a trailing end-of-turn of the content is dropped,
+    # so that a turn of ids (or text) ending in it is not seen twice here and once in training.
+    action = Action(content, None if given is None else tuple(given))
+    ids += _content_ids(action, tokenizer, eos_id) + [eos_id]
     ids += _encode(tokenizer, glue[j + 1])
   return ids
 
