@@ -5,6 +5,7 @@
     dagger-jax tasks generate --source pypi:six --n 5 --out runs/tasks/six.jsonl
     dagger-jax tasks validate runs/tasks/train.jsonl --json
     dagger-jax env exec --tasks runs/tasks/train.jsonl --instance ID -- 'python3 -m pytest -q'
+    dagger-jax env exec --tasks ... --instance ID --info -- 'sleep infinity'   # + the step's info
 
 Sandboxes follow `config.env.sandbox` (bwrap | docker | unsafe_local).
 """
@@ -143,6 +144,8 @@ def env_exec_args(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--tasks", required=True, help="tasks file")
   parser.add_argument("--instance", required=True, help="instance id")
   _source_args(parser)
+  parser.add_argument("--info", action="store_true", help="end with one JSON line: the step's "
+                      "info (returncode, timed_out, duration_s, over_limit, ...)")
   parser.add_argument("command", nargs="+", help="the bash command (after --)")
 
 
@@ -156,4 +159,6 @@ def env_exec(args: argparse.Namespace, config: ml_collections.ConfigDict) -> int
   finally:
     env.close()
   print(step.observation or f"(no observation: the episode ended, {step.info['exit_status']})")
+  if args.info:
+    print(json.dumps(step.info))
   return 0

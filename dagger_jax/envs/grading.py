@@ -1,7 +1,10 @@
 """Grading a submitted patch the way the swebench harness does, inside a fresh task sandbox.
 
   1. open a fresh sandbox of the task (its repository at base_commit);
-  2. apply the patch with the harness's fallback chain (git apply, --reject, patch --fuzz);
+  2. apply the patch with the harness's fallback chain (git apply, --reject, patch --fuzz),
+     then undo its changes to the tests (`_fresh_tests`): the tests that grade a submission are
+     always the task's own, so an agent that edits them to pass (or adds a conftest.py that
+     marks failures passed) changes nothing;
   3. run the task's eval script: reset the test files, apply `test_patch`, run the tests between
      swebench's `>>>>> Start/End Test Output` markers and record the test command's exit code;
   4. parse the log with swebench's own machinery (`get_logs_eval`: the repo's log parser, the
@@ -10,7 +13,9 @@
 
 The eval script is the same one `to_swebench_instance` hands to `python -m
 swebench.harness.run_evaluation`, so our grade and the harness's agree by construction (tested
-in tests/test_swebench_harness.py).
+in tests/test_swebench_harness.py) for every patch that leaves the tests alone, as gold patches do.
+(The harness applies a prediction whole and resets only the files of `test_patch`; here every
+test file is the task's own.)
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import shlex
 import shutil
 import tempfile
+import tomllib
 from typing import Any, Callable, ContextManager, Iterator, Iterable, Protocol
 
 from swebench.harness import constants as C
@@ -36,6 +42,14 @@ from dagger_jax.envs.tasks import TaskError, materialize, patch_files
 GIT_APPLY_CMDS = ("git apply --verbose", "git apply --verbose --reject",
                   "patch --batch --forward --fuzz=5 -p1 -i")
 _PATCH_FILE = ".git/dagger_jax_model.patch"  # inside .git: never part of the working tree
+# A path holds tests when it contains one of these: SWE-bench's own rule for splitting a pull
+# request into the gold `patch` and the `test_patch` (swebench/collect/utils.py::extract_patches),
+# so no gold patch touches such a path. It covers test modules and folders, conftest.py,
+# pytest.ini and the toy tasks' run_tests.py.
+TEST_PATH_WORDS = ("test", "e2e")
+# Files whose pytest section the submission may not change (`_fresh_tests`): an
+# `addopts = -p plugin` there loads a plugin from a file outside the tests.
+_PYTEST_CONFIG_FILES = ("tox.ini", "setup.cfg", "pyproject.toml")
 _EVAL_FILE = ".git/dagger_jax_eval.sh"
 
 
@@ -186,6 +200,74 @@ def score_log(task: dict, log: str) -> tuple[bool, dict[str, str], dict[str, str
 # Grading
 
 
+def is_test_path(path: str) -> bool:
+  return any(w in path for w in TEST_PATH_WORDS)
+
+
+def _pytest_section(name: str, text: str | None):
+  """The pytest settings of one config file's text (None: no file, or no section)."""
+  if text is None:
+    return None
+  if name == "pyproject.toml":
+    tool = tomllib.loads(text).get("tool", {})
+    pytest = tool.get("pytest", {})
+    return pytest or None
+  import configparser
+  parser = configparser.ConfigParser(interpolation=None, strict=False)
+  parser.read_string(text)
+  sections = ("pytest",) if name == "tox.ini" else ("tool:pytest",)
+  return {s: dict(parser[s]) for s in sections if parser.has_section(s)} or None
+
+
+def _git_paths(sb: SandboxLike, args: str) -> set[str]:
+  r = sb.run(f"git -c safe.directory='*' {args} -z")
+  if r.returncode != 0:
+    raise TaskError(f"grading: `git {args}` failed: {r.output[-500:]}")
+  return {p for p in r.output.split("\0") if p}
+
+
+def _untracked(sb: SandboxLike) -> set[str]:
+  """Untracked files, ignored ones too (a patch may edit .gitignore)."""
+  return _git_paths(sb, "ls-files --others")
+
+
+def _fresh_tests(sb: SandboxLike, task: dict, untracked_before: set[str],
+                 log: list[str]) -> None:
+  """After the patch: every test path (`is_test_path`) it changed, deleted or added is put back
+  as at base_commit (removed if new), and so is every tox.ini / setup.cfg / pyproject.toml whose
+  pytest settings it changed, or that no longer parses. Works on the tree, not on the patch
+  text, so no way of writing the patch (renames, symlinks, a second `---` header inside a file
+  diff) gets a changed test past it. Untracked files that were there before the patch (build
+  outputs of the image) are left alone."""
+  base = task["base_commit"]
+  changed = sorted(_git_paths(sb, f"diff --no-renames --name-only {base}")
+                   | (_untracked(sb) - untracked_before))
+  restore = [p for p in changed if is_test_path(p)]
+  for path in changed:
+    name = os.path.basename(path)
+    if name in _PYTEST_CONFIG_FILES and not is_test_path(path):
+      q = shlex.quote(path)
+      old = sb.run(f"git -c safe.directory='*' show {base}:{q}")
+      new = sb.run(f"cat -- {q}")
+      try:
+        if (_pytest_section(name, old.output if old.returncode == 0 else None)
+            != _pytest_section(name, new.output if new.returncode == 0 else None)):
+          restore.append(path)
+      except (ValueError, KeyError, tomllib.TOMLDecodeError):  # configparser errors too
+        restore.append(path)
+  if not restore:
+    return
+  quoted = " ".join(shlex.quote(p) for p in restore)
+  r = sb.run(f"rm -rf -- {quoted}; for p in {quoted}; do "
+             f"git -c safe.directory='*' --literal-pathspecs checkout -q {base} -- \"$p\" "
+             "2>/dev/null; done; git -c safe.directory='*' --literal-pathspecs diff --no-renames "
+             f"--name-only {base} -- {quoted}")
+  if r.output.strip():
+    raise TaskError(f"grading: could not put back the task's tests {r.output.split()}")
+  log.append("grading uses the task's own tests: the submission's changes to "
+             f"{', '.join(restore)} are undone")
+
+
 def _apply_patch(sb: SandboxLike, patch: str, log: list[str]) -> bool:
   sb.write_file(_PATCH_FILE, patch.encode())
   for i, cmd in enumerate(GIT_APPLY_CMDS):
@@ -215,7 +297,10 @@ def grade(task: dict, patch: str | None, sandbox_factory: SandboxFactory) -> Gra
   with sandbox_factory(task) as sb:
     applied = True
     if patch and patch.strip():
+      untracked = _untracked(sb)
       applied = _apply_patch(sb, patch, log)
+      if applied:
+        _fresh_tests(sb, task, untracked, log)
     if not applied:
       f2p = {t: "MISSING" for t in task["FAIL_TO_PASS"]}
       p2p = {t: "MISSING" for t in task["PASS_TO_PASS"]}

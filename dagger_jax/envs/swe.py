@@ -21,6 +21,7 @@ rebuilds. `StepResult.info` says what happened:
   format_error   the turn did not hold exactly one action (`n_actions` says how many)
   command        the command that ran (None on a format error)
   returncode, timed_out, duration_s   of the command
+  over_limit     "disk" when the sandbox's files passed config.env.disk_mb (the output says so)
   submitted      the command printed the submit sentinel (the episode ends)
   exit_status    None while the episode goes on; then "submitted", "format_errors" or "max_turns"
 
@@ -210,7 +211,7 @@ class SweEnv:
       timeout = float(self.config.command_timeout)
       result = sandbox.run(parsed.command, timeout=timeout)
       info.update(returncode=result.returncode, timed_out=result.timed_out,
-                  duration_s=result.duration_s)
+                  duration_s=result.duration_s, over_limit=result.over_limit)
       if protocol.is_submission(result):
         info["submitted"] = True
         self.exit_status = "submitted"

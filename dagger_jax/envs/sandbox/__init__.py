@@ -15,12 +15,14 @@ and `ExecResult.elided_chars` says how many were dropped in between (no marker i
 
 - `BwrapSandbox` (bwrap.py, limits through cgroup.py): bubblewrap over the host task tree;
   read-only system, private /tmp, no network, own namespaces.
-- `DockerSandbox` (docker.py; base image from images.py): one container per sandbox.
+- `DockerSandbox` (docker.py; base image from images.py): one container per sandbox, on the
+  engine `config.env.docker_hosts` assigns (engines.py: the least loaded of the list), else on
+  DOCKER_HOST / the local socket.
 - `UnsafeLocalSandbox` (local.py): a plain subprocess in the host tree, no isolation.
 
 The interface, limits and errors are in base.py; output capture, process groups and the reaping
-of state left by SIGKILLed processes in process.py. This module picks one (`make_sandbox`) and
-re-exports the public names.
+of state left by SIGKILLed processes in process.py; the disk limit in disk.py and seccomp.py.
+This module picks one (`make_sandbox`) and re-exports the public names.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import os
 import tempfile
 from typing import Any
 
-from dagger_jax.envs.sandbox import images
+from dagger_jax.envs.sandbox import engines, images
 from dagger_jax.envs.sandbox.base import (SANDBOX_ENV, ExecResult, Sandbox, SandboxError,
                                           SandboxLimits)
 from dagger_jax.envs.sandbox.bwrap import BWRAP_INSTALL_HINT, BwrapSandbox, check_bwrap
@@ -54,7 +56,8 @@ def check_available(env_config: Any) -> None:
   if env_config.sandbox == "bwrap":
     check_bwrap()
   elif env_config.sandbox == "docker":
-    docker_client()
+    for host in tuple(env_config.docker_hosts) or (None,):
+      docker_client(host)
   scratch_dir(env_config)
 
 
@@ -74,7 +77,8 @@ def make_sandbox(env_config: Any, host_workdir: str | None = None, *, image: str
   """The sandbox `config.env.sandbox` names (bwrap | docker | unsafe_local), limits from config.env.
 
   bwrap / unsafe_local run over `host_workdir`; docker starts `image` (the base image when None)
-  and copies `host_workdir` in when given.
+  and copies `host_workdir` in when given, on the least loaded engine of `config.env.docker_hosts`
+  (DOCKER_HOST / the local socket when it is empty).
   """
   limits = SandboxLimits.from_config(env_config, **limit_overrides)
   kind = env_config.sandbox
@@ -84,9 +88,18 @@ def make_sandbox(env_config: Any, host_workdir: str | None = None, *, image: str
       raise ValueError("make_sandbox: config.env.sandbox=bwrap needs a host_workdir")
     return BwrapSandbox(host_workdir, limits, workdir=workdir, scratch_dir=scratch)
   if kind == "docker":
-    if image is None:
-      image = images.ensure_base_image()
-    return DockerSandbox(image, workdir, limits=limits, host_workdir_to_copy_in=host_workdir)
+    hosts = tuple(env_config.docker_hosts)
+    pool = engines.pool_for(hosts) if hosts else None
+    host = pool.acquire() if pool else None
+    try:
+      if image is None:
+        image = images.ensure_base_image(docker_host=host)
+    except BaseException:
+      if pool is not None:
+        pool.release(host)
+      raise
+    return DockerSandbox(image, workdir, limits=limits, host_workdir_to_copy_in=host_workdir,
+                         docker_host=host, engine_pool=pool)  # it gives the lease back
   if kind == "unsafe_local":
     if host_workdir is None:
       raise ValueError("make_sandbox: config.env.sandbox=unsafe_local needs a host_workdir")

@@ -52,20 +52,21 @@ class SandboxLimits:
   memory_mb: int
   cpus: float
   pids: int
+  disk_mb: int  # the sandbox's own files (task tree, /tmp, a container's writable layer)
 
   def __post_init__(self):
-    for name in ("command_timeout", "max_output_chars", "memory_mb", "cpus", "pids"):
+    for name in ("command_timeout", "max_output_chars", "memory_mb", "cpus", "pids", "disk_mb"):
       if not getattr(self, name) > 0:
         raise ValueError(f"SandboxLimits.{name}={getattr(self, name)!r}: must be > 0")
 
   @classmethod
   def from_config(cls, env_config: Any, **overrides) -> SandboxLimits:
-    """From `config.env` (command_timeout, memory_mb, cpus, pids); the capture cap is at least
-    4 x `config.env.output_limit` so the observation's head and tail are always exact."""
+    """From `config.env` (command_timeout, memory_mb, cpus, pids, disk_mb); the capture cap is at
+    least 4 x `config.env.output_limit` so the observation's head and tail are always exact."""
     cap = max(MIN_CAPTURE_CHARS, 4 * int(env_config.output_limit))
     kw = dict(command_timeout=float(env_config.command_timeout), max_output_chars=cap,
               memory_mb=int(env_config.memory_mb), cpus=float(env_config.cpus),
-              pids=int(env_config.pids))
+              pids=int(env_config.pids), disk_mb=int(env_config.disk_mb))
     kw.update(overrides)
     return cls(**kw)
 
@@ -77,6 +78,9 @@ class ExecResult:
   timed_out: bool
   duration_s: float
   elided_chars: int = 0  # characters dropped from the middle of `output` by the capture cap
+  # "disk" when the sandbox's files were over `SandboxLimits.disk_mb` after the command (it was
+  # killed if it was still running; `output` ends with a line saying so); "" otherwise.
+  over_limit: str = ""
 
 
 class Sandbox(abc.ABC):

@@ -1,10 +1,32 @@
-"""`DockerSandbox`: one container per sandbox from an image; `docker_client` for the engine.
+"""`DockerSandbox`: one container per sandbox from an image; `docker_client` for an engine.
 
 One container per sandbox from an image, `--network none`, memory/CPU/pids limits, one `exec` per
 command; the container is removed on close, on garbage collection, at interpreter exit, and,
-should the process be SIGKILLed, by the next DockerSandbox of this host (orphan reaping by label);
-its PID 1 also exits by itself after `max_lifetime_s`. Images are never pulled: the base image is
-built offline by `images.ensure_base_image`.
+should the process be SIGKILLed, by the next DockerSandbox of this host on that engine (orphan
+reaping by label); its PID 1 also exits by itself `max_lifetime_s` after creation. Images are
+never pulled: the base image is built offline by `images.ensure_base_image`.
+
+The engine is any the docker SDK reaches: `docker_host` (a URL of `config.env.docker_hosts`,
+picked per sandbox by `engines.EnginePool`), else DOCKER_HOST, else the local socket. Everything
+goes through the engine's API (the task tree is copied in with `put_archive`), so a remote engine
+works as a local one does.
+
+Containment of a hostile command (tests/hostile_corpus.py tries each):
+- what it leaves running is killed when it ends (`kill -9 -1` in the exec; then, if `docker top`
+  still shows a process, by PID 1); past the deadline, or past the disk limit, every process but
+  PID 1 is killed by PID 1, on a signal from the engine (`_kill_all`): no exec, which a fork bomb
+  holding every pid would stop, and no program of the image, which the agent may have replaced;
+- disk: the engine's own quota (`--storage-opt size=`) where its storage driver has one
+  (overlay2 on xfs with pquota, btrfs, zfs); elsewhere RLIMIT_FSIZE (the container's, and 0 per
+  command while over the limit), `fallocate(2)` refused (seccomp.py, installed by `python3` in
+  the container when the image has one), and the writable layer's size (`SizeRw`) polled while
+  commands run, as bubblewrap's DiskGuard does. Those per-command steps run in the image's own
+  bash and python3: an agent that replaces them (it is root in its container) turns the
+  fallocate filter off for its later commands, and only an engine quota then stops a burst of
+  `fallocate` calls faster than the poll (tests/test_hostile.py::
+  test_docker_replaced_tools_then_fallocate);
+- commands run with oom_score_adj 500, so at the memory limit the kernel kills them before PID 1
+  (whose death would remove the container).
 
 The `docker` SDK is an optional extra (`pip install 'dagger_jax[docker]'`) and is imported only
 inside the functions that talk to the engine, so the other sandboxes work without it.
@@ -21,29 +43,56 @@ import threading
 import time
 import weakref
 
+from dagger_jax.envs.sandbox import disk, seccomp
 from dagger_jax.envs.sandbox.base import (SANDBOX_ENV, ExecResult, Sandbox, SandboxError,
                                           SandboxLimits, no_nul)
+from dagger_jax.envs.sandbox.engines import EnginePool
 from dagger_jax.envs.sandbox.process import OutputCap, pid_alive, readable
 
 log = logging.getLogger(__name__)
 
 LABEL = "dagger-jax.sandbox"  # every container we create carries it (orphan reaping)
-_REAPED_ONCE = threading.Event()
+_DISK_POLL_S = 0.5  # how often a running command's writable layer is sized (an API call)
+_REAPED: set[str] = set()  # engines whose orphans this process has reaped
+_STORAGE_QUOTA: dict[str, bool] = {}  # engine -> whether it takes `storage_opt={"size": ...}`
+_SECCOMP_HELPER: dict[tuple[str, str], bool] = {}  # (engine, image id) -> python3 runs it
+_STATE_LOCK = threading.Lock()
+with open(seccomp.__file__) as _f:
+  _SECCOMP_SRC = _f.read()  # run in the container by `python3 -S -E -c`
 
 
-def docker_client():
-  """A docker SDK client that has answered a ping, or SandboxError saying what to install/start."""
+def _engine_name(docker_host: str | None) -> str:
+  return docker_host or os.environ.get("DOCKER_HOST") or "the local docker engine"
+
+
+def docker_client(docker_host: str | None = None):
+  """A docker SDK client of `docker_host` (a URL: unix://, tcp://, ssh://; None: DOCKER_HOST or
+  the local socket) that has answered a ping, or SandboxError saying what to install / start.
+
+  TLS for tcp:// comes from DOCKER_TLS_VERIFY / DOCKER_CERT_PATH as for the docker CLI; ssh://
+  runs the system `ssh` (its keys, agent and ~/.ssh/config), so no paramiko is needed."""
   try:
     import docker  # lazy: the optional docker SDK (see the module docstring)
   except ImportError as e:
     raise SandboxError("config.env.sandbox=docker needs the docker SDK: "
                        "`pip install 'dagger_jax[docker]'` (or `pip install docker`)") from e
+  environment = dict(os.environ)
+  if docker_host:
+    environment["DOCKER_HOST"] = docker_host
+  url = environment.get("DOCKER_HOST", "")
   try:
-    client = docker.from_env(timeout=120)
+    client = docker.from_env(timeout=120, environment=environment,
+                             use_ssh_client=url.startswith("ssh://"))
     client.ping()
   except Exception as e:  # docker.errors.DockerException and socket errors alike
-    raise SandboxError(f"cannot reach the docker engine ({e}); is dockerd running? "
-                       "(`docker info`; in CI: `bash .ci/start_dockerd.sh`)") from e
+    where = f" at {url}" if url else ""
+    if docker_host:
+      hint = f"does `docker -H {url} info` answer? (it is in config.env.docker_hosts)"
+    elif url:
+      hint = f"does `docker -H {url} info` answer? (DOCKER_HOST is set to it)"
+    else:
+      hint = "is dockerd running? (`docker info`; in CI: `bash .ci/start_dockerd.sh`)"
+    raise SandboxError(f"cannot reach the docker engine{where} ({e}); {hint}") from e
   return client
 
 
@@ -52,11 +101,13 @@ def reap_orphan_containers(client=None) -> list[str]:
   client = client or docker_client()
   host = socket.gethostname()
   removed = []
-  for c in client.containers.list(all=True, filters={"label": f"{LABEL}.host={host}"}):
-    pid = int(c.labels.get(f"{LABEL}.pid", "0") or 0)
+  # The low-level list: one call, no inspect per container (one removed meanwhile, as
+  # auto-removed sandboxes are all the time, would fail that inspect).
+  for c in client.api.containers(all=True, filters={"label": f"{LABEL}.host={host}"}):
+    pid = int((c.get("Labels") or {}).get(f"{LABEL}.pid", "0") or 0)
     if pid and not pid_alive(pid):
-      _remove_container(client, c.id)
-      removed.append(c.id)
+      _remove_container(client, c["Id"])
+      removed.append(c["Id"])
   return removed
 
 
@@ -69,6 +120,12 @@ def _remove_container(client, container_id: str) -> None:
   except docker.errors.APIError as e:
     if "already in progress" not in str(e):
       log.warning("could not remove container %s: %s", container_id[:12], e)
+
+
+def _cleanup(client, container_id: str, pool: EnginePool | None, docker_host: str | None):
+  _remove_container(client, container_id)
+  if pool is not None:
+    pool.release(docker_host)
 
 
 def _root_owned(info: tarfile.TarInfo) -> tarfile.TarInfo:
@@ -84,61 +141,133 @@ def _tar_directory(host_dir: str) -> bytes:
   return buf.getvalue()
 
 
-# PID 1 of a sandbox container: reaps orphans (bash reaps any child on SIGCHLD), survives
-# `kill -9 -1`, and exits, removing the container, after `lifetime` seconds whatever happens.
-_DOCKER_INIT = ("end=$((SECONDS + {lifetime})); "
-                "while [ $SECONDS -lt $end ]; do sleep {tick} & wait $!; done")
-# One command: stderr into stdout (one ordered stream), then, as the bwrap PID namespace does,
-# kill what the command left running so the exec's stream closes when the command ends.
-_DOCKER_EXEC = 'bash -lc "$1" 2>&1; rc=$?; kill -9 -1 2>/dev/null; exit $rc'
+# PID 1 of a sandbox container: survives `kill -9 -1`, on SIGUSR1 kills every other process of
+# the container, and exits, removing the container, at the epoch second `end` whatever happens.
+# It waits with builtins only (`read -t` on the open, silent stdin of `stdin_open=True`;
+# `printf %(...)T`, bash >= 4.2), so it still answers SIGUSR1 when a fork bomb holds every pid
+# (`sleep` only if stdin were closed). Bash reaps the orphans it inherits between two builtins,
+# not while `read` waits: hence the 0.2 s tick, so that the zombies of killed commands give their
+# pids back at once.
+_DOCKER_INIT = ("trap 'kill -9 -1' USR1; end={end}; "
+                "while printf -v now '%(%s)T' -1 && [ \"$now\" -lt \"$end\" ]; do "
+                "read -t 0.2 -u 0 _; [ $? -gt 128 ] || { sleep 1 & wait $!; }; done")
+# One command ($1), with RLIMIT_FSIZE $2 KB (SIGXFSZ ignored: writes past it fail with EFBIG),
+# oom_score_adj 500, through the seccomp helper when $3 is set (its source comes in the variable
+# _SECCOMP_ENV, which it removes before it execs the command); stderr into stdout (one ordered
+# stream); then, as the bwrap PID namespace does, kill what the command left running so the
+# exec's stream closes when the command ends.
+_SECCOMP_ENV = "DAGGER_JAX_SECCOMP_HELPER"
+_DOCKER_EXEC = ('{ ulimit -f "$2"; echo 500 >/proc/self/oom_score_adj; } 2>/dev/null; '
+                "trap '' XFSZ; "
+                'if [ -n "$3" ]; then python3 -S -E -c "import os; exec(os.environ.pop('
+                f"'{_SECCOMP_ENV}'))\" bash -lc \"$1\" 2>&1; "
+                'else bash -lc "$1" 2>&1; fi; rc=$?; kill -9 -1 2>/dev/null; exit $rc')
 
 
 class DockerSandbox(Sandbox):
   """One container per sandbox; one `docker exec` of `bash -lc` per command.
 
-  The container runs a reaping `bash` as PID 1 (it exits after `max_lifetime_s`) with
-  auto-removal, `--network none`, memory (no swap), CPU and pids limits.
-  `host_workdir_to_copy_in` (e.g. a materialized task repo) is copied to `workdir_in_container`;
-  without it the image must already hold the tree there.
+  The container runs a reaping `bash` as PID 1 (it exits `max_lifetime_s` after creation) with
+  auto-removal, `--network none`, memory (no swap), CPU and pids limits, and the disk limit of
+  the module docstring. `host_workdir_to_copy_in` (e.g. a materialized task repo) is copied to
+  `workdir_in_container`; without it the image must already hold the tree there.
+
+  The engine: `docker_host`, else DOCKER_HOST or the local socket. `engine_pool`: the pool
+  `docker_host` was leased from (one is leased here when `docker_host` is None); the lease is
+  given back when the sandbox closes, or fails to start.
   """
 
   def __init__(self, image: str, workdir_in_container: str = "/testbed", *,
                limits: SandboxLimits, host_workdir_to_copy_in: str | None = None,
-               max_lifetime_s: int = 24 * 3600):
+               max_lifetime_s: int = 24 * 3600, docker_host: str | None = None,
+               engine_pool: EnginePool | None = None):
     import docker  # lazy: optional SDK
     self.limits = limits
     self.workdir = workdir_in_container
     self._closed = False
-    self._client = docker_client()
-    if not _REAPED_ONCE.is_set():
-      _REAPED_ONCE.set()
-      reaped = reap_orphan_containers(self._client)
-      if reaped:
-        log.warning("removed %d orphaned sandbox containers of dead processes", len(reaped))
+    pool = engine_pool
+    if docker_host is None and pool is not None:
+      docker_host = pool.acquire()
+    self.docker_host = docker_host
+    engine = docker_host or ""
     try:
-      self._client.images.get(image)
-    except docker.errors.ImageNotFound:
-      raise SandboxError(f"docker image {image!r} not found locally (images are never pulled; "
-                         "build the base one with dagger_jax.envs.sandbox.images.ensure_base_image)"
-                         ) from None
-    mem = f"{self.limits.memory_mb}m"
-    container = self._client.containers.create(
-        image, command=["bash", "-c", _DOCKER_INIT.format(
-            lifetime=int(max_lifetime_s), tick=min(10, int(max_lifetime_s)))],
-        working_dir=self.workdir,
-        network_mode="none", mem_limit=mem, memswap_limit=mem,
-        nano_cpus=int(self.limits.cpus * 1e9), pids_limit=self.limits.pids, auto_remove=True,
-        environment=SANDBOX_ENV, labels={LABEL: "1", f"{LABEL}.host": socket.gethostname(),
-                                         f"{LABEL}.pid": str(os.getpid())})
+      self._client = docker_client(docker_host)
+      with _STATE_LOCK:
+        reap = engine not in _REAPED
+        _REAPED.add(engine)
+      if reap:
+        reaped = reap_orphan_containers(self._client)
+        if reaped:
+          log.warning("removed %d orphaned sandbox containers of dead processes from %s",
+                      len(reaped), _engine_name(docker_host))
+      try:
+        image_id = self._client.images.get(image).id
+      except docker.errors.ImageNotFound:
+        raise SandboxError(f"docker image {image!r} not found on {_engine_name(docker_host)} "
+                           "(images are never pulled; build the base one with dagger_jax.envs."
+                           "sandbox.images.ensure_base_image, load task images on every engine)"
+                           ) from None
+      container = self._create(image, engine, max_lifetime_s)
+    except BaseException:
+      if pool is not None:
+        pool.release(docker_host)
+      raise
     self.container_id = container.id
-    self._finalizer = weakref.finalize(self, _remove_container, self._client, container.id)
+    self._finalizer = weakref.finalize(self, _cleanup, self._client, container.id, pool,
+                                       docker_host)
+    self._disk_watch = not _STORAGE_QUOTA[engine]  # no engine quota: poll the writable layer
+    self._disk_over = False
+    self._disk_size = 0
+    self._checked_at = 0.0  # when the writable layer was last sized (monotonic)
+    self._unchecked_s = 0.0  # command time since then
     try:
       container.start()
       if host_workdir_to_copy_in is not None:
         self._put_tar(_tar_directory(host_workdir_to_copy_in))
+      self._helper = self._seccomp_helper(engine, image_id)
     except BaseException:
       self.close()
       raise
+
+  def _create(self, image: str, engine: str, max_lifetime_s: int):
+    """Creates the container, with the engine's disk quota when it has one (probed once)."""
+    import docker  # lazy: optional SDK
+    mem = f"{self.limits.memory_mb}m"
+    end = str(int(time.time() + max_lifetime_s))
+    kwargs = dict(
+        command=["bash", "-c", _DOCKER_INIT.replace("{end}", end)], working_dir=self.workdir,
+        network_mode="none", mem_limit=mem, memswap_limit=mem,
+        nano_cpus=int(self.limits.cpus * 1e9), pids_limit=self.limits.pids, auto_remove=True,
+        stdin_open=True, environment=SANDBOX_ENV,
+        ulimits=[docker.types.Ulimit(name="fsize", soft=self.limits.disk_mb * 2**20,
+                                     hard=self.limits.disk_mb * 2**20)],
+        labels={LABEL: "1", f"{LABEL}.host": socket.gethostname(),
+                f"{LABEL}.pid": str(os.getpid()), f"{LABEL}.engine": engine})
+    if _STORAGE_QUOTA.get(engine, True):
+      try:
+        container = self._client.containers.create(
+            image, storage_opt={"size": f"{self.limits.disk_mb}M"}, **kwargs)
+        _STORAGE_QUOTA[engine] = True
+        return container
+      except docker.errors.APIError as e:
+        if "storage" not in str(e).lower():
+          raise
+        log.info("%s has no disk quota for containers (%s); sandboxes poll their writable "
+                 "layer against config.env.disk_mb instead", _engine_name(engine or None), e)
+        _STORAGE_QUOTA[engine] = False
+    return self._client.containers.create(image, **kwargs)
+
+  def _seccomp_helper(self, engine: str, image_id: str) -> bool:
+    """Whether `python3` of this image runs the seccomp helper (probed once per image); if not,
+    fallocate is not refused (the writable-layer poll still bounds the disk)."""
+    key = (engine, image_id)
+    if key not in _SECCOMP_HELPER:
+      r = self._exec_wait(["python3", "-S", "-E", "-c", _SECCOMP_SRC, "true"])
+      _SECCOMP_HELPER[key] = r == 0
+      if r != 0:
+        log.warning("image %s has no python3 that can load the seccomp filter (exit %s): "
+                    "fallocate(2) is not refused in its sandboxes", image_id[:19], r)
+    return _SECCOMP_HELPER[key]
 
   def _put_tar(self, data: bytes, dest: str | None = None) -> None:
     if not self._client.api.put_archive(self.container_id, dest or self.workdir, data):
@@ -151,36 +280,118 @@ class DockerSandbox(Sandbox):
     timeout = timeout or self.limits.command_timeout
     api = self._client.api
     start = time.monotonic()
+    if self._disk_over:  # still over the limit? (deleting files is what the agent should do)
+      self._disk_over = self._size_rw() > self._disk_limit
+    fsize = 0 if self._disk_over else self.limits.disk_mb * 1024
+    env = dict(SANDBOX_ENV, **{_SECCOMP_ENV: _SECCOMP_SRC}) if self._helper else SANDBOX_ENV
     try:
       exec_id = api.exec_create(self.container_id, ["bash", "-c", _DOCKER_EXEC, "bash",
-                                                    no_nul(command)],
-                                workdir=self.workdir,
-                                environment=SANDBOX_ENV, stdout=True, stderr=True)["Id"]
+                                                    no_nul(command), str(fsize),
+                                                    "1" if self._helper else ""],
+                                workdir=self.workdir, environment=env, stdout=True,
+                                stderr=True)["Id"]
       sock = api.exec_start(exec_id, socket=True)
     except docker.errors.APIError as e:
       raise SandboxError(f"docker exec in container {self.container_id[:12]} failed: {e}") from e
     raw = getattr(sock, "_sock", sock)
     cap = OutputCap(self.limits.max_output_chars)
-    timed_out = False
+    check = self._over_disk if self._disk_watch else None
     try:
-      timed_out = not _read_docker_stream(raw, cap, start + timeout)
+      stop = _read_docker_stream(raw, cap, start + timeout, check, _DISK_POLL_S)
+      if stop:  # the deadline, or the disk limit: every process of the command dies
+        self._kill_all(stream=raw)
     finally:
       raw.close()
-    if timed_out:
-      self._kill_all_commands()
-    returncode = self._exit_code(exec_id)
+    returncode = -9 if stop else self._exit_code(exec_id)
+    if not stop and self._left_running():  # the exec's shell was killed (or replaced) before
+      self._kill_all()                     # its own sweep
+    # Sizing the layer costs an API call (~10-50 ms): after a command, only once the commands run
+    # since the last look add up to half a poll period, which bounds what they can have written.
+    self._unchecked_s += time.monotonic() - max(start, self._checked_at)
+    over = stop == "disk" or (self._disk_watch and self._unchecked_s >= _DISK_POLL_S / 2
+                              and self._over_disk())
+    if over:
+      cap.feed(disk.note(self._disk_size, self._disk_limit, killed=stop == "disk").encode())
     output, elided = cap.result()
-    return ExecResult(returncode=-9 if timed_out else returncode, output=output,
-                      timed_out=timed_out, duration_s=time.monotonic() - start,
-                      elided_chars=elided)
+    return ExecResult(returncode=returncode, output=output, timed_out=stop == "timeout",
+                      duration_s=time.monotonic() - start, elided_chars=elided,
+                      over_limit="disk" if over else "")
 
-  def _kill_all_commands(self) -> None:
-    """SIGKILL every process in the container but PID 1 (the whole command tree, setsid or not)."""
+  @property
+  def _disk_limit(self) -> int:
+    return self.limits.disk_mb * 1024 * 1024
+
+  def _size_rw(self) -> int:
+    """Bytes in the container's writable layer (the engine walks it; ~10 ms for small ones)."""
+    rows = self._client.api.containers(all=True, filters={"id": self.container_id}, size=True)
+    self._disk_size = int(rows[0].get("SizeRw") or 0) if rows else 0
+    return self._disk_size
+
+  def _over_disk(self) -> bool:
+    self._disk_over = self._size_rw() > self._disk_limit
+    self._checked_at, self._unchecked_s = time.monotonic(), 0.0
+    return self._disk_over
+
+  def _left_running(self) -> list[str]:
+    """Pids of the container's live processes but PID 1, from the engine's `docker top` (ps
+    run by the engine on its host: nothing of the image, which the agent may have replaced)."""
+    procs = self._client.api.top(self.container_id, ps_args="-o pid,stat")["Processes"] or []
+    return [p[0] for p in procs[1:] if not p[1].startswith("Z")]
+
+  def _kill_all(self, stream: socket.socket | None = None) -> None:
+    """SIGKILLs every process of the container but PID 1 and returns once `docker top` shows
+    none left, so the next command starts in an empty container.
+
+    PID 1 does the killing, on SIGUSR1 from the engine: no exec (which could not start while a
+    fork bomb holds every pid) and no program of the image (which the agent may have replaced).
+    `stream`: the killed command's output stream, read to its end (and dropped) after the
+    signal: the engine reports no exec's exit while output it still holds goes unread."""
+    import docker  # lazy: optional SDK
     api = self._client.api
-    exec_id = api.exec_create(self.container_id, ["sh", "-c", "kill -9 -1"])["Id"]
-    api.exec_start(exec_id)
+    deadline = time.monotonic() + 15.0
+    while True:
+      try:
+        api.kill(self.container_id, signal="SIGUSR1")
+      except docker.errors.APIError as e:
+        raise SandboxError(f"container {self.container_id[:12]} is gone: {e}") from e
+      if stream is not None:
+        _drain(stream, time.monotonic() + 10.0)
+        stream = None
+      resend = time.monotonic() + 1.0  # a process forked while PID 1 swept: sweep again
+      while time.monotonic() < resend:
+        if not self._left_running():
+          time.sleep(0.05)  # PID 1 back in its `read` before the next exec starts
+          return
+        time.sleep(0.05)
+      if time.monotonic() > deadline:
+        raise SandboxError(f"could not kill the commands of container {self.container_id[:12]} "
+                           f"within 15 s: {self._left_running()} are left")
+
+  def _exec_start(self, argv: list[str]) -> str:
+    """Starts `argv` in the container, detached (no output stream to hang on); the exec's id."""
+    api = self._client.api
+    exec_id = api.exec_create(self.container_id, argv, environment=SANDBOX_ENV)["Id"]
+    api.exec_start(exec_id, detach=True)
+    return exec_id
+
+  def _exec_wait(self, argv: list[str], timeout: float = 30.0) -> int:
+    """Runs `argv` in the container, detached; its exit code."""
+    return self._exec_wait_id(self._exec_start(argv), timeout, argv[0])
+
+  def _exec_wait_id(self, exec_id: str, timeout: float, what: str = "sh") -> int:
+    api = self._client.api
+    deadline = time.monotonic() + timeout
+    while True:
+      info = api.exec_inspect(exec_id)
+      if not info.get("Running") and info.get("ExitCode") is not None:
+        return int(info["ExitCode"])
+      if time.monotonic() > deadline:
+        raise SandboxError(f"docker exec {exec_id[:12]} ({what}) did not end within "
+                           f"{timeout:.0f} s")
+      time.sleep(0.01)
 
   def _exit_code(self, exec_id: str) -> int:
+    """The exit code of an exec whose output stream has ended (it may lag by a few ms)."""
     for _ in range(100):
       info = self._client.api.exec_inspect(exec_id)
       if not info.get("Running") and info.get("ExitCode") is not None:
@@ -206,22 +417,42 @@ class DockerSandbox(Sandbox):
       self._finalizer()
 
 
-def _read_docker_stream(sock: socket.socket, cap: OutputCap, deadline: float) -> bool:
-  """Reads a multiplexed (non-tty) exec stream into `cap`; False when the deadline passed first.
+def _drain(sock: socket.socket, deadline: float) -> None:
+  """Reads `sock` to its end (or the deadline), dropping what it reads."""
+  while time.monotonic() < deadline:
+    if readable(sock.fileno(), min(0.5, max(0.0, deadline - time.monotonic()))):
+      try:
+        if not sock.recv(1 << 20):
+          return
+      except OSError:
+        return
+
+
+def _read_docker_stream(sock: socket.socket, cap: OutputCap, deadline: float,
+                        check=None, every: float = 1.0) -> str:
+  """Reads a multiplexed (non-tty) exec stream into `cap` until it ends; returns "" then,
+  "timeout" when the deadline passed first, "disk" when `check()` (called every `every`
+  seconds) said so first.
 
   Each frame is an 8-byte header (stream id, 3 zero bytes, big-endian payload size) + payload.
   """
   pending = b""
+  next_check = time.monotonic() + every
   while True:
-    remaining = deadline - time.monotonic()
+    now = time.monotonic()
+    remaining = deadline - now
     if remaining <= 0:
-      return False
-    ready = readable(sock.fileno(), remaining)
-    if not ready:
+      return "timeout"
+    if check is not None and now >= next_check:
+      next_check = now + every
+      if check():
+        return "disk"
+    wait = remaining if check is None else min(remaining, max(0.0, next_check - now))
+    if not readable(sock.fileno(), wait):
       continue
     chunk = sock.recv(1 << 16)
     if not chunk:
-      return True
+      return ""
     pending += chunk
     while len(pending) >= 8:
       size = int.from_bytes(pending[4:8], "big")
@@ -229,4 +460,3 @@ def _read_docker_stream(sock: socket.socket, cap: OutputCap, deadline: float) ->
         break
       cap.feed(pending[8:8 + size])
       pending = pending[8 + size:]
-
