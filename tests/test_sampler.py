@@ -417,3 +417,19 @@ def test_large_batches_of_long_prompts_run_in_chunks(pair, monkeypatch):
                                  atol=2e-5, rtol=1e-5)
     assert len(cache) == 6 and cache.lookup("b", convs[1] + want.tokens[1][:-1] + [4])[1] > 0
     monkeypatch.undo()
+
+
+def test_vocab_limit_is_never_sampled(pair):
+  """Ids past the tokenizer (an embedding table larger than the tokenizer, as Qwen3's) are never
+  drawn, greedy or sampled; below the limit the logprobs are those of the renormalised rest."""
+  _, model = pair
+  prompts = prompts_of((9, 14), seed=12)
+  for temperature in (0.0, 1.0):
+    free = sampler.generate(model, prompts, 12, temperature=temperature, seed=5,
+                            length_buckets=BUCKETS)
+    limit = min(min(row) for row in free.tokens)  # every id the free run drew is >= limit
+    got = sampler.generate(model, prompts, 12, temperature=temperature, seed=5,
+                           length_buckets=BUCKETS, vocab_limit=limit)
+    assert all(t < limit for row in got.tokens for t in row)
+  with pytest.raises(ValueError, match="vocab_limit"):
+    sampler.generate(model, prompts, 2, vocab_limit=VOCAB + 1)

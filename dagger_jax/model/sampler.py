@@ -126,11 +126,12 @@ class _Mode:
   filtered: bool  # top-k or top-p is active
 
 
-def _sample(logits_bv, key, step, row_ids_b, temperature, top_k, top_p, mode: _Mode):
+def _sample(logits_bv, key, step, row_ids_b, temperature, top_k, top_p, allowed_v, mode: _Mode):
   """-> (token_b, logprob_b) for one decode step (see `SampleResult` for which logprob).
 
   `row_ids_b` is each row's index in the caller's list of prompts (the key of its randomness).
   """
+  logits_bv = jnp.where(allowed_v, logits_bv, -jnp.inf)  # ids the tokenizer has no text for
   if mode.greedy:
     token_b = jnp.argmax(logits_bv, axis=-1)
     logp_bv = jax.nn.log_softmax(logits_bv, axis=-1)
@@ -194,15 +195,15 @@ def _stack_kv(cache: KVCache) -> jax.Array:
   return jnp.stack([jnp.stack(cache.k), jnp.stack(cache.v)], axis=1)
 
 
-def _sampler_fn(key, row_ids_b, temperature, top_k, top_p, mode):
+def _sampler_fn(key, row_ids_b, temperature, top_k, top_p, allowed_v, mode):
   return functools.partial(_sample, key=key, row_ids_b=row_ids_b, temperature=temperature,
-                           top_k=top_k, top_p=top_p, mode=mode)
+                           top_k=top_k, top_p=top_p, allowed_v=allowed_v, mode=mode)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "mode", "keep_cache"))
 def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, row_ids_b, active_b,
-                     max_new_tokens, is_stop_v, temperature, top_k, top_p, key, *, buffer: int,
-                     mode: _Mode, keep_cache: bool = False):
+                     max_new_tokens, is_stop_v, temperature, top_k, top_p, key, allowed_v, *,
+                     buffer: int, mode: _Mode, keep_cache: bool = False):
   """Prefill + while-loop decode on padded arrays -> (tokens [b, buffer], logprobs [b, buffer],
   steps run, and with `keep_cache` the cache's keys and values [layers, 2, b, k, P + buffer, h]).
   """
@@ -215,7 +216,8 @@ def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, row_ids_b, activ
   logits_b1v, cache = model.prefill(tokens_bp, positions_bp, valid_bp, p + buffer,
                                     last_only=True)
   out = _decode_loop(model, cache, logits_b1v[:, 0], prompt_lens_b, ~active_b, max_new_tokens,
-                     is_stop_v, _sampler_fn(key, row_ids_b, temperature, top_k, top_p, mode),
+                     is_stop_v,
+                     _sampler_fn(key, row_ids_b, temperature, top_k, top_p, allowed_v, mode),
                      buffer)
   return out[:3] + ((_stack_kv(out[3]),) if keep_cache else ())
 
@@ -223,7 +225,7 @@ def _generate_padded(graphdef, state, tokens_bp, prompt_lens_b, row_ids_b, activ
 @functools.partial(jax.jit, static_argnames=("graphdef", "buffer", "mode"))
 def _generate_extend(graphdef, state, prefix_kv, prefix_lens_b, tokens_bm, new_lens_b,
                      row_ids_b, active_b, max_new_tokens, is_stop_v, temperature, top_k, top_p,
-                     key, *, buffer: int, mode: _Mode):
+                     key, allowed_v, *, buffer: int, mode: _Mode):
   """Like `_generate_padded`, but each row's first tokens come as cached keys and values.
 
   prefix_kv [layers, 2, b, k, P, h]: row i's prefix right-aligned in slots P - L_i .. P - 1;
@@ -249,7 +251,8 @@ def _generate_extend(graphdef, state, prefix_kv, prefix_lens_b, tokens_bm, new_l
   logits_bv = model.unembed(hidden_bmd[:, -1:])[:, 0]
   out = _decode_loop(model, cache, logits_bv, prefix_lens_b + new_lens_b, ~active_b,
                      max_new_tokens, is_stop_v,
-                     _sampler_fn(key, row_ids_b, temperature, top_k, top_p, mode), buffer)
+                     _sampler_fn(key, row_ids_b, temperature, top_k, top_p, allowed_v, mode),
+                     buffer)
   return out[:3] + (_stack_kv(out[3]),)
 
 
@@ -320,7 +323,8 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
              stop_token_ids: Sequence[int] = (), seed: int = 0,
              length_buckets: Sequence[int] | None = None,
              prefix_cache: "PrefixCache | None" = None,
-             cache_keys: Sequence[Any] | None = None) -> SampleResult:
+             cache_keys: Sequence[Any] | None = None,
+             vocab_limit: int | None = None) -> SampleResult:
   """Samples up to `max_new_tokens` new tokens for each prompt (a list of token-id lists).
 
   temperature 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature)
@@ -329,7 +333,8 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
   With a `prefix_cache` (and one `cache_keys` entry per prompt), prompts that extend what their
   key's entry holds prefill only the tokens after it, and every row's entry is updated to its
   prompt + new tokens (see `PrefixCache`); the output is the same as without one, up to float
-  rounding.
+  rounding. With `vocab_limit`, ids >= it are never sampled: a model's embedding table is often
+  larger than its tokenizer (Qwen3: 151936 rows, 151669 tokens), and those ids have no text.
   """
   vocab = model.config.vocab_size
   if not prompts:
@@ -350,13 +355,16 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
                       f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
   if any(not 0 <= t < vocab for t in stop_token_ids):
     raise SampleError(f"generate: stop_token_ids {list(stop_token_ids)} outside [0, {vocab})")
+  if vocab_limit is not None and not 0 < vocab_limit <= vocab:
+    raise SampleError(f"generate: vocab_limit={vocab_limit} outside (0, {vocab}]")
 
   if prefix_cache is not None and (cache_keys is None or len(cache_keys) != len(prompts)):
     raise SampleError("generate: prefix_cache needs one cache key per prompt (cache_keys)")
   is_stop_v = np.zeros((vocab,), bool)
   is_stop_v[list(stop_token_ids)] = True
+  allowed_v = np.arange(vocab) < (vocab if vocab_limit is None else vocab_limit)
   call = _Call(graphdef_state=nnx.split(model), max_new_tokens=np.int32(max_new_tokens),
-               is_stop_v=is_stop_v, temperature=np.float32(temperature or 1.0),
+               is_stop_v=is_stop_v, allowed_v=allowed_v, temperature=np.float32(temperature or 1.0),
                top_k=np.int32(top_k), top_p=np.float32(top_p), key=jax.random.key(seed),
                buffer=max(pow2(max_new_tokens), 8),
                mode=_Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1))
@@ -395,6 +403,7 @@ class _Call:
   graphdef_state: tuple
   max_new_tokens: np.ndarray
   is_stop_v: np.ndarray
+  allowed_v: np.ndarray
   temperature: np.ndarray
   top_k: np.ndarray
   top_p: np.ndarray
@@ -404,7 +413,7 @@ class _Call:
 
   def args(self):
     return (self.max_new_tokens, self.is_stop_v, self.temperature, self.top_k, self.top_p,
-            self.key)
+            self.key, self.allowed_v)
 
 
 def _rows_out(out_tokens_bn, out_logprobs_bn, n):

@@ -64,7 +64,8 @@ class JaxPolicy(Policy):
         top_p=float(c.top_p), top_k=int(c.top_k), stop_token_ids=(self.tokenizer.eos_token_id,),
         seed=self.seed + self.calls, length_buckets=tuple(c.length_buckets),
         prefix_cache=self.prefix_cache,
-        cache_keys=[_episode_key(v) for v in views] if self.prefix_cache is not None else None)
+        cache_keys=[_episode_key(v) for v in views] if self.prefix_cache is not None else None,
+        vocab_limit=min(len(self.tokenizer), self.model.config.vocab_size))
 
 
 def _episode_key(view: EpisodeView):
