@@ -14,6 +14,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["dagger_jax", "dagger_jax.*"]),
+    package_data={"dagger_jax.envs.tasks": ["swe_bench_verified_ids.txt"]},
     install_requires=[
         "jax>=0.10",
         "flax>=0.12",
@@ -26,6 +27,7 @@ setup(
         "transformers>=4.51",  # tokenizers + chat templates; the Flax model is our own
         "tokenizers>=0.20",
         "tensorboardX>=2.6",
+        "tensorboard",  # the README's `tensorboard --logdir runs/...`
         "tqdm",
         "swebench>=4.0",  # grading log parsers and the run_evaluation harness
         "pyarrow",  # parquet task files
@@ -36,6 +38,8 @@ setup(
         "dev": [
             "pytest>=8",
             "pytest-timeout",
+            "hypothesis",  # property-based tests of the parser, renderer and collector
+            "nbclient",  # the ablations notebook runs in the test suite
             "matplotlib",  # the demo test checks its plot
             TORCH_CPU,
             "mini-swe-agent>=2.0",  # reference for the text-mode agent protocol
@@ -44,7 +48,7 @@ setup(
         ],
         "docker": ["docker>=7"],
         "sglang": ["sglang>=0.5", "requests"],
-        "tpu": ["jax[tpu]>=0.10"],
+        "tpu": ["jax[tpu]>=0.10", "gcsfs"],  # gcsfs: gs:// run directories (dagger_jax/paths.py)
         "gpu": ["jax[cuda12]>=0.10"],
         "notebooks": ["jupyter", "matplotlib", "pandas"],  # matplotlib: the demo's plot
     },

@@ -5,6 +5,8 @@ from the command line: `dagger-jax train --config configs/demo.py --config.train
 `dagger_jax.configlib.validate` checks the result before any work starts.
 """
 
+import os
+
 import ml_collections
 
 
@@ -24,12 +26,16 @@ def model_config() -> ml_collections.ConfigDict:
   m.max_position_embeddings = 4096
   m.param_dtype = "float32"  # float32 | bfloat16
   m.dtype = "float32"  # compute dtype: float32 | bfloat16
+  # Training attention (dagger_jax/model/attention.py): auto | xla_blocks | flash_jax | pallas.
+  # auto = xla_blocks on CPU (fastest there; memory grows with max_len^2), flash_jax on GPU/TPU
+  # (memory linear in max_len). pallas: the Mosaic (TPU) / Triton (GPU) kernels.
+  m.attention = "auto"
   m.init_from = ""  # HF checkpoint dir or Orbax dir; "" = random init from `seed`
   return m
 
 
 def get_config(arg: str = "") -> ml_collections.ConfigDict:
-  del arg
+  tiny_run = is_tiny(arg, "base")
   c = ml_collections.ConfigDict()
   c.name = "base"
   c.seed = 0
@@ -62,6 +68,9 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.train.b2 = 0.95
   c.train.loss_chunked = False  # scan over token chunks; never materialises [B, T, V] logits
   c.train.loss_chunk_size = 1024
+  # What each layer keeps for the backward pass: none | dots (its matmul outputs; recomputes
+  # norms, activations, attention) | full (only its input; recomputes the layer)
+  c.train.remat = "none"
   c.train.z_loss = 0.0
   c.train.normalize = "token"  # token | turn
   c.train.continue_from = "last"  # last: previous round's checkpoint; base: restart from the base model
@@ -96,6 +105,14 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.env.memory_mb = 2048
   c.env.cpus = 1.0
   c.env.pids = 256
+  # MB of files one sandbox may hold: its task tree and /tmp (bwrap; at most memory_mb / 4 on a
+  # tmpfs scratch_dir), its container's writable layer (docker). Past it the running command is
+  # killed and writes fail until files are deleted (envs/sandbox/disk.py).
+  c.env.disk_mb = 4096
+  # Docker engines that sandboxes spread over, the least loaded first (envs/sandbox/engines.py):
+  # e.g. ("unix:///var/run/docker.sock", "ssh://user@box2", "tcp://10.0.0.3:2376"). Empty: the
+  # engine of DOCKER_HOST, else the local socket.
+  c.env.docker_hosts = ()
   c.env.grade_timeout = 900.0  # seconds for one grading test run
   c.env.scratch_dir = ""  # sandbox state and task checkouts ("" = the system temp dir; /dev/shm
                           # makes small repositories much cheaper to create and remove)
@@ -108,9 +125,21 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.env.issue_file = ""
 
   c.tasks = ml_collections.ConfigDict()
-  c.tasks.source = "toy"  # toy | pypi:NAME | path to a SWE-bench json/jsonl/parquet file
-  c.tasks.train_file = ""
-  c.tasks.eval_file = ""
+  # toy | toy-rewrite | toy-arith (generated in the run) | pypi:NAME (`tasks generate`) | the
+  # training tasks: a SWE-bench .jsonl/.json/.parquet file or a Hugging Face dataset NAME[:SPLIT]
+  # (e.g. "SWE-Gym/SWE-Gym"; split "train" unless given). envs/tasks/sources.py.
+  c.tasks.source = "toy"
+  c.tasks.train_file = ""  # a file or NAME[:SPLIT] as above; set, it is used instead of source
+  c.tasks.eval_file = ""  # likewise, split "test" unless given: "princeton-nlp/SWE-bench_Verified"
+  # Rows without a repository source run in their instance image, named by: a registry namespace
+  # for swebench's naming ("swebench" -> swebench/sweb.eval.x86_64.<id, __ as _1776_>:latest), a
+  # preset ("swe-gym": xingyaoww/..., __ as _s_), a template ("reg/{docker_id}:v1"), or "".
+  c.tasks.train_images = "swebench"
+  c.tasks.eval_images = "swebench"
+  c.tasks.repo_template = ""  # instead of images: a local clone with base_commit, "/clones/{repo}"
+  # Training tasks that are SWE-bench Verified instances (the held-out evaluation set) or this
+  # run's evaluation tasks are refused; True allows them (a contamination study, not a result).
+  c.tasks.allow_held_out_training = False
   c.tasks.n_train = 200
   c.tasks.n_eval = 100
   c.tasks.seed = 0
@@ -126,6 +155,11 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.rollout.sglang_launch = ""
   c.rollout.request_timeout_s = 600.0  # one /generate call (a batch of episodes' turns)
   c.rollout.request_retries = 3  # retries of a failed call (connection errors, 5xx), backoff capped
+  # The largest share of a round's episodes (or an evaluation's) that may fail -- a remote teacher
+  # or rollout server that failed every retry, labels that kept breaking the protocol, a sandbox
+  # that did not start -- before the round stops instead of training on the rest, a biased
+  # sample. In [0, 1). Failed episodes are never trained on (dagger/loop.py).
+  c.rollout.max_failure_rate = 0.1
   c.rollout.startup_timeout_s = 600.0  # a launched server must answer /health within this
   # The environment variable holding the server's API key ("" = none), sent as a Bearer token;
   # e.g. launch "dagger-jax serve ... --api-key-env VAR" (it inherits the variable).
@@ -180,4 +214,67 @@ def get_config(arg: str = "") -> ml_collections.ConfigDict:
   c.pretrain.steps = 1500
   c.pretrain.lr = 2e-3
   c.pretrain.warmup_steps = 50
+  return tiny(c) if tiny_run else c
+
+
+# The tasks of every `:tiny` run: 4 training and 2 held-out `toy` tasks, committed, made with
+#   dagger-jax tasks generate --source toy --n 4 --seed 0 --out tests/data/tiny_swe/train.jsonl
+#   dagger-jax tasks generate --source toy --n 2 --seed 1 --split test \
+#     --out tests/data/tiny_swe/eval.jsonl
+TINY_TASKS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                              "tests", "data", "tiny_swe")
+TOY_FAMILIES = ("toy", "toy-rewrite", "toy-arith")  # dagger_jax/envs/tasks/toy.py: FAMILIES
+
+
+def is_tiny(arg: str, name: str) -> bool:
+  """Whether `--config configs/NAME.py:ARG` asks for the tiny run. Anything but "" and "tiny" is
+  refused, so that a mistyped argument never starts the full-size job."""
+  if arg not in ("", "tiny"):
+    raise ValueError(f"configs/{name}.py:{arg}: unknown config argument {arg!r}; give none "
+                     f"(the full size) or 'tiny' (--config configs/{name}.py:tiny)")
+  return arg == "tiny"
+
+
+def tiny(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`FILE:tiny`: the same job at CPU size, in the style of big_vision's `runlocal`.
+
+  Every component the config names stays: the student's architecture, dtypes and tokenizer (so
+  the vocabulary too), the sandbox, the rollout engine, the teacher, tasks read from a file, the
+  mesh's layout, the chunked loss. Only sizes shrink: a 2-layer, 32-wide student (random init:
+  the full job's checkpoint is not on a laptop), shorter rows and episodes, 4 training episodes
+  and 2 evaluated ones, 4 steps, 1 round; the mesh's fill axis spans the local devices and every
+  other axis becomes 1. Tasks from a file, a dataset or PyPI become the committed toy tasks in
+  `TINY_TASKS_DIR`; generated toy tasks stay generated, 4 and 2 of them. Outputs go to
+  `<workdir>_tiny`, never into the full job's run directory (which a resume would then mix up).
+  A config derived from another applies this last, after its own sizes.
+  """
+  c.workdir = c.workdir.rstrip("/") + "_tiny"
+  m = c.model
+  m.hidden_size, m.intermediate_size, m.num_layers = 32, 64, 2
+  m.num_heads, m.num_kv_heads, m.head_dim = 2, 1, 16
+  m.max_position_embeddings = 4096
+  m.init_from = ""
+  axes = ("data", "fsdp", "tensor")
+  fill = next((a for a in axes if c.mesh[a] == -1), "fsdp")
+  for a in axes:
+    c.mesh[a] = -1 if a == fill else 1
+  c.rollout.mesh = ""  # the training mesh
+  c.data.max_len = 1024  # a toy teacher episode is ~860 Qwen3 tokens: one per row
+  t = c.train
+  t.batch_size, t.grad_accum = 8, 1  # a multiple of 1, 2, 4 or 8 local devices
+  t.steps, t.warmup_steps, t.log_every, t.checkpoint_every = 4, 1, 1, 4
+  t.loss_chunk_size = 256
+  c.sampler.max_new_tokens = 32
+  c.env.max_turns = 6  # the teacher's straight path on a toy task is 4 turns
+  c.env.command_timeout = 30.0
+  if c.tasks.source not in TOY_FAMILIES:  # toy tasks are generated in the run, fewer
+    c.tasks.train_file = os.path.join(TINY_TASKS_DIR, "train.jsonl")
+    c.tasks.eval_file = os.path.join(TINY_TASKS_DIR, "eval.jsonl")
+  c.tasks.n_train, c.tasks.n_eval = 4, 2
+  c.rollout.concurrency, c.rollout.env_workers = 4, 2
+  c.teacher.concurrency = 4
+  d = c.dagger
+  d.rounds, d.episodes_per_round, d.eval_episodes, d.label_budget = 1, 4, 2, ()
+  p = c.pretrain
+  p.repos, p.turns, p.copy_steps, p.steps, p.warmup_steps = 16, 4, 2, 4, 1
   return c

@@ -21,7 +21,8 @@ BASE_DIR = "assets/demo_base"
 
 
 def get_config(arg: str = ""):
-  c = base.get_config(arg)
+  tiny = base.is_tiny(arg, "demo")
+  c = base.get_config()
   c.name = "demo"
   c.workdir = "runs/demo"
   m = c.model
@@ -68,4 +69,4 @@ def get_config(arg: str = ""):
   p.turns = 8
   p.steps = 900
   p.lr = 2e-3
-  return c
+  return base.tiny(c) if tiny else c

@@ -2,13 +2,19 @@
 
 Dimensions are those of Qwen/Qwen3-4B's config.json. Point `model.init_from` at the HF checkpoint
 directory (or an Orbax dir made by `dagger-jax import-hf`).
+
+`--config configs/qwen3_4b_swe.py:tiny` is the same job at CPU size (`base.tiny`): every
+component this file names, with a 2-layer student, the committed toy tasks and one small round.
+The teacher's endpoint (`teacher.url`, `.model`, `.api_key_env`) and the rollout server
+(`rollout.sglang_url`, or `rollout.sglang_launch` to start one) are given on the command line.
 """
 
 from configs import base
 
 
 def get_config(arg: str = ""):
-  c = base.get_config(arg)
+  tiny = base.is_tiny(arg, "qwen3_4b_swe")
+  c = base.get_config()
   c.name = "qwen3_4b_swe"
   c.workdir = "runs/qwen3_4b_swe"
   m = c.model
@@ -43,11 +49,15 @@ def get_config(arg: str = ""):
   c.env.sandbox = "docker"
   c.env.max_turns = 100
   c.env.command_timeout = 120.0
-  c.tasks.source = "swe-gym.jsonl"
+  # SWE-Gym rows (Hugging Face, through `datasets`) in SWE-Gym's own instance images; evaluation
+  # on SWE-bench Verified, which training tasks may never contain (envs/tasks/sources.py).
+  c.tasks.source = "SWE-Gym/SWE-Gym"
+  c.tasks.train_images = "swe-gym"
+  c.tasks.eval_file = "princeton-nlp/SWE-bench_Verified:test"
   c.rollout.engine = "sglang"
   c.rollout.concurrency = 128
   c.teacher.kind = "openai"
   c.dagger.rounds = 3
   c.dagger.episodes_per_round = 2000
   c.dagger.eval_episodes = 500
-  return c
+  return base.tiny(c) if tiny else c

@@ -1,13 +1,15 @@
 """Qwen3-8B student on SWE tasks (the paper's 8B setting; 29.8% on SWE-bench Verified).
 
-Dimensions are those of Qwen/Qwen3-8B's config.json; everything else follows the 4B config.
+Dimensions are those of Qwen/Qwen3-8B's config.json; everything else follows the 4B config,
+`:tiny` too (`base.tiny`, applied after the 8B sizes).
 """
 
-from configs import qwen3_4b_swe
+from configs import base, qwen3_4b_swe
 
 
 def get_config(arg: str = ""):
-  c = qwen3_4b_swe.get_config(arg)
+  tiny = base.is_tiny(arg, "qwen3_8b_swe")
+  c = qwen3_4b_swe.get_config()
   c.name = "qwen3_8b_swe"
   c.workdir = "runs/qwen3_8b_swe"
   m = c.model
@@ -22,4 +24,4 @@ def get_config(arg: str = ""):
   m.max_position_embeddings = 40960
   c.mesh.fsdp = -1
   c.mesh.tensor = 1
-  return c
+  return base.tiny(c) if tiny else c
