@@ -277,19 +277,8 @@ def append_lines(path: str | os.PathLike, lines: Iterable[str]) -> None:
   Multi-host: every process runs the same loop and would append the same lines, so only process 0
   (`paths.is_chief`) writes; the others return at once. On a bucket the object is rewritten with
   the lines at its end (`paths.append`: objects cannot be appended to), each version whole."""
-  if not paths.is_chief():
-    return
-  blob = "".join(line + "\n" for line in lines).encode("utf-8")
-  if paths.is_remote(path):
-    paths.append(path, blob)
-    return
-  fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-  try:
-    view = memoryview(blob)
-    while view:  # a regular file takes it in one call; the loop covers a short write
-      view = view[os.write(fd, view):]
-  finally:
-    os.close(fd)
+  if paths.is_chief():
+    paths.append(path, "".join(line + "\n" for line in lines))
 
 
 def write_jsonl(path: str | os.PathLike, trajectories: Iterable[Trajectory],
