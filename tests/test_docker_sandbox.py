@@ -137,6 +137,14 @@ def test_removed_on_close_and_on_error(image, client):
   assert _wait_removed(client, cid)
 
 
+def _as_from_a_shell():
+  """The child's signal state as a shell gives it: an ignored or blocked SIGINT is inherited
+  through fork and exec, so one left by anything else in this test process would make the child
+  deaf to the Ctrl-C under test (seen twice in full runs, never alone)."""
+  signal.signal(signal.SIGINT, signal.SIG_DFL)
+  signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+
+
 def test_removed_on_ctrl_c(image, client):
   child = subprocess.Popen([sys.executable, "-c", textwrap.dedent("""
       import sys
@@ -146,12 +154,18 @@ def test_removed_on_ctrl_c(image, client):
       with DockerSandbox("dagger-jax/base:bookworm-py3", limits=support.limits()) as sb:
         print(sb.container_id, flush=True)
         sb.run("sleep 600", timeout=900)
-      """)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      """)], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+      preexec_fn=_as_from_a_shell)
   cid = child.stdout.readline().strip()
   assert cid and _exists(client, cid)
   time.sleep(1.0)
   child.send_signal(signal.SIGINT)
-  _, err = child.communicate(timeout=60)
+  try:
+    _, err = child.communicate(timeout=60)
+  except subprocess.TimeoutExpired:
+    child.kill()
+    _, err = child.communicate()
+    raise AssertionError(f"no exit 60 s after SIGINT; the child's stderr:\n{err[-3000:]}") from None
   assert "KeyboardInterrupt" in err
   assert _wait_removed(client, cid)
 
