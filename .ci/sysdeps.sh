@@ -3,7 +3,7 @@
 # As root this runs apt-get; otherwise it stops and prints the exact command to run.
 set -euo pipefail
 declare -A BIN=([bubblewrap]=bwrap [docker.io]=dockerd [git]=git [debootstrap]=debootstrap
-                [python3-pytest]=pytest-3)
+                [python3-pytest]=pytest-3 [btrfs-progs]=mkfs.btrfs)
 missing=()
 for pkg in "$@"; do
   command -v "${BIN[$pkg]:-$pkg}" >/dev/null 2>&1 || missing+=("$pkg")

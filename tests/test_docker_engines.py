@@ -8,6 +8,7 @@ it). `ssh://` engines take the same path through the system `ssh`; there is no s
 here to test one.
 """
 
+import contextlib
 import os
 import shutil
 import signal
@@ -128,26 +129,26 @@ def _link_exists(name: str) -> bool:
   return os.path.exists(f"/sys/class/net/{name}")
 
 
-@pytest.fixture(scope="module")
-def second_engine(tmp_path_factory):
-  """A second dockerd on its own socket, data root, containerd namespace and network bridge
-  (root only). Its own bridge, not `--bridge none`: with that, dockerd deletes the host's
-  docker0 at start, which the first engine's containers need."""
+@contextlib.contextmanager
+def _dockerd(d, name: str, net: int, *extra: str):
+  """A dockerd on its own socket, data root (`d`/data), containerd namespace and network bridge
+  (on 10.`net`.x.1/24), root only; yields its socket URL. Its own bridge, not `--bridge none`:
+  with that, dockerd deletes the host's docker0 at start, which the first engine's containers
+  need."""
   if os.geteuid() != 0 or shutil.which("dockerd") is None or shutil.which("ip") is None:
     pytest.skip("starting a second docker engine needs root, dockerd and ip")
-  d = tmp_path_factory.mktemp("dockerd2")
   sock = f"unix://{d}/docker.sock"
-  bridge = f"djt{os.getpid() % 100000}"
+  bridge = f"dj{name[:4]}{os.getpid() % 100000}"
   docker0 = _link_exists("docker0")
   subprocess.run(["ip", "link", "add", "name", bridge, "type", "bridge"], check=True)
-  subprocess.run(["ip", "addr", "add", f"10.213.{os.getpid() % 250}.1/24", "dev", bridge],
-                 check=True)
+  subprocess.run(["ip", "addr", "add", f"10.{net}.{os.getpid() % 250}.1/24",
+                  "dev", bridge], check=True)
   log = open(d / "dockerd.log", "w")
   proc = subprocess.Popen(
       ["dockerd", "--host", sock, "--data-root", str(d / "data"), "--exec-root",
        str(d / "exec"), "--pidfile", str(d / "docker.pid"), "--bridge", bridge,
-       "--iptables=false", "--ip-masq=false", "--containerd-namespace", "dagger-jax-test2",
-       "--containerd-plugins-namespace", "dagger-jax-test2-plugins"],
+       "--iptables=false", "--ip-masq=false", "--containerd-namespace", f"dagger-jax-{name}",
+       "--containerd-plugins-namespace", f"dagger-jax-{name}-plugins", *extra],
       stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
   try:
     deadline = time.monotonic() + 60
@@ -165,7 +166,36 @@ def second_engine(tmp_path_factory):
     log.close()
     subprocess.run(["ip", "link", "del", bridge], capture_output=True)
     shutil.rmtree(d / "data", ignore_errors=True)
-  assert _link_exists("docker0") == docker0, "the second engine removed the host's docker0"
+  assert _link_exists("docker0") == docker0, "the engine removed the host's docker0"
+
+
+@pytest.fixture(scope="module")
+def second_engine(tmp_path_factory):
+  with _dockerd(tmp_path_factory.mktemp("dockerd2"), "test2", 213) as sock:
+    yield sock
+
+
+@pytest.fixture(scope="module")
+def quota_engine(tmp_path_factory):
+  """A dockerd whose storage driver has a disk quota: btrfs, with quotas on, on a loop device
+  (the kernel here has no xfs quota support, so overlay2 on xfs pquota cannot be made)."""
+  if os.geteuid() != 0 or shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
+    pytest.skip("a btrfs engine needs root and btrfs-progs (.ci/run installs it)")
+  d = tmp_path_factory.mktemp("dockerd-btrfs")
+  img, mnt = d / "btrfs.img", d / "mnt"
+  mnt.mkdir()
+  with open(img, "wb") as f:
+    f.truncate(3 * 2**30)
+  subprocess.run(["mkfs.btrfs", "-q", str(img)], check=True, capture_output=True)
+  r = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, text=True)
+  if r.returncode != 0:
+    pytest.skip(f"cannot mount a loop device here: {r.stderr.strip()}")
+  try:
+    subprocess.run(["btrfs", "quota", "enable", str(mnt)], check=True, capture_output=True)
+    with _dockerd(mnt, "btrfs", 214, "--storage-driver", "btrfs") as sock:
+      yield sock
+  finally:
+    subprocess.run(["umount", str(mnt)], capture_output=True)  # frees the loop device too
 
 
 @pytest.mark.slow
@@ -179,3 +209,29 @@ def test_episodes_spread_over_two_engines(second_engine):
   assert stats.episodes == 4 and stats.failed == 0, stats.summary()
   assert watch.seen == {(h, h) for h in hosts}  # each container on the engine its label names
   assert images.image_exists(images.BASE_TAG, clients[second_engine])  # copied there once
+
+
+@pytest.mark.slow
+@pytest.mark.docker
+def test_an_engine_quota_bounds_the_container_files(quota_engine):
+  """On an engine with a disk quota the sandbox asks for one (and does not poll): the files a
+  command writes stop near `disk_mb` with "Disk quota exceeded", whatever the image's size
+  (btrfs counts the image in the quota; docker._quota_mb adds it), deleting them works, and then
+  writing does again."""
+  from dagger_jax.envs.sandbox import DockerSandbox, docker_client, images
+  images.ensure_base_image(docker_host=quota_engine)
+  limits = support.limits(disk_mb=64, command_timeout=30)
+  with DockerSandbox(images.BASE_TAG, limits=limits, docker_host=quota_engine) as sb:
+    host = docker_client(quota_engine).api.inspect_container(sb.container_id)["HostConfig"]
+    image_mb = docker_client(quota_engine).images.get(images.BASE_TAG).attrs["Size"] / 2**20
+    assert int(host["StorageOpt"]["size"].rstrip("M")) == 64 + -(-int(image_mb * 2**20) // 2**20)
+    assert not sb._disk_watch
+    r = sb.run("for i in $(seq 1 12); do head -c 16M /dev/zero > /tmp/f$i || break; done; sync; "
+               "du -sm /tmp | cut -f1")
+    assert "Disk quota exceeded" in r.output, r.output
+    written = int(r.output.split()[-1])
+    assert 32 <= written <= 64, r.output
+    assert sb.run("fallocate -l 1M /tmp/g").returncode != 0  # the quota or the profile
+    assert sb.run("rm -f /tmp/f* && sync && echo freed").output == "freed\n"
+    r = sb.run("head -c 16M /dev/zero > /tmp/h && du -sm /tmp | cut -f1")
+    assert r.returncode == 0 and r.output.split()[-1] == "16", r.output

@@ -92,6 +92,8 @@ def test_container_limits_and_no_network(image, client):
     assert host["NetworkMode"] == "none"
     assert host["Memory"] == 300 * 2**20 and host["MemorySwap"] == 300 * 2**20
     assert host["NanoCpus"] == 5 * 10**8 and host["PidsLimit"] == 40
+    from dagger_jax.envs.sandbox import seccomp
+    assert host["SecurityOpt"] == [f"seccomp={seccomp.docker_profile_json()}"]
     r = sb.run("python3 -c \"import socket; socket.create_connection(('1.1.1.1', 53), timeout=3)\"")
     assert r.returncode != 0 and "Network is unreachable" in r.output
     r = sb.run("python3 -c 'x = bytearray(600 * 1024 ** 2); x[::4096] = b\"x\" * len(x[::4096])';"
@@ -102,6 +104,69 @@ def test_container_limits_and_no_network(image, client):
                   b"except OSError:\n  print('refused')\nprint(len(ps))\n")
     r = sb.run("python3 spawn.py")
     assert r.output.startswith("refused") and int(r.output.split()[-1]) < 40
+
+
+_UNISTD_64 = "/usr/include/x86_64-linux-gnu/asm/unistd_64.h"  # linux-libc-dev: names -> numbers
+# Each syscall with zero arguments, then clone with each namespace flag (a child that the clone
+# creates exits at once): one "name errno" line each.
+_PROBE = textwrap.dedent("""
+    import ctypes, os, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    def call(nr, *args):
+      ctypes.set_errno(0)
+      r = libc.syscall(nr, *[ctypes.c_long(a) for a in args])
+      if r == 0 and nr == 56:
+        os._exit(0)
+      return ctypes.get_errno() if r == -1 else 0
+    for arg in sys.argv[1:]:
+      name, nr, flags = (arg.split(":") + ["0"])[:3]
+      print(name, call(int(nr), int(flags), 0, 0, 0, 0, 0))
+    """)
+
+
+def test_engine_profile_refuses_what_it_lists(image, client):
+  """The container's seccomp profile refuses each call it lists, by itself: the probe container
+  has CAP_SYS_ADMIN (which the sandboxes never get), so no missing capability refuses in its
+  place, and a control container with that capability and no profile gets further on the calls
+  an agent would use to leave its container (a user namespace, the kernel keyring, fallocate)."""
+  import platform
+  from dagger_jax.envs.sandbox import seccomp
+  if platform.machine() != "x86_64" or not os.path.exists(_UNISTD_64):
+    pytest.skip(f"the probe takes syscall numbers from x86_64's {_UNISTD_64}")
+  numbers = {}
+  with open(_UNISTD_64) as f:
+    for line in f:
+      parts = line.split()
+      if len(parts) == 3 and parts[0] == "#define" and parts[1].startswith("__NR_"):
+        numbers[parts[1][5:]] = int(parts[2])
+  listed = [n for names in seccomp.DOCKER_DENIED.values() for n in names]
+  probes = [f"{n}:{numbers[n]}" for n in listed if n in numbers]
+  assert len(probes) >= 45, probes  # a few are 32-bit only (vm86, stime, clock_settime64, ...)
+  probes += [f"fallocate:{numbers['fallocate']}", f"clone3:{numbers['clone3']}"]
+  probes += [f"clone_{k}:{numbers['clone']}:{v | signal.SIGCHLD}"
+             for k, v in seccomp._CLONE_NEW.items()]
+  profile = [f"seccomp={seccomp.docker_profile_json()}"]
+
+  def run(security_opt, argv):
+    out = client.containers.run(image, argv, cap_add=["SYS_ADMIN"], security_opt=security_opt,
+                                network_mode="none", remove=True)
+    return out.decode()
+
+  got = dict(line.split() for line in run(profile, ["python3", "-c", _PROBE, *probes])
+             .splitlines())
+  want = {p.split(":")[0]: str(seccomp.EPERM) for p in probes}
+  want.update(fallocate=str(seccomp.EOPNOTSUPP), clone3=str(seccomp.ENOSYS))
+  assert got == want
+  control = ["unshare -U true && echo userns",
+             "python3 -c 'import ctypes; "
+             f"exit(ctypes.CDLL(None).syscall({numbers['keyctl']}, 0, -3, 0) < 0)' "
+             "&& echo keyring",
+             "fallocate -l 1M /tmp/f && echo fallocate",
+             "mount -t tmpfs none /mnt && echo mount"]
+  script = "; ".join(control)
+  assert run(["seccomp=unconfined"], ["bash", "-c", script]).split() == [
+      "userns", "keyring", "fallocate", "mount"]
+  assert run(profile, ["bash", "-c", script + "; true"]).split() == []
 
 
 def test_timeout_kills_every_command_process(image):

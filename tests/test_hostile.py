@@ -230,29 +230,24 @@ def test_gold_patch_with_test_edits_still_resolves(tasks):
 
 @pytest.mark.docker
 def test_docker_replaced_tools_then_fallocate(tasks, host):
-  """Two steps no single `env exec` can take: replace the container's python3 (the agent is root
-  in its container) with a pass-through, which turns the per-command fallocate filter off, then
-  fallocate 8 files of the disk limit each. On an engine with a disk quota (`--storage-opt
-  size`) the engine stops it; on one without (this machine's overlay2 on ext4) the 1 GB gets
-  through, the known escape that docker.py's docstring and the README name: the test says so,
-  and fails if that changes in either direction without the docs following."""
+  """Two steps no single `env exec` can take: replace the container's python3 and bash (the
+  agent is root in its container) with pass-throughs, then fallocate 8 files of the disk limit
+  each. The seccomp profile is the engine's, not a program of the image, so fallocate is still
+  refused (an escape until the filter moved out of the image's python3, on this machine's
+  overlay2-on-ext4 engine, which has no disk quota)."""
   task = tasks[1][0]
   env_config = support.config(**_env_overrides("docker")).env
   with SweEnv(task, env_config) as env:
     env.reset()
-    quota = not env.sandbox._disk_watch
-    swap = ("mv /usr/bin/python3 /usr/bin/python3.real && printf '#!/bin/sh\\nshift 4\\n"
-            "exec \"$@\"\\n' > /usr/bin/python3 && chmod +x /usr/bin/python3 && echo swapped")
+    swap = ("for t in python3 bash; do p=$(command -v $t) && cp $p $p.real && "
+            "printf '#!/bin/sh\\nexec %s.real \"$@\"\\n' $p > $p.new && chmod +x $p.new && "
+            "mv $p.new $p || exit 1; done; echo swapped")
     assert "swapped" in env.step(support.command(swap)).observation
     tag = host.tag()
     obs = env.step(support.command(host.fill(hc.by_name("fill_disk_fallocate"), tag))).observation
-  if quota:
     assert hc.ESCAPED not in obs, obs
-  elif hc.ESCAPED in obs:
-    pytest.xfail("known escape: docker engine without a disk quota, python3 replaced by the "
-                 "agent, then a fallocate burst")
-  else:
-    pytest.fail(f"the known escape did not happen; update docker.py and the README:\n{obs}")
+    assert "Operation not supported" in obs, obs
+    assert "bash.real" in env.step(support.command("cat $(command -v bash)")).observation
 
 
 @pytest.mark.skipif(_NO_BWRAP or not os.path.isdir("/dev/shm"), reason="no bubblewrap or tmpfs")

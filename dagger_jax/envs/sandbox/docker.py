@@ -17,14 +17,18 @@ Containment of a hostile command (tests/hostile_corpus.py tries each):
   PID 1 is killed by PID 1, on a signal from the engine (`_kill_all`): no exec, which a fork bomb
   holding every pid would stop, and no program of the image, which the agent may have replaced;
 - disk: the engine's own quota (`--storage-opt size=`) where its storage driver has one
-  (overlay2 on xfs with pquota, btrfs, zfs); elsewhere RLIMIT_FSIZE (the container's, and 0 per
-  command while over the limit), `fallocate(2)` refused (seccomp.py, installed by `python3` in
-  the container when the image has one), and the writable layer's size (`SizeRw`) polled while
-  commands run, as bubblewrap's DiskGuard does. Those per-command steps run in the image's own
-  bash and python3: an agent that replaces them (it is root in its container) turns the
-  fallocate filter off for its later commands, and only an engine quota then stops a burst of
-  `fallocate` calls faster than the poll (tests/test_hostile.py::
-  test_docker_replaced_tools_then_fallocate);
+  (overlay2 on xfs with pquota, btrfs, zfs; `_quota_mb`: btrfs counts the image's files in the
+  quota, the others only the container's own); elsewhere `fallocate(2)` refused and the writable
+  layer's size (`SizeRw`) polled while commands run, as bubblewrap's DiskGuard does, with
+  RLIMIT_FSIZE (the container's, and 0 per command while over the limit) for single files. The
+  per-command limit of 0 runs in the image's bash, which the agent may replace; the poll, the
+  container's limit and the profile below are the engine's, out of its reach;
+- system calls: the container's seccomp profile (`seccomp.docker_profile()`: fallocate, and what
+  docker's default profile refuses), given to the engine when the container is created: the
+  engine applies it to every process of the container, so the agent, root in its container,
+  cannot take it off by replacing the image's programs (tests/test_hostile.py::
+  test_docker_replaced_tools_then_fallocate). An engine that refuses custom profiles (no seccomp
+  in its kernel) gets the container without it, fallocate allowed, and a warning says so;
 - commands run with oom_score_adj 500, so at the memory limit the kernel kills them before PID 1
   (whose death would remove the container).
 
@@ -55,10 +59,9 @@ LABEL = "dagger-jax.sandbox"  # every container we create carries it (orphan rea
 _DISK_POLL_S = 0.5  # how often a running command's writable layer is sized (an API call)
 _REAPED: set[str] = set()  # engines whose orphans this process has reaped
 _STORAGE_QUOTA: dict[str, bool] = {}  # engine -> whether it takes `storage_opt={"size": ...}`
-_SECCOMP_HELPER: dict[tuple[str, str], bool] = {}  # (engine, image id) -> python3 runs it
+_DRIVER: dict[str, str] = {}  # engine -> its storage driver ("overlay2", "btrfs", ...)
+_SECCOMP: dict[str, bool] = {}  # engine -> whether it takes our seccomp profile
 _STATE_LOCK = threading.Lock()
-with open(seccomp.__file__) as _f:
-  _SECCOMP_SRC = _f.read()  # run in the container by `python3 -S -E -c`
 
 
 def _engine_name(docker_host: str | None) -> str:
@@ -151,17 +154,11 @@ def _tar_directory(host_dir: str) -> bytes:
 _DOCKER_INIT = ("trap 'kill -9 -1' USR1; end={end}; "
                 "while printf -v now '%(%s)T' -1 && [ \"$now\" -lt \"$end\" ]; do "
                 "read -t 0.2 -u 0 _; [ $? -gt 128 ] || { sleep 1 & wait $!; }; done")
-# One command ($1), with RLIMIT_FSIZE $2 KB (SIGXFSZ ignored: writes past it fail with EFBIG),
-# oom_score_adj 500, through the seccomp helper when $3 is set (its source comes in the variable
-# _SECCOMP_ENV, which it removes before it execs the command); stderr into stdout (one ordered
-# stream); then, as the bwrap PID namespace does, kill what the command left running so the
-# exec's stream closes when the command ends.
-_SECCOMP_ENV = "DAGGER_JAX_SECCOMP_HELPER"
+# One command ($1), with RLIMIT_FSIZE $2 KB (SIGXFSZ ignored: writes past it fail with EFBIG) and
+# oom_score_adj 500; stderr into stdout (one ordered stream); then, as the bwrap PID namespace
+# does, kill what the command left running so the exec's stream closes when the command ends.
 _DOCKER_EXEC = ('{ ulimit -f "$2"; echo 500 >/proc/self/oom_score_adj; } 2>/dev/null; '
-                "trap '' XFSZ; "
-                'if [ -n "$3" ]; then python3 -S -E -c "import os; exec(os.environ.pop('
-                f"'{_SECCOMP_ENV}'))\" bash -lc \"$1\" 2>&1; "
-                'else bash -lc "$1" 2>&1; fi; rc=$?; kill -9 -1 2>/dev/null; exit $rc')
+                "trap '' XFSZ; bash -lc \"$1\" 2>&1; rc=$?; kill -9 -1 2>/dev/null; exit $rc")
 
 
 class DockerSandbox(Sandbox):
@@ -201,13 +198,13 @@ class DockerSandbox(Sandbox):
           log.warning("removed %d orphaned sandbox containers of dead processes from %s",
                       len(reaped), _engine_name(docker_host))
       try:
-        image_id = self._client.images.get(image).id
+        image_bytes = int(self._client.images.get(image).attrs.get("Size") or 0)
       except docker.errors.ImageNotFound:
         raise SandboxError(f"docker image {image!r} not found on {_engine_name(docker_host)} "
                            "(images are never pulled; build the base one with dagger_jax.envs."
                            "sandbox.images.ensure_base_image, load task images on every engine)"
                            ) from None
-      container = self._create(image, engine, max_lifetime_s)
+      container = self._create(image, engine, max_lifetime_s, image_bytes)
     except BaseException:
       if pool is not None:
         pool.release(docker_host)
@@ -224,13 +221,14 @@ class DockerSandbox(Sandbox):
       container.start()
       if host_workdir_to_copy_in is not None:
         self._put_tar(_tar_directory(host_workdir_to_copy_in))
-      self._helper = self._seccomp_helper(engine, image_id)
     except BaseException:
       self.close()
       raise
 
-  def _create(self, image: str, engine: str, max_lifetime_s: int):
-    """Creates the container, with the engine's disk quota when it has one (probed once)."""
+  def _create(self, image: str, engine: str, max_lifetime_s: int, image_bytes: int):
+    """Creates the container, with the engine's disk quota and our seccomp profile where the
+    engine takes them (each probed once per engine: an engine that refuses one gets the
+    container without it, and a log line says what that leaves out)."""
     import docker  # lazy: optional SDK
     mem = f"{self.limits.memory_mb}m"
     end = str(int(time.time() + max_lifetime_s))
@@ -243,31 +241,44 @@ class DockerSandbox(Sandbox):
                                      hard=self.limits.disk_mb * 2**20)],
         labels={LABEL: "1", f"{LABEL}.host": socket.gethostname(),
                 f"{LABEL}.pid": str(os.getpid()), f"{LABEL}.engine": engine})
-    if _STORAGE_QUOTA.get(engine, True):
+    # (what we know of the engine, the option, the word its refusal names, the log level and
+    # line without it: a disk quota is rare, the poll is the usual bound; a profile is the norm)
+    options = [
+        (_STORAGE_QUOTA, {"storage_opt": {"size": f"{self._quota_mb(engine, image_bytes)}M"}},
+         "storage",
+         logging.INFO, "has no disk quota for containers ({e}); sandboxes poll their "
+         "writable layer against config.env.disk_mb instead"),
+        (_SECCOMP, {"security_opt": [f"seccomp={seccomp.docker_profile_json()}"]}, "seccomp",
+         logging.WARNING, "refuses a seccomp profile ({e}): fallocate(2) is not refused in "
+         "its sandboxes, only the writable-layer poll bounds their disk"),
+    ]
+    while True:
+      tried = [o for o in options if o[0].get(engine, True)]
       try:
         container = self._client.containers.create(
-            image, storage_opt={"size": f"{self.limits.disk_mb}M"}, **kwargs)
-        _STORAGE_QUOTA[engine] = True
-        return container
+            image, **kwargs, **{k: v for o in tried for k, v in o[1].items()})
       except docker.errors.APIError as e:
-        if "storage" not in str(e).lower():
+        refused = [o for o in tried if o[2] in str(e).lower()]
+        if not refused:
           raise
-        log.info("%s has no disk quota for containers (%s); sandboxes poll their writable "
-                 "layer against config.env.disk_mb instead", _engine_name(engine or None), e)
-        _STORAGE_QUOTA[engine] = False
-    return self._client.containers.create(image, **kwargs)
+        for known, _, _, level, lost in refused:
+          known[engine] = False
+          log.log(level, "%s %s", _engine_name(engine or None), lost.format(e=e))
+        continue
+      for known, *_ in tried:
+        known[engine] = True
+      return container
 
-  def _seccomp_helper(self, engine: str, image_id: str) -> bool:
-    """Whether `python3` of this image runs the seccomp helper (probed once per image); if not,
-    fallocate is not refused (the writable-layer poll still bounds the disk)."""
-    key = (engine, image_id)
-    if key not in _SECCOMP_HELPER:
-      r = self._exec_wait(["python3", "-S", "-E", "-c", _SECCOMP_SRC, "true"])
-      _SECCOMP_HELPER[key] = r == 0
-      if r != 0:
-        log.warning("image %s has no python3 that can load the seccomp filter (exit %s): "
-                    "fallocate(2) is not refused in its sandboxes", image_id[:19], r)
-    return _SECCOMP_HELPER[key]
+  def _quota_mb(self, engine: str, image_bytes: int) -> int:
+    """The engine quota that leaves the container `disk_mb` of its own: btrfs limits what the
+    container's subvolume references, the image's files included (a quota below them refuses
+    the container: "Failed to limit qgroup ... disk quota exceeded"); overlay2 on xfs and zfs
+    count only what the container writes."""
+    if engine not in _DRIVER:
+      _DRIVER[engine] = str(self._client.info().get("Driver") or "")
+    if _DRIVER[engine] == "btrfs":
+      return self.limits.disk_mb + -(-image_bytes // 2**20)
+    return self.limits.disk_mb
 
   def _put_tar(self, data: bytes, dest: str | None = None) -> None:
     if not self._client.api.put_archive(self.container_id, dest or self.workdir, data):
@@ -283,12 +294,10 @@ class DockerSandbox(Sandbox):
     if self._disk_over:  # still over the limit? (deleting files is what the agent should do)
       self._disk_over = self._size_rw() > self._disk_limit
     fsize = 0 if self._disk_over else self.limits.disk_mb * 1024
-    env = dict(SANDBOX_ENV, **{_SECCOMP_ENV: _SECCOMP_SRC}) if self._helper else SANDBOX_ENV
     try:
       exec_id = api.exec_create(self.container_id, ["bash", "-c", _DOCKER_EXEC, "bash",
-                                                    no_nul(command), str(fsize),
-                                                    "1" if self._helper else ""],
-                                workdir=self.workdir, environment=env, stdout=True,
+                                                    no_nul(command), str(fsize)],
+                                workdir=self.workdir, environment=SANDBOX_ENV, stdout=True,
                                 stderr=True)["Id"]
       sock = api.exec_start(exec_id, socket=True)
     except docker.errors.APIError as e:
