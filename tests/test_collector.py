@@ -200,3 +200,31 @@ def test_student_prefix_cache_changes_nothing_but_the_prefill(oracle_tasks, demo
   (plain, none), (cached, cache) = run(0), run(16)
   assert none is None and cache.reused_tokens > cache.prefilled_tokens > 0
   assert cached == plain
+
+
+def test_sampled_episodes_do_not_depend_on_their_batch(oracle_tasks, demo_config3):
+  """The JAX student (random weights, the demo's tokenizer) sampling at temperature 1 draws each
+  turn by (seed, episode, turn), with teacher turns mixed in (beta 0.5): the same trajectories
+  with the three episodes in one wave (batches of three) and one per wave (batches of one), as
+  a resumed run that plays an episode again beside other ones must."""
+  c = demo_config3
+  c.env.max_turns, c.env.max_format_errors, c.sampler.max_new_tokens = 4, 4, 16
+  c.sampler.temperature, c.model.init_from = 1.0, ""
+  model = init_model(Qwen3Config.from_config(c.model), jax.random.PRNGKey(0))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  tok = load_tokenizer_dir(os.path.join(root, c.data.tokenizer))
+
+  def run(in_flight):
+    c.rollout.concurrency = in_flight
+    student = JaxPolicy(model, tok, c.sampler, seed=3)
+    trajs, _ = collector.collect(oracle_tasks, config=c, round_index=1, beta=0.5,
+                                 teacher=OracleTeacher(), student=student, seed=5, grade=False,
+                                 progress=False, tokenizer=tok)
+    return [t.to_dict() for t in trajs]
+
+  together, alone = run(3), run(1)
+  assert together == alone
+  sampled = [tuple(t["action"]["ids"]) for traj in together for t in traj["turns"]
+             if t["actor"] == "student"]
+  assert len(sampled) >= 3 and len(set(sampled)) == len(sampled)  # each turn its own draw
+

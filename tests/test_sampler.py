@@ -213,6 +213,32 @@ def test_sampling_is_seeded_and_filters_apply(pair):
   assert nucleus.tokens == greedy.tokens
 
 
+def test_row_seeds_make_a_row_draw_alone(pair):
+  """With `row_seeds` a row draws the same tokens whatever rows share its call, in whatever
+  order, in a whole prefill or over a prefix cache; the same prompt under two seeds draws two
+  ways (which is how a batch of one task's episodes differ)."""
+  _, model = pair
+  prompts = prompts_of((6, 13, 9), seed=5)
+  kw = dict(max_new_tokens=12, temperature=1.0, length_buckets=BUCKETS, seed=0)
+  together = sampler.generate(model, prompts, row_seeds=[11, 22, 33], **kw).tokens
+  assert sampler.generate(model, prompts[2:], row_seeds=[33], **kw).tokens == together[2:]
+  assert sampler.generate(model, prompts[::-1], row_seeds=[33, 22, 11],
+                          **kw).tokens == together[::-1]
+  cache = sampler.PrefixCache(max_entries=4, min_reuse=4)
+  sampler.generate(model, prompts[1:2], row_seeds=[5], prefix_cache=cache, cache_keys=["b"], **kw)
+  longer = [prompts[0], prompts[1] + [7, 8, 9]]
+  cached = sampler.generate(model, longer, row_seeds=[11, 22], prefix_cache=cache,
+                            cache_keys=["a", "b"], **kw).tokens
+  assert cache.reused_tokens == len(prompts[1])  # row b ran in the extend program
+  assert cached == sampler.generate(model, longer, row_seeds=[11, 22], **kw).tokens
+  twice = sampler.generate(model, [prompts[0]] * 2, row_seeds=[1, 2], **kw).tokens
+  assert twice[0] != twice[1]
+  with pytest.raises(ValueError, match="row_seeds needs one seed"):
+    sampler.generate(model, prompts, row_seeds=[1, 2], **kw)
+  with pytest.raises(ValueError, match="row_seeds needs one seed"):
+    sampler.generate(model, prompts, row_seeds=[1, 2, 2 ** 31], **kw)
+
+
 def test_sampled_distribution_and_logprobs(pair):
   """One new token for 256 copies of a prompt at temperature 2, top-k 20, top-p 0.8: every token
   is in the nucleus computed here in numpy, its logprob is that of the renormalised nucleus, and

@@ -149,19 +149,28 @@ def test_generate_equals_the_sampler_batch_single_logprobs_and_seeded(server, di
     assert lp == pytest.approx(float(logp[k - 1, token]), rel=1e-5, abs=1e-6)
     assert text == tok.decode([token])
 
-  # sampling with a seed: the request's rows are one call of their own, so equal to the sampler
+  # sampling with a seed: each row draws by its seed alone (row_seeds under seed 0), as JaxPolicy
+  # does in process, so a row gives the same tokens whatever rows share its call
+  buckets = config().sampler.length_buckets
   body = {"input_ids": PROMPTS[:2], "sampling_params": {"temperature": 1.0, "sampling_seed": 7,
                                                          "max_new_tokens": NEW, "top_k": -1}}
-  want = sampler.generate(dirs["model_a"], PROMPTS[:2], NEW, temperature=1.0, seed=7,
-                          stop_token_ids=stops, length_buckets=config().sampler.length_buckets)
+  want = sampler.generate(dirs["model_a"], PROMPTS[:2], NEW, temperature=1.0, seed=0,
+                          row_seeds=[7, 7], stop_token_ids=stops, length_buckets=buckets)
+  assert want.tokens[0] != want.tokens[1]  # the seed is the row's, the prompts differ
   assert [o["output_ids"] for o in generate(api, server.url, body)] == want.tokens
   assert [o["output_ids"] for o in generate(api, server.url, body)] == want.tokens
-  # a seed per row (as SGLangPolicy sends them): still one call, and the same request repeats
+  # a seed per row (as SGLangPolicy sends them): one call, the same request repeats, and a row
+  # sent alone draws what it drew beside the other
   body["sampling_params"] = [{**body["sampling_params"], "sampling_seed": s} for s in (1, 2)]
   before = server.sampler_calls
   first = [o["output_ids"] for o in generate(api, server.url, body)]
   assert server.sampler_calls == before + 1
+  assert first == sampler.generate(dirs["model_a"], PROMPTS[:2], NEW, temperature=1.0, seed=0,
+                                   row_seeds=[1, 2], stop_token_ids=stops,
+                                   length_buckets=buckets).tokens
   assert [o["output_ids"] for o in generate(api, server.url, body)] == first
+  alone = {"input_ids": PROMPTS[1], "sampling_params": body["sampling_params"][1]}
+  assert generate(api, server.url, alone)["output_ids"] == first[1]
 
 
 def _continuation(server, dirs, api):

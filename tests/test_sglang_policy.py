@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import collections
+import dataclasses
 import importlib.util
 import json
 import os
@@ -36,7 +37,7 @@ from dagger_jax.envs.tasks import toy
 from dagger_jax.model import hf, sampler
 from dagger_jax.model.loader import init_model
 from dagger_jax.policies import sglang
-from dagger_jax.policies.base import EpisodeView
+from dagger_jax.policies.base import EpisodeView, sampling_seed
 from dagger_jax.policies.jax_policy import JaxPolicy
 from dagger_jax.policies.serve import Server
 from dagger_jax.policies.launch import LaunchedServer, wait_healthy
@@ -246,7 +247,7 @@ class FakeSGLang:
       result = sampler.generate(
           self.model, [prompt], p["max_new_tokens"], temperature=p["temperature"],
           top_p=p["top_p"], top_k=max(p["top_k"], 0), stop_token_ids=p["stop_token_ids"],
-          seed=p.get("sampling_seed") or 0, length_buckets=(512, 1024))
+          seed=0, row_seeds=[p.get("sampling_seed") or 0], length_buckets=(512, 1024))
       ids = result.tokens[0]
       finish = ({"type": "stop", "matched": ids[-1]} if result.finish_reasons[0] == "stop"
                 else {"type": "length", "length": len(ids)})
@@ -304,24 +305,33 @@ def test_greedy_actions_equal_jax_policy_in_sglang_bodies(fake, model, tok, view
   assert policy.act([]) == []
 
 
-def test_sampled_bodies_seed_each_row_and_call(fake, tok, views):
+def test_sampled_bodies_seed_each_episode_and_turn(fake, tok, views, model):
+  """With temperature > 0 each row's `sampling_seed` is `sampling_seed(policy seed, view)`: the
+  same episode at the same turn draws the same, in any call and beside any other rows, and the
+  draws are JaxPolicy's for that view (the fake answers with the JAX sampler, as `dagger-jax
+  serve` does)."""
   c = make_config()
   c.sampler.temperature, c.sampler.top_p, c.sampler.top_k = 0.8, 0.9, 5
   c.rollout.concurrency = 8
+  views = [dataclasses.replace(v, episode_id=f"e{i % 3}") for i, v in enumerate(views)]
 
-  def run(seed):
+  def run(seed, batch):
     fake.bodies.clear()
     policy = SGLangPolicy(fake.url, tok, c.sampler, c.rollout, seed=seed)
-    actions = [policy.act(views[:3]), policy.act(views[:3])]
-    return actions, [[p["sampling_seed"] for p in b["sampling_params"]] for b in fake.bodies]
+    actions = policy.act(batch)
+    return actions, [p["sampling_seed"] for b in fake.bodies for p in b["sampling_params"]]
 
-  (actions, seeds), (again, seeds_again), (_, other) = run(4), run(4), run(5)
+  (actions, seeds), (again, seeds_again), (_, other) = run(4, views), run(4, views), run(5, views)
   assert actions == again and seeds == seeds_again
-  flat = [s for call in seeds + other for s in call]
-  assert len(set(flat)) == len(flat) == 12  # distinct per row, call and policy seed
-  assert all(0 <= s < 2 ** 31 for s in flat)
+  assert seeds == [sampling_seed(4, v) for v in views]
+  assert len(set(seeds + other)) == 10  # distinct per episode, turn and policy seed
+  assert all(0 <= s < 2 ** 31 for s in seeds + other)
+  alone, alone_seeds = run(4, views[4:] + views[:1])
+  assert alone == [actions[4], actions[0]] and alone_seeds == [seeds[4], seeds[0]]
   params = fake.bodies[0]["sampling_params"][0]
   assert (params["temperature"], params["top_p"], params["top_k"]) == (0.8, 0.9, 5)
+  in_process = JaxPolicy(model, tok, c.sampler, seed=4).act(views)
+  assert [a.ids for a in in_process] == [a.ids for a in actions]
 
 
 def test_end_of_turn_id_is_stripped_like_jax_policy(fake, tok, views):

@@ -135,7 +135,7 @@ class _Episode:
   failure: str | None = None  # the LabelError that ended it (redacted)
 
   def view(self) -> EpisodeView:
-    return EpisodeView(self.task, self.messages, self.assistant_ids, self.env)
+    return EpisodeView(self.task, self.messages, self.assistant_ids, self.env, self.id)
 
 
 def episode_id(task: dict, round_index: int, seed: int) -> str:

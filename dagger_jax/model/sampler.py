@@ -20,7 +20,10 @@ Positions: row i with prompt length L_i sits in slots P - L_i .. P - 1 with posi
 (padding is masked out through `KVCache.valid`), and its n-th new token has position L_i + n, so a
 row's output does not depend on the padding around it.
 
-Randomness is stateless: the token at step n of row i uses `fold_in(fold_in(key(seed), n), i)`.
+Randomness is stateless: the token at step n of row i uses `fold_in(fold_in(key(seed), n), r_i)`,
+where r_i is the row's `row_seeds` entry, else i. A caller that derives r_i from what the row is
+(the policies: episode and turn, `policies.base.sampling_seed`) gets draws that do not depend on
+which other rows share the call.
 
 Multi-turn conversations (`PrefixCache`). An agent's prompt at turn k is its prompt at turn k-1,
 the tokens it sampled, and an observation. With a `prefix_cache`, each row's keys and values are
@@ -129,7 +132,7 @@ class _Mode:
 def _sample(logits_bv, key, step, row_ids_b, temperature, top_k, top_p, allowed_v, mode: _Mode):
   """-> (token_b, logprob_b) for one decode step (see `SampleResult` for which logprob).
 
-  `row_ids_b` is each row's index in the caller's list of prompts (the key of its randomness).
+  `row_ids_b`: each row's seed (`generate`'s `row_seeds`, else its index), its randomness.
   """
   logits_bv = jnp.where(allowed_v, logits_bv, -jnp.inf)  # ids the tokenizer has no text for
   if mode.greedy:
@@ -324,7 +327,8 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
              length_buckets: Sequence[int] | None = None,
              prefix_cache: "PrefixCache | None" = None,
              cache_keys: Sequence[Any] | None = None,
-             vocab_limit: int | None = None) -> SampleResult:
+             vocab_limit: int | None = None,
+             row_seeds: Sequence[int] | None = None) -> SampleResult:
   """Samples up to `max_new_tokens` new tokens for each prompt (a list of token-id lists).
 
   temperature 0 is greedy; otherwise tokens are drawn from softmax(logits / temperature)
@@ -335,6 +339,8 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
   prompt + new tokens (see `PrefixCache`); the output is the same as without one, up to float
   rounding. With `vocab_limit`, ids >= it are never sampled: a model's embedding table is often
   larger than its tokenizer (Qwen3: 151936 rows, 151669 tokens), and those ids have no text.
+  `row_seeds` (one per prompt, in [0, 2**31)): each row's randomness beside `seed` (default: its
+  index in `prompts`; see the module docstring).
   """
   vocab = model.config.vocab_size
   if not prompts:
@@ -360,6 +366,11 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
 
   if prefix_cache is not None and (cache_keys is None or len(cache_keys) != len(prompts)):
     raise SampleError("generate: prefix_cache needs one cache key per prompt (cache_keys)")
+  n = len(prompts)
+  ids = list(range(n)) if row_seeds is None else [int(r) for r in row_seeds]
+  if len(ids) != n or not all(0 <= r < 2 ** 31 for r in ids):
+    raise SampleError(f"generate: row_seeds needs one seed in [0, 2**31) per prompt ({n}); got "
+                      f"{list(row_seeds)[:8]}")
   is_stop_v = np.zeros((vocab,), bool)
   is_stop_v[list(stop_token_ids)] = True
   allowed_v = np.arange(vocab) < (vocab if vocab_limit is None else vocab_limit)
@@ -369,20 +380,21 @@ def generate(model: Qwen3, prompts: Sequence[Sequence[int]], max_new_tokens: int
                buffer=max(pow2(max_new_tokens), 8),
                mode=_Mode(greedy=temperature == 0, filtered=top_k > 0 or top_p < 1))
 
-  n = len(prompts)
   if prefix_cache is None:
-    tokens, logprobs, steps, _ = _run_padded(call, prompts, range(n), length_buckets)
+    tokens, logprobs, steps, _ = _run_padded(call, prompts, ids, length_buckets)
   else:
     hits = [prefix_cache.lookup(k, p) for k, p in zip(cache_keys, prompts)]
     fresh = [i for i in range(n) if hits[i][0] is None]
     cached = [i for i in range(n) if hits[i][0] is not None]
     groups = []  # (rows, what their program returned): one program per kind of row
     if fresh:
-      groups.append((fresh, _run_padded(call, [prompts[i] for i in fresh], fresh,
-                                        length_buckets, keep_cache=True)))
+      groups.append((fresh, _run_padded(call, [prompts[i] for i in fresh],
+                                        [ids[i] for i in fresh], length_buckets,
+                                        keep_cache=True)))
     if cached:
       groups.append((cached, _run_extend(call, [prompts[i] for i in cached],
-                                         [hits[i] for i in cached], cached, length_buckets)))
+                                         [hits[i] for i in cached], [ids[i] for i in cached],
+                                         length_buckets)))
     tokens, logprobs, steps = [None] * n, [None] * n, 0
     for rows, (rows_tokens, rows_logprobs, rows_steps, kv_of) in groups:
       steps = max(steps, rows_steps)
@@ -459,7 +471,7 @@ def _prefill_chunks(lengths: Sequence[int], length_buckets) -> list[list[int]]:
 
 def _run_padded(call: _Call, prompts, rows, length_buckets, keep_cache=False):
   """Whole prompts, left-padded to one bucket -> (tokens, logprobs, steps, kv_of(j, fed) or
-  None without `keep_cache`); `rows` are the prompts' indices in the caller's list. Runs as
+  None without `keep_cache`); `rows` are the prompts' row seeds (`generate`'s `row_seeds`). Runs as
   several programs when one would need too much memory (`_prefill_chunks`)."""
   chunks = _prefill_chunks([len(x) for x in prompts], length_buckets)
   if len(chunks) == 1:

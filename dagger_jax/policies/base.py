@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import hashlib
 from typing import Any, Sequence
 
 from transformers import PreTrainedTokenizerBase
@@ -32,11 +33,25 @@ class EpisodeView:
     when a text-only teacher wrote it: the prompt then tokenises its text, as the renderer does).
   env: the episode's `SweEnv`. Only a privileged teacher (the oracle) looks at it; it must not
     change the working tree.
+  episode_id: the collector's id of the episode (`collector.episode_id`); "" outside one.
   """
   task: dict
   messages: list[dict[str, str]]
   assistant_ids: list[tuple[int, ...] | None]
   env: Any = None
+  episode_id: str = ""
+
+
+def sampling_seed(seed: int, view: EpisodeView) -> int:
+  """The seed of the tokens a sampling student draws for `view`'s next turn, in [0, 2**31): from
+  the policy's seed, the episode and the turn, never from which other episodes share the call
+  or how many calls came before. So a run draws the same tokens whatever the timing of its
+  environments, and a resumed run, which plays its unfinished episodes again, draws what the
+  uninterrupted one did. A view outside an episode (no `episode_id`) is keyed by its task."""
+  episode = view.episode_id or str(view.task.get("instance_id", ""))
+  digest = hashlib.blake2b(f"{seed}/{episode}/{len(view.assistant_ids)}".encode(),
+                           digest_size=8).digest()
+  return int.from_bytes(digest, "little") % (2 ** 31)
 
 
 def student_prompts(views: Sequence[EpisodeView], tokenizer: PreTrainedTokenizerBase,

@@ -22,7 +22,8 @@ from transformers import PreTrainedTokenizerBase
 from dagger_jax.data.trajectory import Action
 from dagger_jax.model import sampler
 from dagger_jax.model.qwen3 import Qwen3
-from dagger_jax.policies.base import EpisodeView, Policy, student_actions, student_prompts
+from dagger_jax.policies.base import (EpisodeView, Policy, sampling_seed, student_actions,
+                                      student_prompts)
 
 
 class JaxPolicy(Policy):
@@ -38,7 +39,6 @@ class JaxPolicy(Policy):
     self.config = sampler_config
     self.enable_thinking = enable_thinking
     self.seed = seed
-    self.calls = 0
     self.max_prompt_len = max_prompt_len
     # The rollout mesh the params were resharded onto (`config.rollout.mesh`): sampling under it
     # splits batch rows and the KV cache over `data` (model/reshard.py). None: as placed.
@@ -54,7 +54,6 @@ class JaxPolicy(Policy):
     prompts = student_prompts(views, self.tokenizer, self.enable_thinking, self.max_prompt_len)
     with jax.set_mesh(self.mesh) if self.mesh is not None else contextlib.nullcontext():
       result = self._generate(prompts, views)
-    self.calls += 1
     return student_actions(result.tokens, self.tokenizer)
 
   def _generate(self, prompts, views) -> sampler.SampleResult:
@@ -62,7 +61,8 @@ class JaxPolicy(Policy):
     return sampler.generate(
         self.model, prompts, int(c.max_new_tokens), temperature=float(c.temperature),
         top_p=float(c.top_p), top_k=int(c.top_k), stop_token_ids=(self.tokenizer.eos_token_id,),
-        seed=self.seed + self.calls, length_buckets=tuple(c.length_buckets),
+        seed=0, row_seeds=[sampling_seed(self.seed, v) for v in views],
+        length_buckets=tuple(c.length_buckets),
         prefix_cache=self.prefix_cache,
         cache_keys=[_episode_key(v) for v in views] if self.prefix_cache is not None else None,
         vocab_limit=min(len(self.tokenizer), self.model.config.vocab_size))

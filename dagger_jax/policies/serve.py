@@ -20,10 +20,10 @@ the previous call ran or, when idle, what arrives until no request came for `bat
 most `batch_wait_max_s`): whole requests, up to `max_batch` rows. It groups the rows that can
 share a call and calls `sampler.generate` once per group. Rows share a call when their stop ids
 and the power-of-two bucket of max_new_tokens match and they are greedy, or sampled with the
-same temperature/top-p/top-k and no seed (the call draws a seed). A request with
-`sampling_seed`s is a call of its own, rows in request order, with their seed (or, when the
-rows' seeds differ, one derived from all of them: `sampler.generate` takes one seed per call), so
-the same request gives the same samples whatever else runs. Greedy rows equal a call with that
+same temperature/top-p/top-k, seeded or not. Unseeded rows get a seed the call draws; a row with
+a `sampling_seed` draws with that seed alone (`sampler.generate`'s `row_seeds`, under seed 0), so
+the same request gives the same samples whatever else runs, and the same as `JaxPolicy` draws in
+process for that seed (`policies.base.sampling_seed`). Greedy and seeded rows equal a call with that
 prompt alone (up to float rounding of other batch shapes).
 
 Where this differs from SGLang, and why: unset sampling params take `config.sampler`'s values
@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import http.server
 import json
 import logging
@@ -410,9 +409,8 @@ class Server:
       seeds = [row.sampling["seed"] for row in group]
       if seeds[0] is None:  # unseeded rows: a fresh seed per call
         sampling["seed"] = int(self._seeds.integers(2**31))
-      elif len(set(seeds)) > 1:  # one request's rows, each with its seed: one seed from all
-        digest = hashlib.sha256(repr(seeds).encode()).digest()
-        sampling["seed"] = int.from_bytes(digest[:4], "little") % 2**31
+      else:  # each row draws by its own seed, whatever rows share the call
+        sampling["seed"], sampling["row_seeds"] = 0, seeds
       out = sampler.generate(model, [row.prompt for row in group], n,
                              length_buckets=self._buckets, **sampling)
       self.sampler_calls += 1
@@ -426,7 +424,7 @@ class Server:
 
   # --------------------------------------------------------------------------- requests -> rows
 
-  def _row(self, prompt: list[int], sp: dict, group: object, logprob_start: int | None) -> _Row:
+  def _row(self, prompt: list[int], sp: dict, logprob_start: int | None) -> _Row:
     """A row from SGLang sampling params (unset ones: config.sampler); `_Invalid` if refused."""
     vocab, limit = self._model.config.vocab_size, self._model.config.max_position_embeddings
     if not prompt:
@@ -472,7 +470,7 @@ class Server:
                     top_k=0 if top_k == -1 or top_k >= min(vocab, _TOP_K_ALL) else top_k,
                     stop_token_ids=tuple(sorted(stops)), seed=seed)
     mode = ("greedy",) if greedy else (sampling["temperature"], top_p, sampling["top_k"],
-                                       None if seed is None else group)
+                                       seed is not None)
     return _Row(prompt=list(prompt), max_new_tokens=max_new, sampling=sampling,
                 key=(mode, sampling["stop_token_ids"], max_new and max(sampler.pow2(max_new), 8)),
                 stop_strs=tuple(x for x in stop_strs if x),
@@ -559,8 +557,7 @@ class Server:
       if want and start_len > len(prompt):
         raise _Invalid(f"logprob_start_len={start_len} is higher than the number of input tokens "
                        f"{len(prompt)}. Please use a smaller logprob_start_len.")
-    group = object()
-    rows = [self._row(p, sp, group, s if want and s >= 0 else None)
+    rows = [self._row(p, sp, s if want and s >= 0 else None)
             for p, sp, s, want in zip(prompts, params, starts, want_lp)]
     self._submit(rows)
     outs = []
@@ -636,7 +633,7 @@ class Server:
     for name, x in sp.items():
       if x is not None:
         _check(x, _SAMPLING_FIELDS[name])
-    row = self._row(prompt, sp, object(), None)
+    row = self._row(prompt, sp, None)
     self._submit([row])
     reason, text = self._finish(row)
     choice = {"index": 0, "message": {"role": "assistant", "content": text,
@@ -718,7 +715,7 @@ class Server:
   def health_generate(self) -> dict:
     """GET /health_generate: one greedy token through the batcher (not while paused)."""
     if not self._paused:
-      self._submit([self._row([0], {"max_new_tokens": 1, "temperature": 0}, object(), None)])
+      self._submit([self._row([0], {"max_new_tokens": 1, "temperature": 0}, None)])
     return {"healthy": True}
 
   def handle(self, method: str, path: str, headers, raw: bytes) -> tuple[int, Any]:

@@ -30,8 +30,8 @@ weight version.
 The body holds only `input_ids`, `sampling_params` (from `config.sampler`: temperature, top_p,
 top_k with the project's 0 = off sent as SGLang's -1, max_new_tokens, the tokenizer's eos as
 `stop_token_ids`, `no_stop_trim` and `skip_special_tokens: false` so that nothing is cut from the
-ids, and with temperature > 0 a per-prompt `sampling_seed` from (seed, call, row), which the server
-honours when started with `--enable-deterministic-inference`) and `return_logprob: false`.
+ids, and with temperature > 0 a per-prompt `sampling_seed` from (seed, episode, turn), as `JaxPolicy`
+draws (`policies.base.sampling_seed`), which the server honours when started with `--enable-deterministic-inference`) and `return_logprob: false`.
 
 Stops. SGLang also stops on the model's own eos ids (`generation_config.json`'s `eos_token_id`,
 which an export lists as <|im_end|> and <|endoftext|>), where the in-process sampler stops only on
@@ -60,7 +60,6 @@ process group, its log in a file, stopped on every way out).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import threading
@@ -75,8 +74,8 @@ from dagger_jax.data.trajectory import Action
 from dagger_jax.errors import ConfigError
 from dagger_jax.model import hf
 from dagger_jax.policies import remote
-from dagger_jax.policies.base import (EpisodeView, LabelError, Policy, student_actions,
-                                      student_prompts)
+from dagger_jax.policies.base import (EpisodeView, LabelError, Policy, sampling_seed,
+                                      student_actions, student_prompts)
 from dagger_jax.policies.launch import FIX, SGLangError, connection_reason
 
 log = logging.getLogger(__name__)
@@ -261,7 +260,6 @@ class SGLangPolicy(Policy):
     self.enable_thinking = enable_thinking
     self.seed = int(seed)
     self.max_prompt_len = max_prompt_len
-    self.calls = 0
     # The version every /generate answer must carry (None: not checked until `update_weights`).
     self.weight_version: str | None = expected_version
     self.concurrency = int(rollout_config.concurrency)
@@ -284,9 +282,9 @@ class SGLangPolicy(Policy):
 
   # -- acting
 
-  def sampling_params(self, rows: Sequence[int]) -> dict | list[dict]:
-    """The `sampling_params` of one /generate body for the batch rows `rows` of this call: one
-    object when greedy, else one per row (each with its own `sampling_seed`)."""
+  def sampling_params(self, seeds: Sequence[int]) -> dict | list[dict]:
+    """The `sampling_params` of one /generate body whose rows have the sampling seeds `seeds`:
+    one object when greedy, else one per row (each with its own `sampling_seed`)."""
     c = self.config
     params = {
         "max_new_tokens": int(c.max_new_tokens),
@@ -299,7 +297,7 @@ class SGLangPolicy(Policy):
     }
     if float(c.temperature) == 0:
       return params
-    return [{**params, "sampling_seed": row_seed(self.seed, self.calls, row)} for row in rows]
+    return [{**params, "sampling_seed": int(seed)} for seed in seeds]
 
   def prompts(self, views: Sequence[EpisodeView]) -> list[list[int]]:
     """The prompt ids of each view, exactly as `JaxPolicy` builds them."""
@@ -309,6 +307,7 @@ class SGLangPolicy(Policy):
     if not views:
       return []
     prompts = self.prompts(views)
+    seeds = [sampling_seed(self.seed, v) for v in views]
     with self._gate:
       while self._updating:
         self._gate.wait()
@@ -317,16 +316,18 @@ class SGLangPolicy(Policy):
       outputs: list[list[int]] = []
       for start in range(0, len(prompts), self.concurrency):
         chunk = prompts[start:start + self.concurrency]
-        outputs += self._generate(chunk, range(start, start + len(chunk)))
+        rows = range(start, start + len(chunk))
+        outputs += self._generate(chunk, rows, [seeds[row] for row in rows])
     finally:
       with self._gate:
         self._in_flight -= 1
         self._gate.notify_all()
-    self.calls += 1
     return student_actions(outputs, self.tokenizer)
 
-  def _generate(self, prompts: list[list[int]], rows: Sequence[int]) -> list[list[int]]:
-    body = {"input_ids": prompts, "sampling_params": self.sampling_params(rows),
+  def _generate(self, prompts: list[list[int]], rows: Sequence[int], seeds: Sequence[int]
+                ) -> list[list[int]]:
+    """One /generate call for the batch rows `rows` (their indices, for messages)."""
+    body = {"input_ids": prompts, "sampling_params": self.sampling_params(seeds),
             "return_logprob": False}
     response = self.client.request("POST", "/generate", body,
                                    parse=lambda answer: self._answers(answer, len(prompts), rows))
@@ -502,13 +503,6 @@ class SGLangPolicy(Policy):
 
   def close(self) -> None:
     self.client.close()
-
-
-def row_seed(seed: int, call: int, row: int) -> int:
-  """The `sampling_seed` of batch row `row` in call `call` of a policy seeded `seed`: distinct
-  per row (episodes of one task share a first prompt), in [0, 2**31)."""
-  digest = hashlib.blake2b(f"{seed}/{call}/{row}".encode(), digest_size=8).digest()
-  return int.from_bytes(digest, "little") % (2 ** 31)
 
 
 def export_for_server(model, out_dir: str, tokenizer_dir: str | None, *,
