@@ -228,3 +228,28 @@ def test_sampled_episodes_do_not_depend_on_their_batch(oracle_tasks, demo_config
              if t["actor"] == "student"]
   assert len(sampled) >= 3 and len(set(sampled)) == len(sampled)  # each turn its own draw
 
+
+class _Saboteur(support.Scripted):
+  """Runs `ls`; at its second call closes the sandbox of the episode of task `victim` under it
+  (as an engine that loses a container would), so that episode's next step fails."""
+
+  def __init__(self, victim: str):
+    super().__init__(_cmd("ls"))
+    self.victim = victim
+
+  def act(self, views):
+    if self.calls == 1:
+      next(v for v in views if v.task["instance_id"] == self.victim).env.sandbox.close()
+    return super().act(views)
+
+
+def test_a_sandbox_failing_mid_episode_costs_that_episode_only(oracle_tasks, demo_config3):
+  demo_config3.env.max_turns = 3
+  victim = oracle_tasks[1]["instance_id"]
+  trajs, stats = collector.collect(oracle_tasks, config=demo_config3, round_index=1, beta=0.0,
+                                   teacher=None, student=_Saboteur(victim), seed=5, grade=False,
+                                   progress=False)
+  assert sorted(t.task_id for t in trajs) == sorted(
+      t["instance_id"] for t in oracle_tasks if t["instance_id"] != victim)
+  assert all(len(t.turns) == 3 for t in trajs)  # the others went on to their turn limit
+  assert stats.failed == 1 and stats.failure_reasons == {"env:step": 1}, stats.summary()

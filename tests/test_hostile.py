@@ -250,6 +250,41 @@ def test_docker_replaced_tools_then_fallocate(tasks, host):
     assert "bash.real" in env.step(support.command("cat $(command -v bash)")).observation
 
 
+@pytest.mark.docker
+def test_docker_replaced_bash_then_writes_while_over_the_limit():
+  """The file size limit of 0 that stops writes while the files are over the limit is set by the
+  image's bash: an agent that replaces bash with one that skips it writes anyway (before the
+  fix, each command added 0.5 s of writing: 2.2 GB after 6 commands against 64 MB). Such a
+  command is sized every 50 ms and killed once the files grow; the third one closes the
+  sandbox (in an episode: left out, `env:step`)."""
+  from dagger_jax.envs.sandbox import DockerSandbox, SandboxError, images
+  limits = support.limits(disk_mb=64, command_timeout=20)
+  write = "for i in $(seq 1 64); do head -c 16M /dev/zero > /tmp/f{k}_$i || break; done"
+  sb = DockerSandbox(images.ensure_base_image(), limits=limits)
+  try:
+    sb.write_file("evil", b'#!/bin/sh\nif [ "$1" = "-c" ] && [ $# -ge 5 ]; then '
+                  b'exec /usr/bin/bash.real -c "$4"; fi\nexec /usr/bin/bash.real "$@"\n')
+    r = sb.run("cp /usr/bin/bash /usr/bin/bash.real && chmod +x evil && mv evil /usr/bin/bash "
+               "&& echo swapped")
+    assert r.output == "swapped\n", r.output
+    first = sb.run(write.format(k=0))  # under the limit at its start: the 0.5 s poll kills it
+    assert first.over_limit == "disk" and first.returncode == -9, first.output[-500:]
+    size = sb._disk_size
+    growth = []
+    for k in (1, 2):
+      r = sb.run(write.format(k=k))
+      assert r.over_limit == "disk" and r.returncode == -9, r.output[-500:]
+      assert f"strike {k}" in r.output
+      growth.append(sb._disk_size - size)
+      size = sb._disk_size
+    assert sum(growth) < size - sum(growth), (growth, size)  # both strikes wrote less than 1st
+    with pytest.raises(SandboxError, match="wrote files while the sandbox was over its disk"):
+      sb.run(write.format(k=3))
+    assert sb._closed
+  finally:
+    sb.close()
+
+
 @pytest.mark.skipif(_NO_BWRAP or not os.path.isdir("/dev/shm"), reason="no bubblewrap or tmpfs")
 def test_files_on_a_tmpfs_leave_room_to_delete_them(tmp_path):
   """On a tmpfs, files are memory the sandbox's cgroup pays for and cannot reclaim: were the disk

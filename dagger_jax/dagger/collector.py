@@ -18,7 +18,8 @@ Each wave's episodes are appended to `out_path` (JSON Lines) together, in one wr
 the wave ends, so a crash loses at most the wave in flight; `collect` called again with the same
 arguments skips those already there, and the episodes left form the same waves as before (the
 student's batches, hence its numerics, are those of an uninterrupted run).
-An episode whose sandbox fails is logged, counted and left out, never fatal to the others. An
+An episode whose sandbox fails (to start, in a step, or in grading) is logged, counted in
+`failure_reasons` (`env:start`, `env:step`, `env:grade`) and left out, never fatal to the others. An
 episode a policy cannot act on (a `LabelError`: the teacher's labels kept breaking the protocol,
 or a remote teacher or rollout server failed every retry; for the student, every episode of its
 batch) ends there, is written with `outcome.failure` = the error's message, and is counted in
@@ -133,6 +134,7 @@ class _Episode:
   teacher_tokens: int = 0
   done: bool = False
   failure: str | None = None  # the LabelError that ended it (redacted)
+  env_error: bool = False  # its sandbox failed mid-episode: left out, counted as env:step
 
   def view(self) -> EpisodeView:
     return EpisodeView(self.task, self.messages, self.assistant_ids, self.env, self.id)
@@ -241,10 +243,10 @@ def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, s
     out = []
     with stats.timed("finish"):
       finished = list(pool.map(lambda e: _finish(e, round_index, beta, grade), episodes))
-    for traj in finished:
+    for e, traj in zip(episodes, finished):
       if traj is None:
         stats.failed += 1
-        stats.failure_reasons["env:grade"] += 1
+        stats.failure_reasons["env:step" if e.env_error else "env:grade"] += 1
         continue
       stats.episodes += 1
       stats.submitted += int(traj.outcome.submitted)
@@ -257,6 +259,20 @@ def _run_wave(items, config, round_index, beta, teacher, student, rules, pool, s
   finally:
     with stats.timed("close"):
       list(pool.map(lambda e: e.env.close(), episodes))
+
+
+@dataclasses.dataclass
+class _EnvFailure:
+  error: Exception
+
+
+def _step(e: _Episode, text: str):
+  """`e.env.step(text)`, or an `_EnvFailure` when the sandbox fails (the episode is left out;
+  a policy's or the collector's own error is not caught here)."""
+  try:
+    return e.env.step(text)
+  except Exception as err:
+    return _EnvFailure(err)
 
 
 def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, stats,
@@ -284,7 +300,7 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
 
   def label_and_step(e: _Episode):
     action = label(e)
-    return action, None if isinstance(action, LabelError) else e.env.step(action.text)
+    return action, None if isinstance(action, LabelError) else _step(e, action.text)
 
   labels: dict[int, concurrent.futures.Future] = {}  # student-coin episodes: the label
   chained: dict[int, concurrent.futures.Future] = {}  # teacher-coin episodes: (label, step)
@@ -316,7 +332,7 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
           executed[i] = (Turn("teacher", label_i, None, "intervention", rule), label_i.text)
         else:
           executed[i] = (Turn("student", proposal, label_i), proposal.text)
-        stepped[i] = pool.submit(e.env.step, executed[i][1])
+        stepped[i] = pool.submit(_step, e, executed[i][1])
   finally:  # after an error too: no worker may still use a sandbox when the wave closes them
     with stats.timed("env"):
       concurrent.futures.wait([*labels.values(), *chained.values(), *stepped.values()])
@@ -325,6 +341,12 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
       label_i, result = chained[i].result()
     else:
       label_i = labels[i].result() if i in labels else None
+      result = stepped[i].result() if i in stepped else None
+    if isinstance(result, _EnvFailure):  # its sandbox failed (e.g. the engine lost it)
+      e.done = e.env_error = True
+      log.error("episode %s: its sandbox failed at turn %d, the episode is left out: %s", e.id,
+                len(e.turns), redact.redact_text(str(result.error)))
+      continue
     actor, error = "teacher", label_i
     if not coins[i] and student_failed is not None:
       actor, error = "student", student_failed
@@ -357,7 +379,10 @@ def _turn(active: list[_Episode], config, beta, teacher, student, rules, pool, s
 
 
 def _finish(e: _Episode, round_index: int, beta: float, grade: bool) -> Trajectory | None:
-  """The episode's trajectory; grades its patch only if it submitted (module docstring)."""
+  """The episode's trajectory; grades its patch only if it submitted (module docstring). None
+  when its sandbox failed mid-episode or its grading failed: it is left out."""
+  if e.env_error:
+    return None
   submitted = e.env.exit_status == "submitted"
   try:
     patch = e.env.submission()  # taken at submission; else the working tree's diff now

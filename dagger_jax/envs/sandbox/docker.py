@@ -21,8 +21,10 @@ Containment of a hostile command (tests/hostile_corpus.py tries each):
   quota, the others only the container's own); elsewhere `fallocate(2)` refused and the writable
   layer's size (`SizeRw`) polled while commands run, as bubblewrap's DiskGuard does, with
   RLIMIT_FSIZE (the container's, and 0 per command while over the limit) for single files. The
-  per-command limit of 0 runs in the image's bash, which the agent may replace; the poll, the
-  container's limit and the profile below are the engine's, out of its reach;
+  per-command limit of 0 runs in the image's bash, which the agent may replace: so a command
+  that starts over the limit is sized every 50 ms and killed once the files grow, and the third
+  such kill closes the sandbox (the episode is left out). The poll, the container's limit and
+  the profile below are the engine's, out of the agent's reach;
 - system calls: the container's seccomp profile (`seccomp.docker_profile()`: fallocate, and what
   docker's default profile refuses), given to the engine when the container is created: the
   engine applies it to every process of the container, so the agent, root in its container,
@@ -57,6 +59,10 @@ log = logging.getLogger(__name__)
 
 LABEL = "dagger-jax.sandbox"  # every container we create carries it (orphan reaping)
 _DISK_POLL_S = 0.5  # how often a running command's writable layer is sized (an API call)
+# A command that starts over the disk limit has a file size limit of 0, set by the image's bash.
+# An agent that replaced bash writes anyway: such a command is sized every _OVER_POLL_S and
+# killed once the layer grew by _OVER_GROWTH; the _OVER_STRIKES-th such kill ends the sandbox.
+_OVER_POLL_S, _OVER_GROWTH, _OVER_STRIKES = 0.05, 1 << 20, 3
 _REAPED: set[str] = set()  # engines whose orphans this process has reaped
 _STORAGE_QUOTA: dict[str, bool] = {}  # engine -> whether it takes `storage_opt={"size": ...}`
 _DRIVER: dict[str, str] = {}  # engine -> its storage driver ("overlay2", "btrfs", ...)
@@ -215,6 +221,7 @@ class DockerSandbox(Sandbox):
     self._disk_watch = not _STORAGE_QUOTA[engine]  # no engine quota: poll the writable layer
     self._disk_over = False
     self._disk_size = 0
+    self._strikes = 0  # commands killed for writing while over the limit (_OVER_STRIKES)
     self._checked_at = 0.0  # when the writable layer was last sized (monotonic)
     self._unchecked_s = 0.0  # command time since then
     try:
@@ -293,6 +300,7 @@ class DockerSandbox(Sandbox):
     start = time.monotonic()
     if self._disk_over:  # still over the limit? (deleting files is what the agent should do)
       self._disk_over = self._size_rw() > self._disk_limit
+    started_over, size_at_start = self._disk_over, self._disk_size
     fsize = 0 if self._disk_over else self.limits.disk_mb * 1024
     try:
       exec_id = api.exec_create(self.container_id, ["bash", "-c", _DOCKER_EXEC, "bash",
@@ -304,9 +312,11 @@ class DockerSandbox(Sandbox):
       raise SandboxError(f"docker exec in container {self.container_id[:12]} failed: {e}") from e
     raw = getattr(sock, "_sock", sock)
     cap = OutputCap(self.limits.max_output_chars)
-    check = self._over_disk if self._disk_watch else None
+    check, every = (self._over_disk if self._disk_watch else None), _DISK_POLL_S
+    if started_over:  # it may only shrink the files; growth means its limit of 0 did not hold
+      check, every = (lambda: self._size_rw() > size_at_start + _OVER_GROWTH), _OVER_POLL_S
     try:
-      stop = _read_docker_stream(raw, cap, start + timeout, check, _DISK_POLL_S)
+      stop = _read_docker_stream(raw, cap, start + timeout, check, every)
       if stop:  # the deadline, or the disk limit: every process of the command dies
         self._kill_all(stream=raw)
     finally:
@@ -319,6 +329,18 @@ class DockerSandbox(Sandbox):
     self._unchecked_s += time.monotonic() - max(start, self._checked_at)
     over = stop == "disk" or (self._disk_watch and self._unchecked_s >= _DISK_POLL_S / 2
                               and self._over_disk())
+    if started_over and stop == "disk":
+      self._strikes += 1
+      if self._strikes >= _OVER_STRIKES:
+        self.close()
+        raise SandboxError(
+            f"container {self.container_id[:12]}: {self._strikes} commands wrote files while "
+            f"the sandbox was over its disk limit of {self.limits.disk_mb} MB, past the file "
+            f"size limit of 0 (the image's bash, which sets it, was replaced?); the sandbox is "
+            f"closed")
+      cap.feed(f"\n[sandbox] the command wrote files while the sandbox was over its disk "
+               f"limit and was killed (strike {self._strikes}; at {_OVER_STRIKES} the sandbox "
+               f"closes and the episode ends).".encode())
     if over:
       cap.feed(disk.note(self._disk_size, self._disk_limit, killed=stop == "disk").encode())
     output, elided = cap.result()
