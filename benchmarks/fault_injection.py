@@ -1,13 +1,14 @@
 """Crash anywhere, lose nothing: a small DAgger run SIGKILLed again and again, against a clean one.
 
-    python benchmarks/fault_injection.py [--quick] [--trials N] [--seed S] [--root DIR] [--keep]
+    python benchmarks/fault_injection.py [--quick] [--trials N] [--seed S] [--temperature T]
+                                         [--root DIR] [--keep]
 
 A demo-sized `dagger-jax dagger` run (configs/demo.py: its committed base student and tokenizer,
 2 rounds of 8 episodes and 30 train steps, checkpoints every 10 steps, saved asynchronously, 8
-evaluation episodes per round) runs once without interruption (the reference), then again in a
-fresh directory where it is SIGKILLed and resumed (the same command) until `--trials` kills have
-happened; when a run finishes before that, another fresh run takes the remaining kills. Each kill
-is one of:
+evaluation episodes per round; the student decodes greedily, or samples at `--temperature`) runs
+once without interruption (the reference), then again in a fresh directory where it is SIGKILLed
+and resumed (the same command) until `--trials` kills have happened; when a run finishes before
+that, another fresh run takes the remaining kills. Each kill is one of:
 
   at a named point (`dagger_jax.faults`, the process kills itself there): collect_turn (episodes in
   flight, sandboxes mid-command; training or evaluation episodes), collect_write (a finished wave
@@ -301,11 +302,15 @@ def main() -> int:
   p.add_argument("--quick", action="store_true", help="a smaller run and 3 kills (~4 min)")
   p.add_argument("--trials", type=int, default=None, help="kills in all (default 24; quick 3)")
   p.add_argument("--seed", type=int, default=0, help="the kill schedule's seed")
+  p.add_argument("--temperature", type=float, default=0.0,
+                 help="the student's sampler.temperature (default 0: greedy, as the demo)")
   p.add_argument("--root", default="", help="where the runs go (default: a temporary directory)")
   p.add_argument("--keep", action="store_true", help="keep the runs' directories")
   args = p.parse_args()
   trials = args.trials or (3 if args.quick else 24)
   o = overrides(args.quick)
+  if args.temperature:
+    o["sampler.temperature"] = args.temperature
   root = os.path.abspath(args.root) if args.root else tempfile.mkdtemp(prefix="bench-faults-")
   os.makedirs(os.path.join(root, "logs"), exist_ok=True)
   cache = os.path.join(root, ".jax_cache")
@@ -408,7 +413,8 @@ def main() -> int:
     print(f"target (0 lost, 0 duplicated, 0 corrupt, params equal): "
           f"{'met' if ok else 'MISSED'}")
     print(json.dumps({
-        "bench": "fault_injection", "trials": kills, "lost": totals["lost"],
+        "bench": "fault_injection", "trials": kills, "temperature": args.temperature,
+        "lost": totals["lost"],
         "duplicated": totals["duplicated"], "corrupt": totals["corrupt"],
         "params_equal": params_equal, "metrics_equal": metrics_equal,
         "files_equal": files_equal, "bad_checkpoints": totals["bad_checkpoints"],
