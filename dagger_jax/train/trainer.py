@@ -212,7 +212,11 @@ class Trainer:
       loss, grads = grad_fn(state.params, jax.tree.map(lambda x: x[0], batch))
     else:
       def accumulate(carry, micro):
-        loss_i, grads_i = grad_fn(state.params, micro)
+        # The barrier ties the params to each micro-batch: without it XLA hoists their FSDP
+        # all-gather out of the loop, and the whole gathered model stays live through it
+        # (XLA:CPU, 8B at fsdp=8: 2.4 GB of temporaries per layer, 1.5 with the barrier).
+        params = jax.lax.optimization_barrier((state.params, micro))[0]
+        loss_i, grads_i = grad_fn(params, micro)
         return jax.tree.map(jnp.add, carry, (loss_i, grads_i)), None
 
       zeros = (jnp.zeros((), jnp.float32), jax.tree.map(jnp.zeros_like, state.params))
