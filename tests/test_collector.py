@@ -178,27 +178,36 @@ def test_threads_and_waves_do_not_change_the_episodes(oracle_tasks, demo_config3
   assert all(t["outcome"]["teacher_calls"] == len(t["turns"]) for t in serial)
 
 
-def test_student_prefix_cache_changes_nothing_but_the_prefill(oracle_tasks, demo_config3):
-  """The JAX student (random weights, the demo's tokenizer) acting alone for 4 turns: with its
-  prefix cache on, turns after the first prefill only what they added, and the trajectories are
-  the same as with every turn prefilled whole."""
-  c = demo_config3
+def _random_jax_student(c, tasks, temperature: float):
+  """`run(beta)` -> (trajectory dicts, the student): a JAX student with random weights and the
+  demo's tokenizer (seed 3), 4 turns of 16 tokens, beside the oracle teacher."""
   c.env.max_turns, c.env.max_format_errors, c.sampler.max_new_tokens = 4, 4, 16
-  c.model.init_from = ""
+  c.sampler.temperature, c.model.init_from = temperature, ""
   model = init_model(Qwen3Config.from_config(c.model), jax.random.PRNGKey(0))
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   tok = load_tokenizer_dir(os.path.join(root, c.data.tokenizer))
 
-  def run(entries):
-    c.sampler.prefix_cache = entries
+  def run(beta: float):
     student = JaxPolicy(model, tok, c.sampler, seed=3)
-    trajs, _ = collector.collect(oracle_tasks, config=c, round_index=1, beta=0.0,
+    trajs, _ = collector.collect(tasks, config=c, round_index=1, beta=beta,
                                  teacher=OracleTeacher(), student=student, seed=5, grade=False,
                                  progress=False, tokenizer=tok)
-    return [t.to_dict() for t in trajs], student.prefix_cache
+    return [t.to_dict() for t in trajs], student
+  return run
 
-  (plain, none), (cached, cache) = run(0), run(16)
-  assert none is None and cache.reused_tokens > cache.prefilled_tokens > 0
+
+def test_student_prefix_cache_changes_nothing_but_the_prefill(oracle_tasks, demo_config3):
+  """The JAX student (random weights, the demo's tokenizer) acting alone for 4 turns: with its
+  prefix cache on, turns after the first prefill only what they added, and the trajectories are
+  the same as with every turn prefilled whole."""
+  run = _random_jax_student(demo_config3, oracle_tasks, temperature=0.0)
+  demo_config3.sampler.prefix_cache = 0
+  plain, student = run(0.0)
+  assert student.prefix_cache is None
+  demo_config3.sampler.prefix_cache = 16
+  cached, student = run(0.0)
+  cache = student.prefix_cache
+  assert cache.reused_tokens > cache.prefilled_tokens > 0
   assert cached == plain
 
 
@@ -207,22 +216,11 @@ def test_sampled_episodes_do_not_depend_on_their_batch(oracle_tasks, demo_config
   turn by (seed, episode, turn), with teacher turns mixed in (beta 0.5): the same trajectories
   with the three episodes in one wave (batches of three) and one per wave (batches of one), as
   a resumed run that plays an episode again beside other ones must."""
-  c = demo_config3
-  c.env.max_turns, c.env.max_format_errors, c.sampler.max_new_tokens = 4, 4, 16
-  c.sampler.temperature, c.model.init_from = 1.0, ""
-  model = init_model(Qwen3Config.from_config(c.model), jax.random.PRNGKey(0))
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  tok = load_tokenizer_dir(os.path.join(root, c.data.tokenizer))
-
-  def run(in_flight):
-    c.rollout.concurrency = in_flight
-    student = JaxPolicy(model, tok, c.sampler, seed=3)
-    trajs, _ = collector.collect(oracle_tasks, config=c, round_index=1, beta=0.5,
-                                 teacher=OracleTeacher(), student=student, seed=5, grade=False,
-                                 progress=False, tokenizer=tok)
-    return [t.to_dict() for t in trajs]
-
-  together, alone = run(3), run(1)
+  run = _random_jax_student(demo_config3, oracle_tasks, temperature=1.0)
+  demo_config3.rollout.concurrency = 3
+  together, _ = run(0.5)
+  demo_config3.rollout.concurrency = 1
+  alone, _ = run(0.5)
   assert together == alone
   sampled = [tuple(t["action"]["ids"]) for traj in together for t in traj["turns"]
              if t["actor"] == "student"]
