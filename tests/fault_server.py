@@ -41,6 +41,8 @@ import time
 import urllib.parse
 from typing import Any, Callable
 
+from local_server import LocalServer
+
 GARBAGE = b'{"choices": [{"index": 0, "message": {"role": "assistant", "content": "THOU'
 
 
@@ -110,8 +112,13 @@ class Record:
   status: int | None = None  # None: no status line was sent
 
 
-class FaultServer:
+class FaultServer(LocalServer):
   """The proxy (module docstring); `url` is its base, e.g. http://127.0.0.1:PORT."""
+
+  url_path, thread_name = "", "fault-server"
+
+  def handler(self):
+    return _Handler
 
   def __init__(self, upstream: str | None = None, upstream_timeout_s: float = 120.0):
     self.upstream = urllib.parse.urlsplit(upstream) if upstream else None
@@ -121,8 +128,6 @@ class FaultServer:
     self._scripts: dict[str, collections.deque[Fault]] = collections.defaultdict(
         collections.deque)
     self._rules: list[tuple[str, Fault, Callable[[Any], bool]]] = []
-    self._httpd: http.server.ThreadingHTTPServer | None = None
-    self._thread: threading.Thread | None = None
 
   # --- scripting
 
@@ -161,35 +166,6 @@ class FaultServer:
       return queue.popleft() if queue else None
 
   # --- lifecycle
-
-  @property
-  def url(self) -> str:
-    assert self._httpd is not None, "start() the server first"
-    host, port = self._httpd.server_address[:2]
-    return f"http://{host}:{port}"
-
-  def start(self) -> "FaultServer":
-    handler = type("Handler", (_Handler,), {"owner": self})
-    self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    self._httpd.daemon_threads = True
-    self._httpd.block_on_close = False
-    self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,), daemon=True,
-                                    name="fault-server")
-    self._thread.start()
-    return self
-
-  def close(self) -> None:
-    if self._httpd is not None:
-      self._httpd.shutdown()
-      self._httpd.server_close()
-      self._thread.join(timeout=5)
-      self._httpd = None
-
-  def __enter__(self) -> "FaultServer":
-    return self.start()
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
   # --- the upstream
 

@@ -29,6 +29,7 @@ from typing import Any, Callable
 
 from dagger_jax.envs import protocol
 from dagger_jax.envs.tasks import toy
+from local_server import LocalServer
 
 MODEL = "scripted-toy-teacher"
 MALFORMED = "THOUGHT: I would list the files now, but I forgot the command block."
@@ -88,8 +89,13 @@ def _words(text: str) -> int:
   return len(text.split())
 
 
-class ScriptedTeacherServer:
+class ScriptedTeacherServer(LocalServer):
   """The server (module docstring). Everything it records is guarded by `lock`."""
+
+  url_path, thread_name = "/v1", "scripted-teacher"
+
+  def handler(self):
+    return _Handler
 
   def __init__(self, *, api_key: str | None = None, delay_s: float = 0.0, usage: bool = True,
                think: bool = False, model: str = MODEL):
@@ -111,8 +117,6 @@ class ScriptedTeacherServer:
     self.usage_sent = {"prompt_tokens": 0, "completion_tokens": 0}
     self.in_flight = 0
     self.max_in_flight = 0
-    self._httpd: http.server.ThreadingHTTPServer | None = None
-    self._thread: threading.Thread | None = None
 
   # --- control
 
@@ -132,35 +136,6 @@ class ScriptedTeacherServer:
   def requests(self) -> int:
     with self.lock:
       return len(self.bodies)
-
-  @property
-  def url(self) -> str:
-    assert self._httpd is not None, "start() the server first"
-    host, port = self._httpd.server_address[:2]
-    return f"http://{host}:{port}/v1"
-
-  def start(self) -> "ScriptedTeacherServer":
-    handler = type("Handler", (_Handler,), {"owner": self})
-    self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    self._httpd.daemon_threads = True
-    self._httpd.block_on_close = False
-    self._thread = threading.Thread(target=self._httpd.serve_forever, args=(0.05,),
-                                    daemon=True, name="scripted-teacher")
-    self._thread.start()
-    return self
-
-  def close(self) -> None:
-    if self._httpd is not None:
-      self._httpd.shutdown()
-      self._httpd.server_close()
-      self._thread.join(timeout=5)
-      self._httpd = None
-
-  def __enter__(self) -> "ScriptedTeacherServer":
-    return self.start()
-
-  def __exit__(self, *exc) -> None:
-    self.close()
 
   # --- answering
 

@@ -4,6 +4,7 @@ scripted stand-in student (the environment, teacher and grading around it are al
 from __future__ import annotations
 
 import dataclasses
+import random
 import socket
 
 from configs import base as base_config
@@ -77,7 +78,23 @@ class Scripted(Policy):
 
 
 def free_port() -> int:
-  """A TCP port on 127.0.0.1 that nothing listens on right now."""
-  with socket.socket() as s:
+  """A TCP port on 127.0.0.1 that nothing listens on right now, below the kernel's ephemeral
+  range: a server that binds port 0 later (the scripted teacher, ...) is never given it, as it
+  was once between this call and the launch of a server on the port."""
+  try:
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+      low = int(f.read().split()[0])
+  except (OSError, ValueError, IndexError):
+    low = 0
+  rng = random.Random()
+  for _ in range(200 if low > 2048 else 0):
+    port = rng.randrange(1024, low)
+    with socket.socket() as s:
+      try:
+        s.bind(("127.0.0.1", port))
+      except OSError:
+        continue
+      return port
+  with socket.socket() as s:  # no range to stay below: any free port
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]

@@ -6,12 +6,13 @@ import json
 import os
 import pathlib
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
+
+import support
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 TPU = REPO / "launch" / "tpu.sh"
@@ -369,12 +370,6 @@ def fake_checkout(root, log):
   return root
 
 
-def free_port():
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def alive(pid):
   try:
     with open(f"/proc/{pid}/stat") as f:
@@ -427,7 +422,7 @@ def test_tpu_run_with_fake_gcloud(tmp_path):
     fake_checkout(root / f"w{w}" / "dagger_jax", log)
   bin_dir = tmp_path / "bin"
   write_tool(bin_dir / "gcloud", FAKE_GCLOUD)
-  port = free_port()
+  port = support.free_port()
   env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
          "FAKE_TPU_ROOT": str(root), "FAKE_WORKERS": "2", "TPU_NAME": "my-tpu",
          "ZONE": "us-east5-a"}
@@ -473,7 +468,7 @@ def test_gpu_run_with_fake_srun(tmp_path, nodes):
   bin_dir = tmp_path / "bin"
   write_tool(bin_dir / "srun", FAKE_SRUN)
   write_tool(bin_dir / "scontrol", FAKE_SCONTROL)
-  port = free_port()
+  port = support.free_port()
   env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "FAKE_LOG": str(log),
          "DAGGER_JAX_DIR": str(checkout)}
   if nodes > 1:
@@ -510,7 +505,7 @@ def test_gpu_run_with_fake_srun(tmp_path, nodes):
 def test_gpu_run_returns_the_verbs_failure_and_stops_the_server(tmp_path):
   log = tmp_path / "log.jsonl"
   checkout = fake_checkout(tmp_path / "checkout", log)
-  port = free_port()
+  port = support.free_port()
   env = {"DAGGER_JAX_DIR": str(checkout), "FAKE_LOG": str(log), "FAKE_VERB_RC": "3"}
   out, records = run_with_fakes(GPU, ["--serve", "runs/hf", "--serve-port", str(port), "dagger"],
                                 env, log)

@@ -36,13 +36,14 @@ WORKDIR REPORT_DIR`.
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
+
+import support
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 4
@@ -88,12 +89,6 @@ def worker(n: int, pid: int, port: int, shard: str, workdir: str, report_dir: st
                "devices": jax.device_count(), "local_devices": jax.local_device_count(),
                "process_index": jax.process_index(), "train_s": seconds,
                "writer": type(writer).__name__}, f)
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("localhost", 0))
-    return s.getsockname()[1]
 
 
 def _start(n: int, pid: int, port: int, shard: str, workdir: str, report_dir: str, log: str):
@@ -145,7 +140,7 @@ def test_two_processes_train_like_one(tmp_path):
   procs = {}
   start = time.perf_counter()
   for name, n in runs.items():
-    port = _free_port()
+    port = support.free_port()
     for pid in range(n):
       os.makedirs(tmp_path / name / "report", exist_ok=True)
       log = str(tmp_path / f"{name}_{pid}.log")
