@@ -69,22 +69,25 @@ def _no_escape(obs: str, host: "Host", peaks: Peaks) -> str | None:
   return f"the bomb reached its bound ({ESCAPED} in the output)" if ESCAPED in obs else None
 
 
-def _disk(obs: str, host: "Host", peaks: Peaks) -> str | None:
+def _bounded(obs: str, bomb: str, grew: str, growth_mb: float, limit_mb: int, slack_mb: int,
+             slack_for: str) -> str | None:
+  """An escape when the bomb printed ESCAPED, or the host's `grew` passed limit + slack."""
   if ESCAPED in obs:
-    return f"the disk bomb reached its bound ({ESCAPED} in the output)"
-  if peaks.disk_growth_mb > host.disk_mb + host.disk_slack_mb:
-    return (f"host disk use grew by {peaks.disk_growth_mb:.0f} MB (limit {host.disk_mb} MB + "
-            f"{host.disk_slack_mb} MB of polling overshoot)")
+    return f"the {bomb} bomb reached its bound ({ESCAPED} in the output)"
+  if growth_mb > limit_mb + slack_mb:
+    return (f"{grew} by {growth_mb:.0f} MB (limit {limit_mb} MB + {slack_mb} MB of "
+            f"{slack_for})")
   return None
+
+
+def _disk(obs: str, host: "Host", peaks: Peaks) -> str | None:
+  return _bounded(obs, "disk", "host disk use grew", peaks.disk_growth_mb, host.disk_mb,
+                  host.disk_slack_mb, "polling overshoot")
 
 
 def _memory(obs: str, host: "Host", peaks: Peaks) -> str | None:
-  if ESCAPED in obs:
-    return f"the memory bomb reached its bound ({ESCAPED} in the output)"
-  if peaks.mem_drop_mb > host.memory_mb + host.mem_slack_mb:
-    return (f"host MemAvailable fell by {peaks.mem_drop_mb:.0f} MB (limit {host.memory_mb} MB "
-            f"+ {host.mem_slack_mb} MB of slack for other processes)")
-  return None
+  return _bounded(obs, "memory", "host MemAvailable fell", peaks.mem_drop_mb, host.memory_mb,
+                  host.mem_slack_mb, "slack for other processes")
 
 
 def _file_too_large(obs: str, host: "Host", peaks: Peaks) -> str | None:
