@@ -398,29 +398,6 @@ class DockerSandbox(Sandbox):
         raise SandboxError(f"could not kill the commands of container {self.container_id[:12]} "
                            f"within 15 s: {self._left_running()} are left")
 
-  def _exec_start(self, argv: list[str]) -> str:
-    """Starts `argv` in the container, detached (no output stream to hang on); the exec's id."""
-    api = self._client.api
-    exec_id = api.exec_create(self.container_id, argv, environment=SANDBOX_ENV)["Id"]
-    api.exec_start(exec_id, detach=True)
-    return exec_id
-
-  def _exec_wait(self, argv: list[str], timeout: float = 30.0) -> int:
-    """Runs `argv` in the container, detached; its exit code."""
-    return self._exec_wait_id(self._exec_start(argv), timeout, argv[0])
-
-  def _exec_wait_id(self, exec_id: str, timeout: float, what: str = "sh") -> int:
-    api = self._client.api
-    deadline = time.monotonic() + timeout
-    while True:
-      info = api.exec_inspect(exec_id)
-      if not info.get("Running") and info.get("ExitCode") is not None:
-        return int(info["ExitCode"])
-      if time.monotonic() > deadline:
-        raise SandboxError(f"docker exec {exec_id[:12]} ({what}) did not end within "
-                           f"{timeout:.0f} s")
-      time.sleep(0.01)
-
   def _exit_code(self, exec_id: str) -> int:
     """The exit code of an exec whose output stream has ended (it may lag by a few ms)."""
     for _ in range(100):
